@@ -1,0 +1,3 @@
+from lmstack.cli.main import run
+
+run()

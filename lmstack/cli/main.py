@@ -1,0 +1,192 @@
+"""The `lmstack` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+
+from lmstack import __version__
+from lmstack.cli.render import render_plan
+from lmstack.cli.scaffold import ScaffoldError, scaffold
+from lmstack.config import Settings
+from lmstack.gitsource import Source, SourceError, init_repository, load_source
+from lmstack.manifests import ManifestValidationError, json_schema
+from lmstack.reconcile.observe import load_observed
+from lmstack.reconcile.planner import plan as make_plan
+from lmstack.state import DatabaseError, current_revision, downgrade, head_revision, open_database, upgrade
+
+app = typer.Typer(
+    name="lmstack",
+    help="Run LLMs on your own GPU machines: manifests in Git, applied over SSH, one OpenAI-compatible endpoint.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="The state database (PostgreSQL; embedded when LMSTACK_DATABASE_URL is unset).",
+                     no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+RepoOption = Annotated[str, typer.Option(
+    "--repo", envvar="LMSTACK_REPO", show_default=True,
+    help="Git repository to read: a path or a URL (file://, ssh://, https://). Reads the commit, not the "
+         "working tree.")]
+RefOption = Annotated[str, typer.Option("--ref", envvar="LMSTACK_REF", help="Branch, tag or commit SHA.")]
+DirOption = Annotated[Path | None, typer.Option(
+    "--dir", file_okay=False, help="Read a plain folder instead of a commit (includes uncommitted edits).")]
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    err.print(f"[red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def _source(repo: str, ref: str, directory: Path | None, settings: Settings) -> Source:
+    try:
+        return load_source(repo=None if directory else repo, ref=ref, directory=directory, settings=settings)
+    except ManifestValidationError as exc:
+        for error in exc.errors:
+            err.print(str(error), highlight=False, markup=False)
+        count = len(exc.errors)
+        _fail(f"{count} error{'s' if count != 1 else ''} in the manifests; nothing was planned or applied")
+    except SourceError as exc:
+        _fail(str(exc))
+
+
+def _describe(source: Source) -> str:
+    if source.revision is None:
+        return f"{source.origin} (folder, uncommitted files included)"
+    return f"{source.origin} @ {source.revision.sha[:12]} \"{source.revision.subject}\""
+
+
+@app.callback(invoke_without_command=True)
+def main(version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False) -> None:
+    if version:
+        out.print(f"lmstack {__version__}")
+        raise typer.Exit()
+
+
+@app.command()
+def init(directory: Annotated[Path, typer.Argument(help="New folder for the manifests repository.")]) -> None:
+    """Create a manifests repository: example inventory, two workers, one deployment, and a first commit."""
+    try:
+        written = scaffold(directory)
+    except ScaffoldError as exc:
+        _fail(str(exc))
+    sha = init_repository(directory, "lmstack init: example inventory, workers and deployment")
+    for path in written:
+        out.print(f"  created {path}")
+    out.print(f"Initialised a git repository in {directory} (commit {sha[:12]}).")
+    out.print("Next: edit inventory/hosts.ini and manifests/, commit, then run "
+              f"`lmstack plan --repo {directory}`.")
+
+
+@app.command()
+def validate(repo: RepoOption = ".", ref: RefOption = "HEAD", directory: DirOption = None) -> None:
+    """Check every manifest and the inventory; print all errors as FILE:LINE: key.path: message (exit 1)."""
+    source = _source(repo, ref, directory, Settings())
+    desired = source.desired
+    out.print(f"{_describe(source)}: {len(desired.workers)} workers, {len(desired.deployments)} deployments, "
+              f"{len(source.inventory.hosts)} inventory hosts. Valid.")
+
+
+@app.command()
+def plan(
+    repo: RepoOption = ".",
+    ref: RefOption = "HEAD",
+    directory: DirOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+    show_unchanged: Annotated[bool, typer.Option("--show-unchanged", help="List unchanged replicas too.")] = False,
+) -> None:
+    """Show what would change on which machine and why. Exit 0: no changes; 2: changes; 1: error."""
+    settings = Settings()
+    source = _source(repo, ref, directory, settings)
+    try:
+        database = open_database(settings)
+        try:
+            with database.session() as session:
+                observed = load_observed(session)
+        finally:
+            database.close()
+    except DatabaseError as exc:
+        _fail(str(exc))
+    result = make_plan(source.desired, observed)
+    if as_json:
+        revision = source.revision
+        document = {
+            "source": {
+                "origin": source.origin,
+                "revision": revision.sha if revision else None,
+                "subject": revision.subject if revision else None,
+            },
+            **result.to_json(),
+        }
+        sys.stdout.write(json.dumps(document, indent=2) + "\n")
+    else:
+        render_plan(out, result, header=f"Plan for {_describe(source)}", show_noop=show_unchanged)
+    raise typer.Exit(2 if result.has_changes or result.unplaceable else 0)
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of manifest documents (for editors: yaml-language-server)."""
+    sys.stdout.write(json.dumps(json_schema(), indent=2) + "\n")
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
+    """Migrate the database schema up (it also happens automatically on first use)."""
+    try:
+        database = open_database(Settings(), migrate=False)
+        try:
+            before = current_revision(database)
+            upgrade(database, revision)
+            out.print(f"Database {database.url}: {before or 'empty'} -> {current_revision(database)}")
+        finally:
+            database.close()
+    except DatabaseError as exc:
+        _fail(str(exc))
+
+
+@db_app.command("downgrade")
+def db_downgrade(revision: Annotated[str, typer.Argument(help="Target revision ('base' removes everything).")],
+                 yes: Annotated[bool, typer.Option("--yes", help="Do not ask.")] = False) -> None:
+    """Migrate the database schema down. Dropping tables loses their data."""
+    try:
+        database = open_database(Settings(), migrate=False)
+        try:
+            if not yes:
+                typer.confirm(f"Downgrade {database.url} to {revision}? Data in dropped tables is lost", abort=True)
+            downgrade(database, revision)
+            out.print(f"Database {database.url}: now at {current_revision(database) or 'base (empty)'}")
+        finally:
+            database.close()
+    except DatabaseError as exc:
+        _fail(str(exc))
+
+
+@db_app.command("status")
+def db_status() -> None:
+    """Show where the database is and which schema revision it has."""
+    try:
+        database = open_database(Settings(), migrate=False)
+        try:
+            current = current_revision(database)
+            head = head_revision()
+            state = "up to date" if current == head else f"behind (latest is {head}; run `lmstack db upgrade`)"
+            out.print(f"Database {database.url}: revision {current or 'none'}, {state}")
+        finally:
+            database.close()
+    except DatabaseError as exc:
+        _fail(str(exc))
+
+
+def run() -> None:
+    app()

@@ -1,0 +1,524 @@
+"""Parse the Ansible inventory with ansible-core itself; the only module that imports `ansible`.
+
+Using ansible's own parser means any INI or YAML inventory (with group_vars/ and host_vars/) that
+works with `ansible-playbook -i` works here, with the same variable precedence. The snapshot's
+`inventory/` folder is written to a fresh temporary directory for each parse, because ansible reads
+paths, not bytes.
+
+ansible keeps process-wide state (its Display singleton, constants, path caches in the
+host_group_vars plugin), so parses run one at a time under a lock and undo what they change.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import re
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path, PurePosixPath
+from types import MappingProxyType
+from typing import Any, NamedTuple
+
+from lmstack.manifests.errors import ManifestError, ManifestValidationError
+
+log = logging.getLogger(__name__)
+
+INVENTORY_DIR = "inventory"
+DEFAULT_PORT = 22
+
+# Connection secrets never leave this module: the inventory is data shown in plans and the dashboard.
+_SECRET = re.compile(r"^ansible_\w*(pass|secret)", re.IGNORECASE)
+# What VariableManager.get_vars adds on its own; not the user's variables.
+_MAGIC = frozenset(
+    {
+        "ansible_check_mode",
+        "ansible_config_file",
+        "ansible_diff_mode",
+        "ansible_facts",
+        "ansible_forks",
+        "ansible_inventory_sources",
+        "ansible_play_batch",
+        "ansible_play_hosts",
+        "ansible_play_hosts_all",
+        "ansible_playbook_python",
+        "ansible_run_tags",
+        "ansible_skip_tags",
+        "ansible_verbosity",
+        "ansible_version",
+        "group_names",
+        "groups",
+        "hostvars",
+        "inventory_dir",
+        "inventory_file",
+        "inventory_hostname",
+        "inventory_hostname_short",
+        "omit",
+        "playbook_dir",
+        "play_hosts",
+        "role_names",
+    }
+)
+_YAML_SUFFIXES = (".yml", ".yaml", ".json")
+_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class InventoryHost:
+    name: str
+    address: str  # ansible_host, else the name
+    port: int  # ansible_port, else 22
+    user: str | None  # ansible_user
+    groups: tuple[str, ...]  # as ansible's group_names: sorted, without "all"
+    vars: Mapping[str, object]  # every host variable (group_vars/host_vars applied), secrets removed
+
+
+@dataclass(frozen=True)
+class Inventory:
+    hosts: Mapping[str, InventoryHost]
+    # ansible's warnings (e.g. a skipped unknown key), kept instead of printed to the terminal
+    warnings: tuple[str, ...] = field(default=())
+
+
+def parse_inventory(files: Mapping[str, bytes]) -> Inventory:
+    """Parse every file under `inventory/` in `files` (repository-relative paths) as one inventory.
+
+    Raises ManifestValidationError naming `inventory/...` files for anything ansible cannot parse.
+    """
+    prefix = f"{INVENTORY_DIR}/"
+    inventory_files = {path[len(prefix) :]: data for path, data in files.items() if path.startswith(prefix)}
+    if not inventory_files:
+        raise ManifestValidationError(
+            [_error(prefix, 0, "no inventory: add an Ansible inventory (INI or YAML) under inventory/")]
+        )
+    errors: list[ManifestError] = []
+    for relative in inventory_files:
+        parts = PurePosixPath(relative).parts
+        if not parts or ".." in parts or PurePosixPath(relative).is_absolute():
+            errors.append(_error(prefix + relative, 0, "invalid file path"))
+    if errors:
+        raise ManifestValidationError(errors)
+
+    started = time.perf_counter()
+    with _LOCK:
+        api = _ansible()
+        result = _parse_reporting_all(api, inventory_files)
+    elapsed_ms = 1e3 * (time.perf_counter() - started)
+    log.debug("parsed inventory (%d files) in %.1f ms", len(inventory_files), elapsed_ms)
+    if isinstance(result, Inventory):
+        return result
+    raise ManifestValidationError(result)
+
+
+# --- one parse -------------------------------------------------------------------------------------
+
+
+def _parse_reporting_all(api: _Ansible, files: dict[str, bytes]) -> Inventory | list[ManifestError]:
+    """Parse; on an error in a file, set that file aside and parse again, so all bad files are reported.
+
+    ansible stops at the first unparseable file; a few re-parses (milliseconds each) find the rest.
+    """
+    errors: list[ManifestError] = []
+    remaining = dict(files)
+    for attempt in range(len(files) + 1):
+        result = _parse_once(api, remaining)
+        if isinstance(result, Inventory):
+            return errors if errors else result
+        # Once a file was set aside, an ansible failure that names no file is a consequence of that
+        # (e.g. nothing is left to parse), not a problem of its own.
+        if attempt == 0 or result.culprit is not None or not result.from_ansible:
+            errors.extend(result.errors)
+        if result.culprit is None or result.culprit not in remaining:
+            break
+        del remaining[result.culprit]
+    return errors
+
+
+class _Failed(NamedTuple):
+    errors: list[ManifestError]
+    culprit: str | None  # the inventory-relative file to blame, if ansible named one
+    from_ansible: bool  # ansible refused the inventory (not one of our per-host checks)
+
+
+def _parse_once(api: _Ansible, files: dict[str, bytes]) -> Inventory | _Failed:
+    with tempfile.TemporaryDirectory(prefix="lmstack-inventory-") as temp:
+        root = Path(temp) / INVENTORY_DIR
+        for relative, data in files.items():
+            target = root / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            # Written without the executable bit, so ansible's `script` plugin never runs repository code.
+            target.write_bytes(data)
+        paths = _PathNames(root)
+        try:
+            with _captured(api) as capture:
+                try:
+                    return _build(api, root, paths, capture)
+                except api.AnsibleError as error:
+                    return _describe_failure(error, capture, paths)
+        finally:
+            _forget_paths(temp)
+
+
+def _build(api: _Ansible, root: Path, paths: _PathNames, capture: _Capture) -> Inventory | _Failed:
+    loader = api.DataLoader()
+    # The "playbook dir" is an empty folder: group_vars/ in the current directory must not leak in.
+    loader.set_basedir(str(root.parent))
+    manager = api.InventoryManager(loader=loader, sources=[str(root)])
+    variables = api.VariableManager(loader=loader, inventory=manager)
+    hosts: dict[str, InventoryHost] = {}
+    errors: list[ManifestError] = []
+    for host in manager.get_hosts():
+        name = str(host.name)
+        raw = variables.get_vars(host=host, include_hostvars=False)
+        templar = api.Templar(loader=loader, variables=raw)
+        built = _host(name, raw, templar, host, capture, api)
+        if isinstance(built, InventoryHost):
+            hosts[name] = built
+        else:
+            errors.extend(built)
+    if errors:
+        return _Failed(errors, None, from_ansible=False)
+    for key in sorted(capture.omitted):
+        # e.g. a vault-encrypted value: lmstack has no vault password, and it is a secret anyway
+        capture.warnings.append(f"variable {key!r} omitted: vault-encrypted or not plain data")
+    warnings = tuple(dict.fromkeys(paths.rewrite(w) for w in capture.warnings))
+    return Inventory(hosts=MappingProxyType(dict(sorted(hosts.items()))), warnings=warnings)
+
+
+def _host(
+    name: str, raw: Mapping[str, Any], templar: Any, host: Any, capture: _Capture, api: _Ansible
+) -> InventoryHost | list[ManifestError]:
+    errors: list[ManifestError] = []
+    where = f"{INVENTORY_DIR}/"
+
+    def connection(*keys: str) -> object:
+        # The connection variables may be templates ("{{ inventory_hostname }}.lan"); render them
+        # as ansible would. Other variables are returned as written.
+        for key in keys:
+            if key in raw and raw[key] is not None:
+                try:
+                    return _plain(templar.template(raw[key]))
+                except (api.AnsibleError, _Unrepresentable) as error:
+                    errors.append(_error(where, 0, f"host {name}: {key}: {error}"))
+                    return None
+        return None
+
+    address = connection("ansible_host", "ansible_ssh_host")
+    port_value = connection("ansible_port", "ansible_ssh_port")
+    user = connection("ansible_user", "ansible_ssh_user")
+    port = DEFAULT_PORT
+    if port_value is not None:
+        try:
+            port = int(str(port_value))
+            if not 0 < port < 65536:
+                raise ValueError
+        except ValueError:
+            errors.append(_error(where, 0, f"host {name}: ansible_port {port_value!r} is not a port number"))
+    if errors:
+        return errors
+
+    host_vars: dict[str, object] = {}
+    for key, value in raw.items():
+        key = str(key)
+        if key in _MAGIC or _SECRET.match(key):
+            continue
+        try:
+            host_vars[key] = _plain(value)
+        except _Unrepresentable:
+            capture.omitted.add(key)
+    groups = tuple(sorted(str(group.name) for group in host.get_groups() if group.name != "all"))
+    return InventoryHost(
+        name=name,
+        address=str(address) if address not in (None, "") else name,
+        port=port,
+        user=str(user) if user not in (None, "") else None,
+        groups=groups,
+        vars=MappingProxyType(host_vars),
+    )
+
+
+class _Unrepresentable(Exception):
+    pass
+
+
+def _plain(value: object) -> object:
+    """Plain Python data: ansible (2.19+) hands back tagged subclasses of str, int, dict and list."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, date):  # YAML timestamps
+        return value
+    if isinstance(value, Mapping):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_plain(item) for item in value]
+    raise _Unrepresentable(type(value).__name__)
+
+
+# --- errors ----------------------------------------------------------------------------------------
+
+
+def _describe_failure(error: BaseException, capture: _Capture, paths: _PathNames) -> _Failed:
+    relative = next(
+        (
+            found
+            for link in _chain(error)
+            for found in (paths.find(str(link)), paths.find(repr(getattr(link, "obj", None))))
+            if found
+        ),
+        None,
+    )
+    file = f"{INVENTORY_DIR}/{relative}" if relative else f"{INVENTORY_DIR}/"
+    failures = _relevant(capture.failures, relative)
+    if failures:
+        errors = [
+            _error(
+                file, _line_of(exc, paths), f"not a valid {_format_of(plugin)}: {paths.rewrite(_reason(exc))}"
+            )
+            for plugin, exc in failures
+        ]
+    else:
+        errors = [_error(file, _line_of(error, paths), paths.rewrite(_message(error)))]
+    return _Failed(errors, relative, from_ansible=True)
+
+
+def _relevant(
+    failures: list[tuple[str, BaseException | str]], relative: str | None
+) -> list[tuple[str, BaseException | str]]:
+    """The plugin failures that explain this file: every plugin that tried it failed, but only the one
+    meant for its format has a useful message (the INI parser's complaint about a YAML file is noise)."""
+    suffix = PurePosixPath(relative or "").suffix.lower()
+    if suffix in _YAML_SUFFIXES:
+        wanted = {"auto", "yaml"}
+    elif suffix == ".toml":
+        wanted = {"toml"}
+    else:
+        wanted = {"ini"}
+    chosen = [(plugin, exc) for plugin, exc in failures if plugin.rsplit(".", 1)[-1] in wanted]
+    # "auto" only applies to plugin configuration files, "yaml" only to inventories; drop the
+    # refusal of the one that does not apply.
+    noise = ("no root 'plugin' key", "Plugin configuration YAML file, not YAML inventory")
+    useful = [(plugin, exc) for plugin, exc in chosen if not any(n in _message(exc) for n in noise)]
+    picked = useful or chosen or failures
+    unique: dict[str, tuple[str, BaseException | str]] = {}
+    for plugin, exc in picked:
+        # auto and yaml report the same YAML syntax error; keep one, preferring one with a line number
+        message = _message(exc)
+        if message not in unique or (_line_number(exc) and not _line_number(unique[message][1])):
+            unique[message] = (plugin, exc)
+    return list(unique.values())
+
+
+def _message(error: BaseException | str) -> str:
+    if isinstance(error, str):
+        return error.strip()
+    message = getattr(error, "message", None)
+    text = message if isinstance(message, str) and message else str(error)
+    return text.strip()
+
+
+def _format_of(plugin: str) -> str:
+    # "auto" reads YAML files that configure an inventory plugin; to the user it is YAML too
+    short = plugin.rsplit(".", 1)[-1]
+    known = {"ini": "INI", "yaml": "YAML", "auto": "YAML", "toml": "TOML"}
+    return f"{known[short]} inventory" if short in known else f"inventory for the {plugin} plugin"
+
+
+def _reason(error: BaseException | str) -> str:
+    # the ini plugin wraps its reason in "Failed to parse inventory: ..."; we already say that
+    return re.sub(r"^Failed to parse inventory:\s*", "", _message(error))
+
+
+def _chain(error: BaseException | str) -> Iterator[BaseException | str]:
+    """The error and what caused it: ansible often re-raises without the cause's file and line."""
+    seen: set[int] = set()
+    current: BaseException | str | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = None if isinstance(current, str) else (current.__cause__ or current.__context__)
+
+
+def _line_number(error: BaseException | str) -> int:
+    for link in _chain(error):
+        line = getattr(getattr(link, "obj", None), "line_num", None)
+        if isinstance(line, int) and line > 0:
+            return line
+    return 0
+
+
+def _line_of(error: BaseException | str, paths: _PathNames) -> int:
+    line = _line_number(error)
+    if line:
+        return line
+    # ansible < 2.19 puts "PATH:LINE:" in the message
+    match = re.search(re.escape(str(paths.root)) + r"/[^\s:'\"]+:(\d+)", _message(error))
+    return int(match.group(1)) if match else 0
+
+
+def _error(file: str, line: int, message: str) -> ManifestError:
+    return ManifestError(file=file, line=line, path="", message=message)
+
+
+class _PathNames:
+    """Turns the temporary directory's paths in ansible's messages back into `inventory/...`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        names = {str(root), os.path.realpath(root)}
+        self._pattern = re.compile("|".join(re.escape(name) for name in sorted(names, key=len, reverse=True)))
+        self._find = re.compile(rf"(?:{self._pattern.pattern})/([^\s'\"]+?)(?=[\s'\":,]|$)")
+
+    def rewrite(self, text: str) -> str:
+        return self._pattern.sub(INVENTORY_DIR, text)
+
+    def find(self, text: str) -> str | None:
+        match = self._find.search(text)
+        return match.group(1).rstrip(".") if match else None
+
+
+# --- ansible's process-wide state --------------------------------------------------------------------
+
+
+@dataclass
+class _Capture:
+    failures: list[tuple[str, BaseException | str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    omitted: set[str] = field(default_factory=set)  # variables that could not be made plain data
+
+
+# ansible < 2.19 reports each plugin's failure as a warning with this text
+_OLD_FAILURE = re.compile(r"Failed to parse (?P<src>.+?) with (?P<plugin>\S+) plugin: (?P<msg>.*)", re.DOTALL)
+_NEW_FAILURE = re.compile(r"Failed to parse inventory with '(?P<plugin>[^']+)' plugin")
+
+
+@contextmanager
+def _captured(api: _Ansible) -> Iterator[_Capture]:
+    """Collect ansible's warnings instead of printing them, and fail on any unparseable source."""
+    capture = _Capture()
+
+    def warning(msg: object, *args: object, **kwargs: object) -> None:
+        text = str(msg).strip()
+        old = _OLD_FAILURE.search(text)
+        if old:
+            capture.failures.append((old.group("plugin"), old.group("msg")))
+        else:
+            capture.warnings.append(text)
+
+    def error_as_warning(msg: object, exception: BaseException, *args: object, **kwargs: object) -> None:
+        new = _NEW_FAILURE.search(str(msg or ""))
+        if new:
+            capture.failures.append((new.group("plugin"), exception))
+        else:
+            capture.warnings.append(f"{msg}: {_message(exception)}" if msg else _message(exception))
+
+    def deprecated(msg: object, *args: object, **kwargs: object) -> None:
+        capture.warnings.append(f"deprecated: {msg}")
+
+    display = api.Display()
+    patches: dict[str, Any] = {
+        "warning": warning,
+        "error_as_warning": error_as_warning,
+        "deprecated": deprecated,
+    }
+    # Unparseable inventory is an error, as with ansible-playbook's inventory_any_unparsed_is_failed.
+    constants = {"INVENTORY_ANY_UNPARSED_IS_FAILED": True, "INVENTORY_UNPARSED_IS_FAILED": True}
+    saved_display = {name: display.__dict__.get(name, _UNSET) for name in patches}
+    saved_constants = {name: getattr(api.C, name, _UNSET) for name in constants}
+    for name, patch in patches.items():
+        setattr(display, name, patch)
+    for name, value in constants.items():
+        setattr(api.C, name, value)
+    try:
+        yield capture
+    finally:
+        for name, original in saved_display.items():
+            if original is _UNSET:
+                delattr(display, name)
+            else:
+                setattr(display, name, original)
+        for name, original in saved_constants.items():
+            if original is _UNSET:
+                delattr(api.C, name)
+            else:
+                setattr(api.C, name, original)
+
+
+_UNSET = object()
+
+
+def _forget_paths(temp: str) -> None:
+    """Drop host_group_vars' cache entries for our temporary directory.
+
+    That plugin caches, per process and forever, which vars files a path holds (and which paths have
+    none). Each parse uses a new temporary path, so without this a long-running server would grow the
+    caches on every sync, and a reused temporary name would see stale entries.
+    """
+    names = (temp, os.path.realpath(temp))
+    for module_name, module in list(sys.modules.items()):
+        if not module_name.endswith("host_group_vars"):
+            continue
+        for attribute in ("FOUND", "CANONICAL_PATHS"):
+            cache = getattr(module, attribute, None)
+            if isinstance(cache, dict):
+                for key in [k for k in cache if any(n in str(k) or n in str(cache[k]) for n in names)]:
+                    del cache[key]
+        missing = getattr(module, "NAK", None)
+        if isinstance(missing, set):
+            missing.difference_update({p for p in missing if any(n in str(p) for n in names)})
+
+
+@dataclass(frozen=True)
+class _Ansible:
+    """The ansible names we use, imported on first need (importing ansible takes ~0.3 s)."""
+
+    C: Any
+    AnsibleError: type[Exception]
+    DataLoader: Any
+    InventoryManager: Any
+    VariableManager: Any
+    Templar: Any
+    Display: Any
+
+
+@functools.cache
+def _ansible() -> _Ansible:
+    # Importing ansible.constants creates its local temp dir (default ~/.ansible/tmp). Point it at the
+    # system temp dir for the import only, so parsing never writes to the home directory; ansible
+    # removes its ansible-local-* dir at exit. Set only for the import so ansible processes that
+    # lmstack starts later see the user's environment unchanged.
+    override = "ANSIBLE_LOCAL_TEMP" not in os.environ and "ansible.constants" not in sys.modules
+    if override:
+        os.environ["ANSIBLE_LOCAL_TEMP"] = tempfile.gettempdir()
+    try:
+        import ansible.constants as constants
+        from ansible.errors import AnsibleError
+        from ansible.inventory.manager import InventoryManager
+        from ansible.parsing.dataloader import DataLoader
+        from ansible.template import Templar
+        from ansible.utils.display import Display
+        from ansible.vars.manager import VariableManager
+    finally:
+        if override:
+            del os.environ["ANSIBLE_LOCAL_TEMP"]
+    return _Ansible(
+        C=constants,
+        AnsibleError=AnsibleError,
+        DataLoader=DataLoader,
+        InventoryManager=InventoryManager,
+        VariableManager=VariableManager,
+        Templar=Templar,
+        Display=Display,
+    )

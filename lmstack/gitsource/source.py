@@ -1,0 +1,59 @@
+"""One validated source: the desired state and inventory of one commit (or folder), or every error."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmstack.config import Settings
+from lmstack.gitsource.inventory import Inventory, parse_inventory
+from lmstack.gitsource.repo import MANIFESTS_DIR, Revision, read_commit, read_directory
+from lmstack.manifests.errors import ManifestError, ManifestValidationError
+from lmstack.manifests.loader import DesiredState, load_manifests
+
+_MANIFEST_SUFFIXES = (".yaml", ".yml")
+
+
+@dataclass(frozen=True)
+class Source:
+    desired: DesiredState
+    inventory: Inventory
+    revision: Revision | None  # None for a plain folder
+    origin: str
+
+
+def load_source(*, repo: str | None, ref: str, directory: Path | None, settings: Settings) -> Source:
+    """Read, parse and validate; raises SourceError (cannot read) or ManifestValidationError (invalid).
+
+    Inventory and manifest errors are reported together, so one run shows everything to fix.
+    """
+    if (repo is None) == (directory is None):
+        raise ValueError("load_source needs exactly one of repo or directory")
+    if repo is not None:
+        snapshot = read_commit(repo, ref, cache_dir=settings.repo_cache_dir)
+    else:
+        assert directory is not None
+        snapshot = read_directory(directory)
+
+    errors: list[ManifestError] = []
+    inventory: Inventory | None = None
+    try:
+        inventory = parse_inventory(snapshot.files)
+    except ManifestValidationError as error:
+        errors.extend(error.errors)
+
+    manifests = {
+        path: data
+        for path, data in snapshot.files.items()
+        if path.startswith(f"{MANIFESTS_DIR}/") and path.endswith(_MANIFEST_SUFFIXES)
+    }
+    desired: DesiredState | None = None
+    try:
+        # Without a parsed inventory, host references cannot be checked (None skips that check).
+        desired = load_manifests(manifests, inventory_hosts=inventory.hosts.keys() if inventory else None)
+    except ManifestValidationError as error:
+        errors.extend(error.errors)
+
+    if errors or desired is None or inventory is None:
+        raise ManifestValidationError(errors)
+    return Source(desired=desired, inventory=inventory, revision=snapshot.revision, origin=snapshot.origin)

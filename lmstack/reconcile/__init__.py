@@ -1,0 +1,1 @@
+"""Reconciling: observe, plan (pure), apply."""

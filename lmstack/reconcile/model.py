@@ -1,0 +1,143 @@
+"""The planner's inputs (observed state) and output (a Plan of frozen actions)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+@dataclass(frozen=True)
+class GpuFacts:
+    index: int
+    memory_total: int
+    # Memory held by processes lmstack did not start; lmstack's own replicas are not counted here.
+    memory_unmanaged: int = 0
+    name: str = ""
+
+    @property
+    def memory_free(self) -> int:
+        return max(self.memory_total - self.memory_unmanaged, 0)
+
+
+@dataclass(frozen=True)
+class WorkerObservation:
+    """The latest facts stored for a worker. `facts_known` False: never gathered."""
+
+    name: str
+    facts_known: bool
+    ready: bool
+    reason: str | None = None
+    gpus: tuple[GpuFacts, ...] = ()
+
+
+@dataclass(frozen=True)
+class ReplicaObservation:
+    deployment: str
+    ordinal: int
+    worker: str
+    gpus: tuple[int, ...]
+    spec: Mapping[str, Any]  # the effective spec the replica was created with
+    status: str = "ready"
+
+
+@dataclass(frozen=True)
+class Observed:
+    workers: Mapping[str, WorkerObservation] = field(default_factory=dict)
+    replicas: tuple[ReplicaObservation, ...] = ()
+
+
+class ActionKind(StrEnum):
+    CREATE = "create"
+    RECREATE = "recreate"
+    UPDATE = "update"  # an in-place change the running engine takes without a restart
+    DELETE = "delete"
+    NOOP = "noop"
+
+
+@dataclass(frozen=True)
+class Placement:
+    worker: str
+    gpus: tuple[int, ...]
+
+    def __str__(self) -> str:
+        gpus = ",".join(str(index) for index in self.gpus)
+        return f"{self.worker} gpu {gpus}" if self.gpus else f"{self.worker} (cpu)"
+
+
+@dataclass(frozen=True)
+class FieldChange:
+    path: str
+    old: Any
+    new: Any
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: ActionKind
+    deployment: str
+    replica: int
+    reason: str
+    placement: Placement | None = None  # where the replica will run (None for delete)
+    previous: Placement | None = None  # where it runs now (None for create)
+    changes: tuple[FieldChange, ...] = ()
+    spec_hash: str | None = None
+
+    @property
+    def replica_name(self) -> str:
+        return f"{self.deployment}/{self.replica}"
+
+
+@dataclass(frozen=True)
+class Unplaceable:
+    deployment: str
+    replica: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    actions: tuple[Action, ...]
+    unplaceable: tuple[Unplaceable, ...] = ()
+    notes: tuple[str, ...] = ()
+
+    @property
+    def changes(self) -> tuple[Action, ...]:
+        return tuple(action for action in self.actions if action.kind is not ActionKind.NOOP)
+
+    @property
+    def has_changes(self) -> bool:
+        return bool(self.changes)
+
+    def counts(self) -> dict[ActionKind, int]:
+        counted = Counter(action.kind for action in self.actions)
+        return {kind: counted.get(kind, 0) for kind in ActionKind}
+
+    def to_json(self) -> dict[str, Any]:
+        def placement(value: Placement | None) -> dict[str, Any] | None:
+            return None if value is None else {"worker": value.worker, "gpus": list(value.gpus)}
+
+        return {
+            "actions": [
+                {
+                    "kind": action.kind.value,
+                    "deployment": action.deployment,
+                    "replica": action.replica,
+                    "reason": action.reason,
+                    "placement": placement(action.placement),
+                    "previous": placement(action.previous),
+                    "changes": [{"path": c.path, "old": c.old, "new": c.new} for c in action.changes],
+                    "specHash": action.spec_hash,
+                }
+                for action in self.actions
+            ],
+            "unplaceable": [
+                {"deployment": item.deployment, "replica": item.replica, "reason": item.reason}
+                for item in self.unplaceable
+            ],
+            "notes": list(self.notes),
+            "summary": {kind.value: count for kind, count in self.counts().items()}
+            | {"unplaceable": len(self.unplaceable)},
+        }

@@ -1,0 +1,70 @@
+"""lmstack's state in PostgreSQL: models, migrations, and opening the database.
+
+Nothing connects at import time: call `open_database(settings)`.
+"""
+
+from .db import (
+    Database,
+    DatabaseError,
+    DatabaseUnavailable,
+    SchemaMismatch,
+    current_revision,
+    downgrade,
+    head_revision,
+    normalize_url,
+    open_database,
+    upgrade,
+)
+from .embedded import EmbeddedStartError, start_embedded, stop_embedded
+from .models import (
+    EVENT_TYPES,
+    REPLICA_STATUSES,
+    ROLES,
+    SYNC_RUN_STATUSES,
+    ApiKey,
+    Base,
+    Deployment,
+    Event,
+    EventType,
+    Replica,
+    ReplicaStatus,
+    Role,
+    SyncRun,
+    SyncRunStatus,
+    Usage,
+    User,
+    Worker,
+)
+
+__all__ = [
+    "EVENT_TYPES",
+    "REPLICA_STATUSES",
+    "ROLES",
+    "SYNC_RUN_STATUSES",
+    "ApiKey",
+    "Base",
+    "Database",
+    "DatabaseError",
+    "DatabaseUnavailable",
+    "Deployment",
+    "EmbeddedStartError",
+    "Event",
+    "EventType",
+    "Replica",
+    "ReplicaStatus",
+    "Role",
+    "SchemaMismatch",
+    "SyncRun",
+    "SyncRunStatus",
+    "Usage",
+    "User",
+    "Worker",
+    "current_revision",
+    "downgrade",
+    "head_revision",
+    "normalize_url",
+    "open_database",
+    "start_embedded",
+    "stop_embedded",
+    "upgrade",
+]

@@ -1,0 +1,76 @@
+"""Shared fixtures: throwaway databases on a real PostgreSQL (env LMSTACK_TEST_POSTGRES)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable, Iterator
+
+import psycopg
+import pytest
+from psycopg import sql
+from sqlalchemy.engine import URL, make_url
+
+from lmstack.config import Settings
+from lmstack.state import Base, Database, open_database
+
+DEFAULT_TEST_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def _admin_url() -> URL:
+    return make_url(os.environ.get("LMSTACK_TEST_POSTGRES", DEFAULT_TEST_POSTGRES))
+
+
+def _libpq(url: URL) -> str:
+    # psycopg wants a plain postgresql:// URL.
+    return url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def create_database() -> Iterator[Callable[[], str]]:
+    """A factory of fresh, empty databases (postgresql:// URLs), all dropped at the end."""
+    admin = _admin_url()
+    try:
+        conn = psycopg.connect(_libpq(admin), autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        pytest.fail(
+            f"the test PostgreSQL does not answer ({' '.join(str(exc).split())}). Start one "
+            f"(trust auth, user postgres) on 127.0.0.1:5432 or point LMSTACK_TEST_POSTGRES at one "
+            f"(default {DEFAULT_TEST_POSTGRES}).",
+            pytrace=False,
+        )
+    created: list[str] = []
+
+    def create() -> str:
+        name = f"lmstack_test_{secrets.token_hex(4)}"
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        created.append(name)
+        return _libpq(admin.set(database=name))
+
+    with conn:
+        yield create
+        for name in created:
+            # WITH (FORCE) terminates the connections still open (PostgreSQL 13+).
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture(scope="session")
+def database_url(create_database: Callable[[], str]) -> str:
+    return create_database()
+
+
+@pytest.fixture(scope="session")
+def _session_database(database_url: str) -> Iterator[Database]:
+    # Opened (and migrated) once: each test gets it with empty tables, which is much faster than a
+    # database per test.
+    database = open_database(Settings(database_url=database_url))
+    yield database
+    database.close()
+
+
+@pytest.fixture
+def db(_session_database: Database) -> Database:
+    tables = ", ".join(f'"{table.name}"' for table in Base.metadata.sorted_tables)
+    with _session_database.engine.begin() as conn:
+        conn.exec_driver_sql(f"TRUNCATE {tables} RESTART IDENTITY CASCADE")
+    return _session_database
