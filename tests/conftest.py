@@ -74,3 +74,70 @@ def db(_session_database: Database) -> Database:
     with _session_database.engine.begin() as conn:
         conn.exec_driver_sql(f"TRUNCATE {tables} RESTART IDENTITY CASCADE")
     return _session_database
+
+
+# ---------------------------------------------------------------------------------------------------
+# The multi-host test bed (tests/testbed/): sshd + dockerd "hosts" node1..nodeN in network namespaces.
+# Tests that use it (directly or through another fixture) get the `testbed` marker, so
+# `pytest -m 'not testbed'` is the quick run. Without root or network namespaces the bed is skipped,
+# except in CI (CI=true), where that is a failure.
+# ---------------------------------------------------------------------------------------------------
+
+_testbed_timings: dict[str, float] = {}
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects on markers
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if "testbed" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.testbed)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _testbed_timings:
+        figures = ", ".join(f"{k.removesuffix('_s')} {v:.2f}s" for k, v in _testbed_timings.items())
+        terminalreporter.write_line(f"test bed: {figures}")
+
+
+@pytest.fixture(scope="session")
+def testbed():
+    """The running bed (testbed.TestBed): hosts, ssh_key, known_hosts, docker_url(), exec(), ...
+
+    Brought up once per session (about 2 s) and removed completely at the end; the teardown then checks
+    that nothing is left (namespaces, links, iptables rules, processes, mounts, files)."""
+    import testbed as tb
+
+    unavailable = None
+    try:
+        tb.preflight()
+        bed = tb.TestBed.start()
+    except tb.TestbedUnavailable as exc:
+        unavailable = str(exc)
+    if unavailable is not None:
+        if _in_ci():
+            pytest.fail(f"the multi-host test bed cannot run in CI: {unavailable}", pytrace=False)
+        pytest.skip(f"multi-host test bed unavailable: {unavailable}")
+    try:
+        yield bed
+    finally:
+        problems = bed.close()  # also checks that nothing is left
+        _testbed_timings.update(bed.timings)
+        if problems:
+            raise RuntimeError("the test bed was not removed completely: " + "; ".join(problems))
+
+
+@pytest.fixture
+def clean_testbed(testbed):
+    """The bed, put back after the test: containers removed, sshds running, links up, no fake GPUs."""
+    yield testbed
+    testbed.reset()
+
+
+@pytest.fixture(scope="session")
+def standin_image(testbed) -> str:
+    """The stand-in engine image present on every test host (lmstack-standin:test)."""
+    return testbed.standin_image

@@ -218,6 +218,19 @@ def test_good_quantities_and_durations() -> None:
     assert state.deployments["cpu-only"].spec.replicas == 0
 
 
+def test_good_aliases_and_unicode() -> None:
+    qwen = _load_good(CORPUS / "good" / "unicode_and_anchors.yaml").deployments["qwen"]
+    assert qwen.metadata.labels == {"owner": "Zoë"}
+    assert qwen.spec.args == ["--served-model-name", "Qwen/Qwen2.5-7B-Instruct", "--chat-template=模板"]
+    assert qwen.spec.env == {"GREETING": "héllo, wörld", "EMPTY": ""}
+
+
+def test_quoted_number_says_remove_the_quotes() -> None:
+    errors = _errors({"x.yaml": ("apiVersion: lmstack.dev/v1\nkind: Deployment\nmetadata: {name: d}\n"
+                                 "spec: {backend: vllm, model: m, replicas: '2'}\n")})
+    assert [e.message for e in errors] == ["must be an integer, not the string '2' (remove the quotes)"]
+
+
 def test_empty_files_are_valid() -> None:
     for text in ("", "\n", "# only a comment\n", "---\n", "---\n---\n", "--- # nothing\n...\n"):
         state = _load({"empty.yaml": text})
@@ -501,8 +514,8 @@ def test_parse_duration(text: object, seconds: int) -> None:
     ("20 minutes", "'20 minutes' is not a duration (use e.g. 20m, 90s or 1h30m)"),
     ("", "is not a duration"), ("m", "is not a duration"), ("30s1m", "is not a duration"),
     ("1d", "not a duration"), ("1.5h", "is not a duration"), ("-5m", "is not a duration"),
-    (-1, "must not be negative"), (True, "not a boolean"), (1.5, "is not a duration"),
-    (None, "is not a duration"),
+    (-1, "must not be negative"), (True, "not a boolean"), (1.5, "must be a duration such as 20m or 90s"),
+    (None, "must be a duration"), ([1], "must be a duration"),
     ("٣m", "not a duration"), ("721h", "is too long (at most 720h)"), (MAX_DURATION + 1, "is too long"),
     ("9" * 5000 + "h", "not a duration"),
 ])

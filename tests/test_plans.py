@@ -1,6 +1,9 @@
 """Plan cases as data: tests/plans/*.yaml hold desired manifests, observed facts and replicas, and the
 actions a user should see. One file per case; the file says what it shows.
 
+Every expected result is worked out by hand from the rules (scheduler.py's docstring), never copied
+from the planner's output.
+
 Format:
   description: what the case shows
   desired: [manifest documents]            # apiVersion may be left out
@@ -12,9 +15,13 @@ Format:
     replicas:
       - {replica: qwen/0, worker: gpu-a, gpus: [0], status: ready,
          spec: {args: [--old]}}            # spec: changes merged onto the desired spec it was made from
+  applied:                                 # optional: the manifest replicas of a deployment were made
+    old-model: {kind: Deployment, ...}     # from, when not the desired one (a deployment removed from
+                                           # the manifests, or written differently before)
   expected:
     actions:                               # every action, noop included
-      - {kind: create, replica: qwen/0, worker: gpu-a, gpus: [0], from: gpu-b, reason: substring}
+      - {kind: create, replica: qwen/0, worker: gpu-a, gpus: [0], from: gpu-b, reason: substring,
+         changes: [args]}                  # from, reason and changes are checked only when given
     unplaceable:
       - {replica: qwen/2, reason: substring}
     notes: [substring]
@@ -50,7 +57,8 @@ def _merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
 
 def _worker(name: str, data: dict[str, Any]) -> WorkerObservation:
     if data.get("ready", True) is False:
-        return WorkerObservation(name, facts_known=True, ready=False, reason=data.get("reason", "unreachable"))
+        reason = data.get("reason", "unreachable")
+        return WorkerObservation(name, facts_known=True, ready=False, reason=reason)
     gpus = data.get("gpus", 0)
     if isinstance(gpus, int):
         gpus = [{"memory": data.get("memory", "80Gi")}] * gpus
@@ -80,7 +88,8 @@ def load_case(path: Path) -> tuple[Any, Observed, dict[str, Any]]:
         else:
             base = effective_spec(deployment, desired.deployments[deployment].spec)
         replicas.append(ReplicaObservation(
-            deployment=deployment, ordinal=int(ordinal), worker=item["worker"], gpus=tuple(item.get("gpus", [])),
+            deployment=deployment, ordinal=int(ordinal), worker=item["worker"],
+            gpus=tuple(item.get("gpus", [])),
             spec=_merge(base, item.get("spec", {})), status=item.get("status", "ready"),
         ))
     return desired, Observed(workers=workers, replicas=tuple(replicas)), case["expected"]
@@ -101,7 +110,7 @@ def _shown(action: Any, expected: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_there_are_enough_cases() -> None:
-    assert len(CASES) >= 25
+    assert len(CASES) >= 30
 
 
 @pytest.mark.parametrize("path", CASES, ids=[path.stem for path in CASES])
@@ -115,7 +124,8 @@ def test_plan_case(path: Path) -> None:
     actual = []
     for item in wanted:
         candidates = by_replica.get(item["replica"], [])
-        match = next((a for a in candidates if a.kind.value == item["kind"]), candidates[0] if candidates else None)
+        first = candidates[0] if candidates else None
+        match = next((a for a in candidates if a.kind.value == item["kind"]), first)
         if match is not None:
             candidates.remove(match)
             actual.append(_shown(match, item))

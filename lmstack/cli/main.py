@@ -12,10 +12,12 @@ from rich.console import Console
 
 from lmstack import __version__
 from lmstack.cli.render import render_plan
+from lmstack.cli.render_facts import render_facts
 from lmstack.cli.scaffold import ScaffoldError, scaffold
 from lmstack.config import Settings
 from lmstack.gitsource import Source, SourceError, init_repository, load_source
 from lmstack.manifests import ManifestValidationError, json_schema
+from lmstack.reconcile.facts import FactsError, gather_facts
 from lmstack.reconcile.observe import load_observed
 from lmstack.reconcile.planner import plan as make_plan
 from lmstack.state import DatabaseError, current_revision, downgrade, head_revision, open_database, upgrade
@@ -132,6 +134,50 @@ def plan(
     else:
         render_plan(out, result, header=f"Plan for {_describe(source)}", show_noop=show_unchanged)
     raise typer.Exit(2 if result.has_changes or result.unplaceable else 0)
+
+
+def _default_ssh_key() -> Path:
+    ssh = Path.home() / ".ssh"
+    return ssh / "id_ed25519" if (ssh / "id_ed25519").exists() else ssh / "id_rsa"
+
+
+@app.command()
+def facts(
+    repo: RepoOption = ".",
+    ref: RefOption = "HEAD",
+    directory: DirOption = None,
+    ssh_key: Annotated[Path | None, typer.Option(
+        "--ssh-key", envvar="LMSTACK_SSH_KEY", dir_okay=False,
+        help="Private key for SSH to the workers [default: ~/.ssh/id_ed25519, else ~/.ssh/id_rsa].")] = None,
+    known_hosts: Annotated[Path | None, typer.Option(
+        "--known-hosts", envvar="LMSTACK_KNOWN_HOSTS", dir_okay=False,
+        help="The workers' host keys; hosts not in it are refused [default: ~/.ssh/known_hosts].")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the gathered facts as JSON.")] = False,
+) -> None:
+    """Gather node facts (GPUs, Docker, CPUs, memory, disk) from every worker and store them. Exit 1 if
+    any worker failed (it is NotReady until a gathering succeeds)."""
+    settings = Settings()
+    source = _source(repo, ref, directory, settings)
+    key = (ssh_key or _default_ssh_key()).expanduser()
+    trusted = (known_hosts or Path.home() / ".ssh" / "known_hosts").expanduser()
+    if not key.is_file():
+        _fail(f"SSH private key {key} does not exist; pass --ssh-key or set LMSTACK_SSH_KEY")
+    if not trusted.is_file():
+        _fail(f"known_hosts file {trusted} does not exist: add the workers' host keys (check their "
+              "fingerprints), or pass --known-hosts / set LMSTACK_KNOWN_HOSTS")
+    try:
+        database = open_database(settings)
+        try:
+            report = gather_facts(source, database, ssh_key=key, known_hosts=trusted)
+        finally:
+            database.close()
+    except (DatabaseError, FactsError) as exc:
+        _fail(str(exc))
+    if as_json:
+        sys.stdout.write(json.dumps(report.to_json(), indent=2) + "\n")
+    else:
+        render_facts(out, report, header=f"Facts for the workers of {_describe(source)}")
+    raise typer.Exit(1 if report.failed else 0)
 
 
 @app.command()

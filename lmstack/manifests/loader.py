@@ -76,7 +76,9 @@ def _validate_document(document: Document, errors: list[ManifestError]) -> Worke
     if api_version != API_VERSION:
         if document.is_readable(("apiVersion",)):
             message = ("is required" if api_version is None
-                       else f"unknown apiVersion {_short(api_version)} (expected {API_VERSION})")
+                       else f"unknown apiVersion {_short(api_version)} (expected {API_VERSION})"
+                       if isinstance(api_version, str)
+                       else f"must be {API_VERSION}, not {_describe(api_version)}")
             errors.append(ManifestError(file, document.line_of(("apiVersion",)), "apiVersion", message))
         return None
     kind = data.get("kind")
@@ -86,17 +88,18 @@ def _validate_document(document: Document, errors: list[ManifestError]) -> Worke
             expected = " or ".join(KINDS)
             close = closest(kind, KINDS) if isinstance(kind, str) else []
             hint = f"; did you mean {close[0]!r}?" if close else f" (expected {expected})"
-            message = "is required" if kind is None else f"unknown kind {_short(kind)}{hint}"
+            message = ("is required" if kind is None else f"unknown kind {_short(kind)}{hint}"
+                       if isinstance(kind, str) else f"must be {expected}, not {_describe(kind)}")
             errors.append(ManifestError(file, document.line_of(("kind",)), "kind", message))
         return None
+    # A document with YAML errors (already reported) that validates still takes part in the reference
+    # checks, so that a duplicate key in a Worker does not also make every placement naming it "unknown".
     try:
         # by_name=False: YAML keys are camelCase only (`served_name` is an unknown key, with a hint).
         return model.model_validate(data, by_alias=True, by_name=False)
     except ValidationError as exc:
         errors.extend(_convert(exc, document, model))
         return None
-    # A document with YAML errors (already reported) still takes part in the reference checks, so that
-    # a duplicate key in a Worker does not also make every placement naming it "unknown".
 
 
 def _convert(exc: ValidationError, document: Document, model: type[BaseModel]) -> list[ManifestError]:
@@ -172,13 +175,16 @@ def _message(error: Any, path: Path, model: type[BaseModel]) -> tuple[str, str |
         message = f"must be {_EXPECTED[kind]}, not {_describe(value)}"
         if kind == "string_type" and isinstance(value, int | float):
             message += " (put it in quotes)"  # bool too: `yes`, `on` and `true` are booleans in YAML
+        elif kind == "int_type" and isinstance(value, str) and value.strip().isdecimal():
+            message += " (remove the quotes)"
         return message, None
     if kind == "literal_error":
         expected = str(error.get("ctx", {}).get("expected", ""))
         choices = re.findall(r"'((?:[^'\\]|\\.)*)'", expected)
         close = closest(value, choices) if isinstance(value, str) else []
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        return f"must be {expected}, not {_short(value)}{hint}", None
+        shown = _short(value) if isinstance(value, str) else _describe(value)
+        return f"must be {expected}, not {shown}{hint}", None
     message = str(error["msg"]).removeprefix("Value error, ")
     if message.startswith("Input should be "):
         message = "must be " + message.removeprefix("Input should be ")
@@ -324,7 +330,8 @@ def _check_references(
         for index, worker_name in enumerate(spec.placement.workers):
             if worker_name not in workers:
                 close = closest(worker_name, workers)
-                hint = f"; did you mean {close[0]!r}?" if close else f" (workers: {_few(workers)})"
+                hint = (f"; did you mean {close[0]!r}?" if close else f" (workers: {_few(workers)})"
+                        if workers else " (no Worker is declared)")
                 error(document, ("spec", "placement", "workers", index),
                       f"unknown worker {worker_name!r}{hint}")
         _check_possible(document, deployment, workers, error)

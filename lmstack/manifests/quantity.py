@@ -88,8 +88,9 @@ def parse_duration(value: object) -> int:
             hours, minutes, secs = (int(part or 0) for part in match.groups())
             seconds = hours * 3600 + minutes * 60 + secs
     if seconds is None:
-        shown = repr(value[:40]) if isinstance(value, str) else repr(value)[:40]
-        raise ValueError(f"{shown} is not a duration (use e.g. 20m, 90s or 1h30m)")
+        if not isinstance(value, str):
+            raise ValueError("must be a duration such as 20m or 90s")
+        raise ValueError(f"{value[:40]!r} is not a duration (use e.g. 20m, 90s or 1h30m)")
     if seconds < 0:
         raise ValueError("must not be negative")
     if seconds > MAX_DURATION:

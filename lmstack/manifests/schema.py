@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections import Counter
 from collections.abc import Iterable
 from typing import Annotated, Literal
 
@@ -129,7 +130,7 @@ class Metadata(StrictModel):
 
 
 def _unique_indices(indices: list[int]) -> list[int]:
-    twice = sorted({index for index in indices if indices.count(index) > 1})
+    twice = sorted(index for index, count in Counter(indices).items() if count > 1)
     if twice:
         raise ValueError(f"lists GPU {'indices' if len(twice) > 1 else 'index'} "
                          f"{', '.join(map(str, twice))} more than once")
@@ -229,7 +230,7 @@ class Health(StrictModel):
 
 
 class Rollout(StrictModel):
-    max_unavailable: Count = Field(default=0, ge=0)
+    max_unavailable: Count = Field(default=0, ge=0, le=1000)
 
 
 class DeploymentSpec(StrictModel):

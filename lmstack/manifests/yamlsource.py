@@ -18,6 +18,7 @@ from lmstack.manifests.errors import ManifestError
 
 Path = tuple[str | int, ...]
 _MAX_NODES = 200_000  # guards against alias expansion bombs
+_MAX_DEPTH = 100  # far deeper than any manifest; PyYAML's composer recurses (RecursionError near 300)
 
 
 @dataclass
@@ -43,10 +44,6 @@ class Document:
         """Whether the key at `path` may be missing only because its mapping was not fully read."""
         return path[:-1] in self.incomplete or not self.is_readable(path[:-1])
 
-    @property
-    def damaged(self) -> bool:
-        return bool(self.unreadable or self.incomplete)
-
     def line_of(self, path: Path) -> int:
         """The line of the deepest prefix of `path` that exists (a missing key points at its parent)."""
         for end in range(len(path), -1, -1):
@@ -62,32 +59,48 @@ class _Builder:
         self.errors: list[ManifestError] = []
         self.nodes = 0
         self._scalars = yaml.SafeLoader("")
+        self._open: set[int] = set()  # the collections being built: an alias to one of them is a cycle
 
     def build(self, node: yaml.Node, path: Path) -> Any:
         self.nodes += 1
         if self.nodes > _MAX_NODES:
-            raise _TooLarge
+            raise _TooLarge(node.start_mark.line + 1)
         self.document.lines.setdefault(path, node.start_mark.line + 1)
-        if isinstance(node, yaml.MappingNode):
-            return self._mapping(node, path)
-        if isinstance(node, yaml.SequenceNode):
-            if node.tag != "tag:yaml.org,2002:seq":
-                self._error(node, path, _unsupported(node.tag))
+        if isinstance(node, yaml.MappingNode | yaml.SequenceNode):
+            if id(node) in self._open:
+                self._error(node, path, "YAML alias refers to a node that contains it")
                 self.document.unreadable.add(path)
                 return None
-            return [self.build(item, (*path, index)) for index, item in enumerate(node.value)]
+            self._open.add(id(node))
+            try:
+                return self._collection(node, path)
+            finally:
+                self._open.discard(id(node))
         if isinstance(node, yaml.ScalarNode):
             try:
                 return self._scalars.construct_object(node, deep=True)
             except yaml.constructor.ConstructorError:
                 self._error(node, path, _unsupported(node.tag))
             except (ValueError, TypeError, KeyError, AttributeError, OverflowError):
-                # An explicit tag on a value that does not fit it: `!!int two`, `!!bool maybe`.
-                self._error(node, path, f"{node.value[:40]!r} is not a valid {_tag(node.tag)}")
+                # An explicit tag on a value that does not fit it (`!!int two`, `!!bool maybe`), or a
+                # number with more digits than Python converts.
+                shown = repr(node.value) if len(node.value) <= 40 else repr(node.value[:37]) + "..."
+                too_long = node.tag.endswith((":int", ":float")) and len(node.value) > 100
+                self._error(node, path, f"{shown} is too long for a number" if too_long
+                            else f"{shown} is not a valid {_tag(node.tag)}")
             self.document.unreadable.add(path)
             return None
         self._error(node, path, "unsupported YAML node")
         return None
+
+    def _collection(self, node: yaml.MappingNode | yaml.SequenceNode, path: Path) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            return self._mapping(node, path)
+        if node.tag != "tag:yaml.org,2002:seq":
+            self._error(node, path, _unsupported(node.tag))
+            self.document.unreadable.add(path)
+            return None
+        return [self.build(item, (*path, index)) for index, item in enumerate(node.value)]
 
     def _mapping(self, node: yaml.MappingNode, path: Path) -> dict[Any, Any] | None:
         if node.tag != "tag:yaml.org,2002:map":
@@ -128,7 +141,32 @@ def _unsupported(tag: str) -> str:
 
 
 class _TooLarge(Exception):
-    pass
+    def __init__(self, line: int) -> None:
+        super().__init__(line)
+        self.line = line
+
+
+class _TooDeep(Exception):
+    def __init__(self, line: int) -> None:
+        super().__init__(line)
+        self.line = line
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader whose (recursive) composer refuses nesting deeper than _MAX_DEPTH, quickly."""
+
+    def __init__(self, stream: str | bytes) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        self._depth += 1
+        try:
+            if self._depth > _MAX_DEPTH:
+                raise _TooDeep(self.peek_event().start_mark.line + 1)  # type: ignore[no-untyped-call]
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")
@@ -171,6 +209,8 @@ def load_documents(file: str, text: str | bytes) -> tuple[list[Document], list[M
         return [], [ManifestError(file, 1, "", f"YAML error: {exc}")]
     except UnicodeDecodeError:
         return [], [ManifestError(file, 1, "", "not UTF-8 text")]
+    except _TooDeep as exc:
+        return [], [ManifestError(file, exc.line, "", f"YAML is nested more than {_MAX_DEPTH} levels deep")]
     except RecursionError:
         return [], [ManifestError(file, 1, "", "YAML is nested too deeply")]
     for index, node in enumerate(nodes):
@@ -180,9 +220,10 @@ def load_documents(file: str, text: str | bytes) -> tuple[list[Document], list[M
         builder = _Builder(document)
         try:
             document.data = builder.build(node, ())
-        except _TooLarge:
+        except _TooLarge as exc:
             errors.append(ManifestError(file, node.start_mark.line + 1, "",
-                                        f"document has more than {_MAX_NODES} nodes (alias expansion?)"))
+                                        f"document has more than {_MAX_NODES} values once its aliases are "
+                                        f"expanded (the limit was passed on line {exc.line})"))
             continue
         except RecursionError:
             errors.append(ManifestError(file, node.start_mark.line + 1, "", "document is nested too deeply"))
@@ -234,7 +275,7 @@ _HINTS = {
 
 
 def _compose_all(text: str | bytes) -> Iterator[yaml.Node | None]:
-    loader = yaml.SafeLoader(text)
+    loader = _Loader(text)
     try:
         while loader.check_node():
             yield loader.get_node()

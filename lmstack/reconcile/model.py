@@ -9,7 +9,7 @@ from enum import StrEnum
 from typing import Any
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class GpuFacts:
     index: int
     memory_total: int
@@ -22,7 +22,7 @@ class GpuFacts:
         return max(self.memory_total - self.memory_unmanaged, 0)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class WorkerObservation:
     """The latest facts stored for a worker. `facts_known` False: never gathered."""
 
@@ -33,7 +33,7 @@ class WorkerObservation:
     gpus: tuple[GpuFacts, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ReplicaObservation:
     deployment: str
     ordinal: int
@@ -43,7 +43,7 @@ class ReplicaObservation:
     status: str = "ready"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Observed:
     workers: Mapping[str, WorkerObservation] = field(default_factory=dict)
     replicas: tuple[ReplicaObservation, ...] = ()
@@ -57,7 +57,7 @@ class ActionKind(StrEnum):
     NOOP = "noop"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Placement:
     worker: str
     gpus: tuple[int, ...]
@@ -67,14 +67,14 @@ class Placement:
         return f"{self.worker} gpu {gpus}" if self.gpus else f"{self.worker} (cpu)"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FieldChange:
     path: str
     old: Any
     new: Any
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Action:
     kind: ActionKind
     deployment: str
@@ -90,14 +90,14 @@ class Action:
         return f"{self.deployment}/{self.replica}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Unplaceable:
     deployment: str
     replica: int
     reason: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Plan:
     actions: tuple[Action, ...]
     unplaceable: tuple[Unplaceable, ...] = ()

@@ -2,15 +2,18 @@
 
 Phase 1 reviews every replica that exists: it goes (deployment removed, duplicate, scale down), stays
 (noop / update / recreate in place) or must be re-placed (its worker left the manifests or its
-placement, it no longer fits its GPUs). Replicas that run keep their GPUs reserved, healthy ones
-first, so phase 2 places moving replicas, then new ones (biggest first), only on what is really free.
+placement, it no longer fits its GPUs). Every replica kept reserves its GPUs, healthy ones first (they
+win a GPU two replicas claim), so phase 2 places moving replicas, then new ones (biggest first), only
+on what is really free. The GPUs of replicas being deleted are free for phase 2.
 """
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from lmstack.backends import EffectiveSpec, backend_for, effective_spec, normalize_applied, spec_hash
@@ -28,8 +31,10 @@ from lmstack.reconcile.model import (
 )
 from lmstack.reconcile.scheduler import Request, Scheduler
 
-# Statuses of a replica whose container does not run: it holds no GPU and is recreated.
+# Statuses of a replica whose container does not run: it is recreated.
 _BROKEN = frozenset({"failed", "missing"})
+# How copies of one replica are ordered: see _copy_rank.
+_CopyRank = tuple[bool, str, tuple[int, ...], str, str]
 # The path of the one change reported when a stored spec no longer validates: always a restart.
 _WHOLE_SPEC = "spec"
 
@@ -37,16 +42,23 @@ _WHOLE_SPEC = "spec"
 @dataclass(frozen=True)
 class _Desired:
     deployment: Deployment
-    spec: EffectiveSpec
-    hash: str
     request: Request
 
     @property
     def replicas(self) -> int:
         return self.deployment.spec.replicas
 
+    # Computed on first use: most deployments of a big plan that cannot be placed never need them.
+    @cached_property
+    def spec(self) -> EffectiveSpec:
+        return effective_spec(self.deployment.metadata.name, self.deployment.spec)
 
-@dataclass(frozen=True)
+    @cached_property
+    def hash(self) -> str:
+        return spec_hash(self.spec)
+
+
+@dataclass(frozen=True, slots=True)
 class _ToPlace:
     desired: _Desired
     ordinal: int
@@ -69,7 +81,9 @@ class _ToPlace:
 
 
 def plan(desired: DesiredState, observed: Observed) -> Plan:
-    wanted = {name: _desire(deployment) for name, deployment in desired.deployments.items()}
+    """Every action that makes `observed` match `desired`, one per replica (noop included), the replicas
+    that fit nowhere with the reason, and notes on workers nothing can be placed on."""
+    wanted = {name: _Desired(spec, Request.of(spec)) for name, spec in desired.deployments.items()}
     scheduler = Scheduler(desired.workers, observed.workers)
     actions, to_place, kept = _review_existing(observed.replicas, wanted, scheduler)
     to_place += _missing(wanted, kept, observed.replicas)
@@ -83,11 +97,6 @@ def plan(desired: DesiredState, observed: Observed) -> Plan:
     return Plan(tuple(actions), tuple(unplaceable), tuple(_notes(desired, observed)))
 
 
-def _desire(deployment: Deployment) -> _Desired:
-    spec = effective_spec(deployment.metadata.name, deployment.spec)
-    return _Desired(deployment, spec, spec_hash(spec), Request.of(deployment))
-
-
 # -- phase 1: the replicas that exist ------------------------------------------------------------
 
 
@@ -99,8 +108,7 @@ def _review_existing(
     to_place: list[_ToPlace] = []
     kept: dict[str, set[int]] = defaultdict(set)
     observed_count = _distinct_ordinals(replicas)
-    # Healthy replicas first: of duplicates, and of replicas claiming the same GPU, a running one wins.
-    for replica in sorted(replicas, key=_review_order):
+    for replica in _in_review_order(replicas, wanted):
         target = wanted.get(replica.deployment)
         if target is None:
             actions.append(_delete(replica, "deployment removed from manifests"))
@@ -118,20 +126,43 @@ def _review_existing(
     return actions, to_place, kept
 
 
-def _review_order(replica: ReplicaObservation) -> tuple[bool, str, int, str, tuple[int, ...]]:
-    return (replica.status in _BROKEN, replica.deployment, replica.ordinal, replica.worker, replica.gpus)
+def _in_review_order(replicas: tuple[ReplicaObservation, ...],
+                     wanted: Mapping[str, _Desired]) -> list[ReplicaObservation]:
+    """Healthy replicas first, then by name: of replicas claiming one GPU, a running one keeps it.
+
+    Copies of one replica (the same ordinal twice) come in a total order, the one to keep first, so
+    which is kept never depends on the order the replicas were observed in."""
+    copies: dict[tuple[str, int], list[ReplicaObservation]] = defaultdict(list)
+    for replica in replicas:
+        copies[(replica.deployment, replica.ordinal)].append(replica)
+    ranked: list[tuple[bool, str, int, int, ReplicaObservation]] = []
+    for (deployment, ordinal), group in copies.items():
+        if len(group) > 1:
+            target = wanted.get(deployment)
+            group.sort(key=lambda replica: _copy_rank(replica, target))
+        ranked += [(replica.status in _BROKEN, deployment, ordinal, rank, replica)
+                   for rank, replica in enumerate(group)]
+    ranked.sort(key=lambda item: item[:4])
+    return [item[4] for item in ranked]
+
+
+def _copy_rank(replica: ReplicaObservation, target: _Desired | None) -> _CopyRank:
+    """Up to date before stale, then by worker and GPUs; the rest only breaks ties. (Running before
+    broken is the review order's first key.)"""
+    stale = target is None or replica.spec != target.spec
+    spec = json.dumps(replica.spec, sort_keys=True, default=str)
+    return (stale, replica.worker, replica.gpus, replica.status, spec)
 
 
 def _review(replica: ReplicaObservation, target: _Desired, scheduler: Scheduler) -> Action | _ToPlace:
     holder = f"{replica.deployment}/{replica.ordinal}"
     worker = replica.worker
     changes = tuple(_diff(replica, target))
-    broken = replica.status in _BROKEN
     if not scheduler.knows(worker):
         return _ToPlace(target, replica.ordinal, f"worker {worker} removed from manifests", replica, changes,
                         must_leave=True)
-    if not broken:
-        scheduler.reserve(holder, replica.deployment, worker, replica.gpus)  # it serves until replaced
+    # It holds its GPUs until it is replaced; a broken one too, so nothing new is planned onto them.
+    scheduler.reserve(holder, replica.deployment, worker, replica.gpus)
     if not scheduler.allows(target.request, worker):
         return _ToPlace(target, replica.ordinal, f"placement no longer allows {worker}", replica, changes)
     if not scheduler.is_ready(worker):
@@ -140,7 +171,6 @@ def _review(replica: ReplicaObservation, target: _Desired, scheduler: Scheduler)
     blocker = _resource_blocker(replica, target, holder, scheduler)
     if blocker is not None:
         return _ToPlace(target, replica.ordinal, blocker, replica, changes, prefer=worker)
-    scheduler.reserve(holder, replica.deployment, worker, replica.gpus)
     return _in_place(replica, target, changes)
 
 

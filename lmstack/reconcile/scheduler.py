@@ -1,16 +1,22 @@
-"""Replica placement over the fleet's free GPUs: pure, deterministic, fast enough for 100k replicas.
+"""Replica placement over the fleet's free GPUs: pure, deterministic, near-linear up to 100k replicas.
 
-A GPU holds at most one replica. A GPU is usable by a request when lmstack may use it (the worker's
+A GPU holds at most one replica. A GPU can take a request when lmstack may use it (the worker's
 `gpus`), no other replica holds it, and its memory not held by other processes covers `gpuMemory`.
-Within one planning pass capacity only shrinks: a replica that moves keeps its old GPUs until the
-next pass (it serves until its replacement is ready), so a request shape that failed fails again.
+A worker fits a request when it is Ready, matches the placement and has `gpus` such GPUs.
+
+- binpack: the fitting worker with the fewest GPUs that could take the request, then the first name;
+- spread: the fitting worker with the fewest replicas of the deployment, then the most such GPUs,
+  then the first name.
+
+Within one pass capacity only shrinks: a replica that moves keeps its old GPUs until the next pass
+(it serves until its replacement is ready).
 """
 
 from __future__ import annotations
 
-import bisect
+import heapq
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from lmstack.manifests.quantity import format_quantity
@@ -21,7 +27,7 @@ from lmstack.reconcile.model import Placement, WorkerObservation
 FilterKey = tuple[tuple[str, ...], tuple[tuple[str, str], ...]]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Request:
     deployment: str
     gpus: int
@@ -46,10 +52,6 @@ class Request:
             spread=spec.placement.strategy == "spread",
         )
 
-    @property
-    def filtered(self) -> bool:
-        return bool(self.workers or self.selector)
-
     def describe(self) -> str:
         if self.gpus == 0:
             return "needs a Ready worker"
@@ -66,9 +68,11 @@ class Request:
 
 
 class _Node:
-    __slots__ = ("free", "holders", "labels", "memory", "name", "present", "ready", "residents", "status")
+    __slots__ = ("free", "holders", "id", "labels", "memory", "name", "present", "ready", "residents",
+                 "status", "views")
 
-    def __init__(self, name: str, labels: Mapping[str, str], status: str) -> None:
+    def __init__(self, node_id: int, name: str, labels: Mapping[str, str], status: str) -> None:
+        self.id = node_id  # position in name order: the lowest id is the first name
         self.name = name
         self.labels = labels
         self.ready = not status
@@ -77,7 +81,8 @@ class _Node:
         self.memory: dict[int, int] = {}  # GPU index -> bytes free of unmanaged use, for GPUs lmstack may use
         self.free: dict[int, int] = {}  # the part of `memory` no replica holds
         self.holders: dict[int, str] = {}  # GPU index -> the replica holding it
-        self.residents: set[str] = set()  # replicas placed or kept here in this pass
+        self.residents: set[str] = set()  # replicas kept or placed here in this pass
+        self.views: list[_View] = []  # the views this node is in, updated when its GPUs are taken
 
     def usable(self, memory: int, holder: str | None = None) -> list[int]:
         """GPU indices free (or held by `holder` itself) with at least `memory` bytes, lowest first."""
@@ -90,13 +95,69 @@ class _Node:
         return sum(1 for free in self.free.values() if free >= memory)
 
 
-def _node(name: str, worker: Worker, facts: WorkerObservation | None) -> _Node:
+class _Filter:
+    """The workers one placement filter allows, in name order, and a count of changes to their GPUs."""
+
+    __slots__ = ("nodes", "not_ready", "version")
+
+    def __init__(self, nodes: list[_Node]) -> None:
+        self.nodes = nodes
+        self.not_ready = [node for node in nodes if not node.ready]
+        self.version = 0
+
+
+class _View:
+    """The Ready candidates of one placement filter, bucketed by how many free GPUs have `memory` bytes.
+
+    Each bucket is a heap of node ids. When a node's count drops, it is pushed into its new bucket and
+    its old entry goes stale (dropped when it reaches the top). Counts only drop within a pass, so a
+    node is never twice in one bucket.
+    """
+
+    def __init__(self, candidates: _Filter, memory: int) -> None:
+        self.filter = candidates
+        self.memory = memory
+        self.count: dict[int, int] = {}
+        self.buckets: dict[int, list[int]] = defaultdict(list)
+        for node in candidates.nodes:  # in id order, so every bucket starts sorted: a valid heap
+            if node.ready:
+                count = node.count_usable(memory)
+                self.count[node.id] = count
+                self.buckets[count].append(node.id)
+                node.views.append(self)
+        self.top = max(self.buckets, default=0)
+
+    def update(self, node_id: int, count: int) -> None:
+        if count != self.count[node_id]:
+            self.count[node_id] = count
+            heapq.heappush(self.buckets[count], node_id)
+
+    def take(self, count: int, *, limit: int = 1 << 30,
+             stop: Callable[[int], bool] | None = None) -> list[int]:
+        """Up to `limit` ids of bucket `count`, lowest first, ending early at the first `stop` accepts."""
+        heap = self.buckets.get(count)
+        if not heap:
+            return []
+        seen: list[int] = []
+        while heap and len(seen) < limit:
+            node_id = heapq.heappop(heap)
+            if self.count[node_id] != count:
+                continue  # stale: the node has moved to a lower bucket for good
+            seen.append(node_id)
+            if stop is not None and stop(node_id):
+                break
+        for node_id in seen:
+            heapq.heappush(heap, node_id)
+        return seen
+
+
+def _node(node_id: int, name: str, worker: Worker, facts: WorkerObservation | None) -> _Node:
+    labels = worker.metadata.labels
     if facts is None or not facts.facts_known:
-        return _Node(name, worker.metadata.labels, f"{name} has no facts yet")
+        return _Node(node_id, name, labels, f"{name} has no facts yet")
     if not facts.ready:
-        reason = facts.reason or "no reason given"
-        return _Node(name, worker.metadata.labels, f"{name} is not Ready ({reason})")
-    node = _Node(name, worker.metadata.labels, "")
+        return _Node(node_id, name, labels, f"{name} is not Ready ({facts.reason or 'no reason given'})")
+    node = _Node(node_id, name, labels, "")
     allowed = None if worker.spec.gpus == "all" else set(worker.spec.gpus)
     node.present = frozenset(gpu.index for gpu in facts.gpus)
     node.memory = {gpu.index: gpu.memory_free for gpu in facts.gpus
@@ -112,20 +173,14 @@ class Scheduler:
     """
 
     def __init__(self, workers: Mapping[str, Worker], observed: Mapping[str, WorkerObservation]) -> None:
-        self._nodes: dict[str, _Node] = {name: _node(name, workers[name], observed.get(name))
-                                         for name in sorted(workers)}
-        # Ready workers bucketed by free GPU count, names sorted: binpack walks up, spread walks down.
-        self._buckets: dict[int, list[str]] = defaultdict(list)
-        for node in self._nodes.values():
-            if node.ready:
-                self._buckets[len(node.free)].append(node.name)
-        self._max_free = max(self._buckets, default=0)
-        self._per_deployment: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-        self._candidates: dict[FilterKey, list[_Node]] = {}
-        # Request shape -> (generation, reason). GPUs taken since (a newer generation) make only the
-        # reason stale, never the failure: capacity only shrinks within a pass.
-        self._failures: dict[tuple[int, int, FilterKey], tuple[int, str]] = {}
-        self._generation = 0
+        self._by_id = [_node(node_id, name, workers[name], observed.get(name))
+                       for node_id, name in enumerate(sorted(workers))]
+        self._nodes = {node.name: node for node in self._by_id}
+        self._per_deployment: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+        self._filters: dict[FilterKey, _Filter] = {}
+        self._views: dict[tuple[FilterKey, int], _View] = {}
+        # Why a request shape fits nowhere, with its filter's version then: the same until GPUs change.
+        self._reasons: dict[tuple[int, int, FilterKey], tuple[int, str]] = {}
 
     # -- questions -------------------------------------------------------------------------------
 
@@ -169,17 +224,19 @@ class Scheduler:
             return
         if holder not in node.residents:
             node.residents.add(holder)
-            self._per_deployment[deployment][worker] += 1
+            self._per_deployment[deployment][node.id] += 1
         taken = [index for index in gpus if index in node.free]
-        if not taken:
-            return
-        self._generation += 1
-        bucket = self._buckets[len(node.free)]
-        del bucket[bisect.bisect_left(bucket, node.name)]
         for index in taken:
             del node.free[index]
             node.holders[index] = holder
-        bisect.insort(self._buckets[len(node.free)], node.name)
+        if taken:
+            counts: dict[int, int] = {}  # by memory: views of several filters share it
+            for view in node.views:
+                view.filter.version += 1
+                count = counts.get(view.memory)
+                if count is None:
+                    count = counts[view.memory] = node.count_usable(view.memory)
+                view.update(node.id, count)
 
     def place(self, request: Request, holder: str, *, prefer: str | None = None) -> Placement | str:
         """A placement, or the reason there is none ("needs 2 GPUs with 24Gi free; gpu-a has 1 free").
@@ -190,18 +247,11 @@ class Scheduler:
             placed = self._place_on(prefer, request, holder)
             if placed is not None:
                 return placed
-        key = (request.gpus, request.gpu_memory, request.filter_key)
-        failed = self._failures.get(key)
-        if failed is not None:
-            if failed[0] != self._generation:  # still fails; say how things stand now
-                failed = (self._generation, self._explain(request))
-                self._failures[key] = failed
-            return failed[1]
-        node = self._choose(request)
-        if node is None:
-            reason = self._explain(request)
-            self._failures[key] = (self._generation, reason)
-            return reason
+        view = self._view(request)
+        node_id = self._spread(view, request) if request.spread else self._binpack(view, request)
+        if node_id is None:
+            return self._explain(view, request)
+        node = self._by_id[node_id]
         return self._take(node, request, holder, node.usable(request.gpu_memory)[: request.gpus])
 
     # -- internals -------------------------------------------------------------------------------
@@ -222,8 +272,25 @@ class Scheduler:
         return Placement(node.name, tuple(gpus))
 
     @staticmethod
-    def _fits(node: _Node, request: Request) -> bool:
-        return node.count_usable(request.gpu_memory) >= request.gpus
+    def _binpack(view: _View, request: Request) -> int | None:
+        for count in range(request.gpus, view.top + 1):
+            first = view.take(count, limit=1)
+            if first:
+                return first[0]
+        return None
+
+    def _spread(self, view: _View, request: Request) -> int | None:
+        replicas = self._per_deployment[request.deployment]
+        best: tuple[int, int, int] | None = None
+        for count in range(view.top, request.gpus - 1, -1):
+            # The first node here without a replica of the deployment is the answer; others are ranked.
+            for node_id in view.take(count, stop=lambda node_id: replicas.get(node_id, 0) == 0):
+                rank = (replicas.get(node_id, 0), -count, node_id)
+                if rank[0] == 0:
+                    return node_id
+                if best is None or rank < best:
+                    best = rank
+        return best[2] if best is not None else None
 
     @staticmethod
     def _matches(request: Request, node: _Node) -> bool:
@@ -231,59 +298,44 @@ class Scheduler:
             return False
         return all(node.labels.get(key) == value for key, value in request.selector)
 
-    def _candidates_for(self, request: Request) -> list[_Node]:
-        nodes = self._candidates.get(request.filter_key)
-        if nodes is None:
-            nodes = [node for node in self._nodes.values() if self._matches(request, node)]
-            self._candidates[request.filter_key] = nodes
-        return nodes
+    def _filter(self, request: Request) -> _Filter:
+        candidates = self._filters.get(request.filter_key)
+        if candidates is None:
+            pool = ([self._nodes[name] for name in request.workers if name in self._nodes] if request.workers
+                    else self._by_id)
+            nodes = sorted((node for node in pool if self._matches(request, node)), key=lambda node: node.id)
+            candidates = self._filters[request.filter_key] = _Filter(nodes)
+        return candidates
 
-    def _choose(self, request: Request) -> _Node | None:
-        """Binpack: the fewest free GPUs that fit. Spread: the fewest replicas of this deployment, then
-        the most free GPUs. Ties go to the first name."""
-        counts = self._per_deployment[request.deployment]
-        if request.filtered:
-            fitting = [node for node in self._candidates_for(request)
-                       if node.ready and self._fits(node, request)]
-            if not fitting:
-                return None
-            if request.spread:
-                return min(fitting, key=lambda n: (counts.get(n.name, 0), -len(n.free), n.name))
-            return min(fitting, key=lambda n: (len(n.free), n.name))
-        if not request.spread:
-            for free in range(request.gpus, self._max_free + 1):
-                for name in self._buckets.get(free, ()):
-                    node = self._nodes[name]
-                    if self._fits(node, request):
-                        return node
-            return None
-        best: tuple[int, int, str] | None = None
-        for free in range(self._max_free, request.gpus - 1, -1):
-            for name in self._buckets.get(free, ()):
-                node = self._nodes[name]
-                if not self._fits(node, request):
-                    continue
-                rank = (counts.get(name, 0), -free, name)
-                if rank[0] == 0:
-                    return node  # no replica of this deployment yet, and the most free GPUs
-                if best is None or rank < best:
-                    best = rank
-        return self._nodes[best[2]] if best is not None else None
+    def _view(self, request: Request) -> _View:
+        key = (request.filter_key, request.gpu_memory)
+        view = self._views.get(key)
+        if view is None:
+            view = self._views[key] = _View(self._filter(request), request.gpu_memory)
+        return view
 
-    def _explain(self, request: Request, limit: int = 4) -> str:
-        nodes = self._candidates_for(request)
-        if not nodes:
+    def _explain(self, view: _View, request: Request) -> str:
+        key = (request.gpus, request.gpu_memory, request.filter_key)
+        known = self._reasons.get(key)
+        if known is None or known[0] != view.filter.version:
+            known = self._reasons[key] = (view.filter.version, self._reason(view, request))
+        return known[1]
+
+    def _reason(self, view: _View, request: Request, limit: int = 4) -> str:
+        candidates = view.filter
+        if not candidates.nodes:
             if not self._nodes:
                 return f"{request.describe()}; no workers are defined"
             return f"{request.describe()}; no worker matches its placement ({request.describe_filter()})"
-        ready = sorted((node for node in nodes if node.ready),
-                       key=lambda node: (-node.count_usable(request.gpu_memory), -len(node.free), node.name))
-        # The closest to fitting first: what a user would free up.
-        details = [self._shortfall(node, request) for node in ready]
-        details += [node.status for node in nodes if not node.ready]
-        shown = ", ".join(details[:limit])
-        more = f" and {len(details) - limit} more workers" if len(details) > limit else ""
-        return f"{request.describe()}; {shown}{more}"
+        closest: list[int] = []  # the closest to fitting first: what a user would free up
+        for count in range(view.top, -1, -1):
+            closest += view.take(count, limit=limit - len(closest))
+            if len(closest) >= limit:
+                break
+        details = [self._shortfall(self._by_id[node_id], request) for node_id in closest]
+        details += [node.status for node in candidates.not_ready[: limit - len(details)]]
+        more = len(candidates.nodes) - len(details)
+        return f"{request.describe()}; {', '.join(details)}" + (f" and {more} more workers" if more else "")
 
     @staticmethod
     def _shortfall(node: _Node, request: Request) -> str:
