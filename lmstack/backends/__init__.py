@@ -7,13 +7,12 @@ import json
 from typing import Any
 
 from lmstack.backends import ollama, sglang, vllm
-from lmstack.backends.base import Backend
+from lmstack.backends.base import Backend, EffectiveSpec, HttpCall, ReplicaContext, SpecView
+from lmstack.backends.container import ContainerSpec
 from lmstack.manifests.schema import BACKEND_NAMES, DeploymentSpec
 
 BACKENDS: dict[str, Backend] = {module.BACKEND.name: module.BACKEND for module in (vllm, sglang, ollama)}
 assert set(BACKENDS) == set(BACKEND_NAMES), "the schema's backend names and the backend modules differ"
-
-EffectiveSpec = dict[str, Any]
 
 
 def backend_for(name: str) -> Backend:
@@ -54,5 +53,5 @@ def _get(spec: EffectiveSpec, path: str) -> Any:
     return value
 
 
-__all__ = ["BACKENDS", "Backend", "EffectiveSpec", "backend_for", "effective_spec", "normalize_applied",
-           "spec_hash"]
+__all__ = ["BACKENDS", "Backend", "ContainerSpec", "EffectiveSpec", "HttpCall", "ReplicaContext", "SpecView",
+           "backend_for", "effective_spec", "normalize_applied", "spec_hash"]

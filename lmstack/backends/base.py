@@ -1,12 +1,73 @@
-"""What every backend declares as data: its pinned image, port, and which spec fields need a restart."""
+"""What a backend is: data (pinned image, port, which spec fields need a restart) and a little behaviour
+(the container for a replica, when it is ready, what to do after it starts, the model name upstream).
+
+Each engine is one small module (vllm.py, sglang.py, ollama.py) with a subclass of Backend that
+overrides `engine_command` and, where the engine differs, the hooks below it. Everything here is pure:
+no I/O; the executors in `lmstack.nodes` carry out what these methods describe.
+"""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
+
+from lmstack.backends.container import (
+    LABEL_DEPLOYMENT,
+    LABEL_PORT,
+    LABEL_REPLICA,
+    LABEL_REVISION,
+    LABEL_SERVED_NAME,
+    LABEL_SPEC_HASH,
+    ContainerSpec,
+)
+
+# A deployment's spec with every default filled in, in manifest (camelCase) form: see effective_spec().
+EffectiveSpec = dict[str, Any]
+# What backends read: an effective spec (or one stored earlier), never changed.
+SpecView = Mapping[str, Any]
+
+# The Hugging Face cache inside vLLM's and SGLang's images (HF_HOME is set to it, so it holds either way).
+HF_CACHE = "/root/.cache/huggingface"
 
 
 @dataclass(frozen=True)
-class Backend:
+class ReplicaContext:
+    """What the reconciler decided for one replica, beyond its spec: where it runs and what it is."""
+
+    deployment: str
+    ordinal: int
+    served_name: str
+    gpus: tuple[int, ...]  # the exact GPU indices the scheduler chose; empty: a CPU replica
+    port: int  # chosen by the executor (host networking: the engine listens on it)
+    model_cache: str  # host path on the worker, mounted at the engine's cache path
+    revision: str | None  # the Git commit SHA the replica was created from, if known
+    spec_hash: str
+
+    def __post_init__(self) -> None:
+        if self.ordinal < 0:
+            raise ValueError(f"replica ordinal must be >= 0, not {self.ordinal}")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be between 1 and 65535, not {self.port}")
+
+    @property
+    def container_name(self) -> str:
+        return f"lmstack-{self.deployment}-{self.ordinal}"
+
+
+@dataclass(frozen=True)
+class HttpCall:
+    """One HTTP request to a replica's engine (on its port), made by the executor; any 2xx is success."""
+
+    method: str
+    path: str
+    json: Mapping[str, Any] | None = None
+    timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class Backend(ABC):
     name: str
     default_image: str
     default_port: int
@@ -14,6 +75,13 @@ class Backend:
     restart_fields: tuple[str, ...]
     # Paths the running engine can take without a restart (e.g. Ollama pulls another model).
     in_place_fields: tuple[str, ...] = ()
+    # Where the engine keeps downloaded models inside the container; the worker's model cache goes there.
+    cache_path: str = HF_CACHE
+    # GET this path on the replica's port to learn whether it serves its model (see is_ready).
+    ready_path: str = "/v1/models"
+    shm_size: str = "16g"
+    # The image's own entrypoint is kept unless a backend names one.
+    entrypoint: tuple[str, ...] | None = None
 
     def classify(self, path: str) -> str:
         """'restart', 'in-place' or 'controller' (replicas, placement, health: no replica is touched)."""
@@ -23,6 +91,89 @@ class Backend:
             return "in-place"
         return "controller"
 
+    # --- what each engine says differently ---------------------------------------------------------
+
+    @abstractmethod
+    def engine_command(self, spec: SpecView, replica: ReplicaContext) -> list[str]:
+        """The engine's command line (after the image and its entrypoint), without the user's `args`."""
+
+    def engine_env(self, spec: SpecView, replica: ReplicaContext) -> dict[str, str]:
+        """Environment the engine needs from lmstack (cache location, listen address)."""
+        return {}
+
+    def upstream_model(self, spec: SpecView) -> str:
+        """The `model` the gateway sends upstream: the served name, which the engine was started with."""
+        return str(spec["servedName"])
+
+    def after_start(self, spec: SpecView) -> list[HttpCall]:
+        """Calls to make once the engine answers HTTP, before it can be ready (e.g. a model pull)."""
+        return []
+
+    def lists_model(self, listed: str, model: str) -> bool:
+        """Whether an id in /v1/models names `model` (engines may spell it differently)."""
+        return listed == model
+
+    # --- shared -------------------------------------------------------------------------------------
+
+    def container(self, spec: SpecView, replica: ReplicaContext, env: Mapping[str, str]) -> ContainerSpec:
+        """The replica's container. `env` is the spec's env, already resolved (values may be secrets).
+
+        The user's `args` come last so that they can override any flag lmstack sets (the engines'
+        parsers keep the last value given). The environment lmstack sets wins over the user's: it must
+        agree with the port and the cache mount that lmstack chose.
+        """
+        wanted = int(spec["resources"]["gpus"])
+        if len(replica.gpus) != wanted:
+            raise ValueError(f"{replica.container_name}: the spec asks for {wanted} GPUs but "
+                             f"{len(replica.gpus)} were given ({list(replica.gpus)})")
+        lmstack_env = self.engine_env(spec, replica)
+        if not replica.gpus:
+            # A CPU replica: where Docker's default runtime is nvidia, images that say
+            # NVIDIA_VISIBLE_DEVICES=all (the CUDA and Ollama images do) would otherwise see every GPU.
+            lmstack_env["NVIDIA_VISIBLE_DEVICES"] = "void"
+        labels = {
+            LABEL_DEPLOYMENT: replica.deployment,
+            LABEL_REPLICA: str(replica.ordinal),
+            LABEL_SPEC_HASH: replica.spec_hash,
+            LABEL_PORT: str(replica.port),
+            LABEL_SERVED_NAME: replica.served_name,
+        }
+        if replica.revision is not None:
+            labels[LABEL_REVISION] = replica.revision
+        return ContainerSpec(
+            name=replica.container_name,
+            image=str(spec["image"]),
+            command=(*self.engine_command(spec, replica), *(str(arg) for arg in spec["args"])),
+            port=replica.port,
+            gpus=replica.gpus,
+            env={**env, **lmstack_env},
+            labels=labels,
+            volumes={replica.model_cache: self.cache_path},
+            shm_size=self.shm_size,
+            restart_policy="unless-stopped",
+            entrypoint=self.entrypoint,
+        )
+
+    def is_ready(self, status: int | None, payload: object, model: str) -> bool:
+        """Whether the answer to GET `ready_path` says the engine serves `model`.
+
+        `model` is `upstream_model(spec)`: the served name for vLLM and SGLang, the model for Ollama.
+        `status` None means no HTTP answer at all. An OpenAI-style list is expected:
+        `{"object": "list", "data": [{"id": "qwen-7b", ...}, ...]}`.
+        """
+        if status != 200 or not isinstance(payload, dict):
+            return False
+        data = payload.get("data")
+        if not isinstance(data, list):
+            return False
+        return any(isinstance(item, dict) and isinstance(item.get("id"), str)
+                   and self.lists_model(item["id"], model) for item in data)
+
+
+def tensor_parallel(replica: ReplicaContext) -> int:
+    """One replica spans its GPUs with tensor parallelism; 1 (no flag) on one GPU or on CPU."""
+    return max(len(replica.gpus), 1)
+
 
 def _matches(path: str, fields: tuple[str, ...]) -> bool:
-    return any(path == field or path.startswith((field + ".", field + "[")) for field in fields)
+    return any(path == name or path.startswith((name + ".", name + "[")) for name in fields)

@@ -4,20 +4,26 @@ from __future__ import annotations
 
 import json
 import sys
+import time
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from lmstack import __version__
-from lmstack.cli.render import render_plan
+from lmstack.cli.render import render_commands, render_plan
 from lmstack.cli.render_facts import render_facts
 from lmstack.cli.scaffold import ScaffoldError, scaffold
 from lmstack.config import Settings
 from lmstack.gitsource import Source, SourceError, init_repository, load_source
 from lmstack.manifests import ManifestValidationError, json_schema
+from lmstack.nodes.docker import DockerSetupError as NodeSetupError
+from lmstack.reconcile.apply import Prepared, apply_source
 from lmstack.reconcile.facts import FactsError, gather_facts
+from lmstack.reconcile.model import Action, ActionKind, Plan
 from lmstack.reconcile.observe import load_observed
 from lmstack.reconcile.planner import plan as make_plan
 from lmstack.state import DatabaseError, current_revision, downgrade, head_revision, open_database, upgrade
@@ -43,6 +49,12 @@ RepoOption = Annotated[str, typer.Option(
 RefOption = Annotated[str, typer.Option("--ref", envvar="LMSTACK_REF", help="Branch, tag or commit SHA.")]
 DirOption = Annotated[Path | None, typer.Option(
     "--dir", file_okay=False, help="Read a plain folder instead of a commit (includes uncommitted edits).")]
+SshKeyOption = Annotated[Path | None, typer.Option(
+    "--ssh-key", envvar="LMSTACK_SSH_KEY", dir_okay=False,
+    help="Private key for SSH to the workers [default: ~/.ssh/id_ed25519, else ~/.ssh/id_rsa].")]
+KnownHostsOption = Annotated[Path | None, typer.Option(
+    "--known-hosts", envvar="LMSTACK_KNOWN_HOSTS", dir_okay=False,
+    help="The workers' host keys; hosts not in it are refused [default: ~/.ssh/known_hosts].")]
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
@@ -106,6 +118,8 @@ def plan(
     directory: DirOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
     show_unchanged: Annotated[bool, typer.Option("--show-unchanged", help="List unchanged replicas too.")] = False,
+    show_commands: Annotated[bool, typer.Option(
+        "--show-commands", help="Print the `docker run` equivalent of each container to be created.")] = False,
 ) -> None:
     """Show what would change on which machine and why. Exit 0: no changes; 2: changes; 1: error."""
     settings = Settings()
@@ -133,12 +147,32 @@ def plan(
         sys.stdout.write(json.dumps(document, indent=2) + "\n")
     else:
         render_plan(out, result, header=f"Plan for {_describe(source)}", show_noop=show_unchanged)
+        if show_commands:
+            _print_commands(result, source)
     raise typer.Exit(2 if result.has_changes or result.unplaceable else 0)
 
 
-def _default_ssh_key() -> Path:
+def _print_commands(result: Plan, source: Source) -> None:
+    commands = render_commands(result, source.desired)
+    if commands:
+        out.print("\nContainers to create (ports are chosen at apply time; env values are not shown):")
+    for name, command in commands:
+        out.print(f"  {name}:", style="bold")
+        out.print(f"    {command}", markup=False)
+
+
+def _ssh_files(ssh_key: Path | None, known_hosts: Path | None) -> tuple[Path, Path]:
+    """The private key and known_hosts for SSH to the workers; both must exist (host keys are always checked)."""
     ssh = Path.home() / ".ssh"
-    return ssh / "id_ed25519" if (ssh / "id_ed25519").exists() else ssh / "id_rsa"
+    default_key = ssh / "id_ed25519" if (ssh / "id_ed25519").exists() else ssh / "id_rsa"
+    key = (ssh_key or default_key).expanduser()
+    trusted = (known_hosts or ssh / "known_hosts").expanduser()
+    if not key.is_file():
+        _fail(f"SSH private key {key} does not exist; pass --ssh-key or set LMSTACK_SSH_KEY")
+    if not trusted.is_file():
+        _fail(f"known_hosts file {trusted} does not exist: add the workers' host keys (check their "
+              "fingerprints), or pass --known-hosts / set LMSTACK_KNOWN_HOSTS")
+    return key, trusted
 
 
 @app.command()
@@ -146,25 +180,15 @@ def facts(
     repo: RepoOption = ".",
     ref: RefOption = "HEAD",
     directory: DirOption = None,
-    ssh_key: Annotated[Path | None, typer.Option(
-        "--ssh-key", envvar="LMSTACK_SSH_KEY", dir_okay=False,
-        help="Private key for SSH to the workers [default: ~/.ssh/id_ed25519, else ~/.ssh/id_rsa].")] = None,
-    known_hosts: Annotated[Path | None, typer.Option(
-        "--known-hosts", envvar="LMSTACK_KNOWN_HOSTS", dir_okay=False,
-        help="The workers' host keys; hosts not in it are refused [default: ~/.ssh/known_hosts].")] = None,
+    ssh_key: SshKeyOption = None,
+    known_hosts: KnownHostsOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the gathered facts as JSON.")] = False,
 ) -> None:
     """Gather node facts (GPUs, Docker, CPUs, memory, disk) from every worker and store them. Exit 1 if
     any worker failed (it is NotReady until a gathering succeeds)."""
     settings = Settings()
     source = _source(repo, ref, directory, settings)
-    key = (ssh_key or _default_ssh_key()).expanduser()
-    trusted = (known_hosts or Path.home() / ".ssh" / "known_hosts").expanduser()
-    if not key.is_file():
-        _fail(f"SSH private key {key} does not exist; pass --ssh-key or set LMSTACK_SSH_KEY")
-    if not trusted.is_file():
-        _fail(f"known_hosts file {trusted} does not exist: add the workers' host keys (check their "
-              "fingerprints), or pass --known-hosts / set LMSTACK_KNOWN_HOSTS")
+    key, trusted = _ssh_files(ssh_key, known_hosts)
     try:
         database = open_database(settings)
         try:
@@ -178,6 +202,105 @@ def facts(
     else:
         render_facts(out, report, header=f"Facts for the workers of {_describe(source)}")
     raise typer.Exit(1 if report.failed else 0)
+
+
+@app.command()
+def prepare(
+    repo: RepoOption = ".",
+    ref: RefOption = "HEAD",
+    directory: DirOption = None,
+    ssh_key: SshKeyOption = None,
+    known_hosts: KnownHostsOption = None,
+    install: Annotated[bool, typer.Option(
+        "--install", help="Install what is missing (docker.io, nvidia-container-toolkit from apt), start Docker "
+                          "and register the nvidia runtime (restarts Docker). Without it, only check.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+) -> None:
+    """Make every worker ready: Docker answering, the NVIDIA runtime where GPU replicas may run, the model
+    cache directory, and the images its deployments need (pulled when missing). Exit 1 if any worker failed."""
+    # Imported here, not at the top: this command's own modules (the top is shared by every command).
+    from lmstack.cli.render_prepare import render_prepare
+    from lmstack.reconcile.prepare import PrepareError, prepare_workers
+
+    source = _source(repo, ref, directory, Settings())
+    key, trusted = _ssh_files(ssh_key, known_hosts)
+    try:
+        report = prepare_workers(source, ssh_key=key, known_hosts=trusted, install=install, images=None)
+    except PrepareError as exc:
+        _fail(str(exc))
+    if as_json:
+        sys.stdout.write(json.dumps(report.to_json(), indent=2) + "\n")
+    else:
+        render_prepare(out, report, header=f"Preparing the workers of {_describe(source)}"
+                                           + (" (installing what is missing)" if install else ""))
+    raise typer.Exit(1 if report.failed else 0)
+
+
+@app.command()
+def apply(
+    repo: RepoOption = ".",
+    ref: RefOption = "HEAD",
+    directory: DirOption = None,
+    ssh_key: SshKeyOption = None,
+    known_hosts: KnownHostsOption = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Apply without asking.")] = False,
+    parallel: Annotated[int, typer.Option("--parallel", min=1, max=64,
+                                          help="Actions run at once across workers.")] = 8,
+    show_commands: Annotated[bool, typer.Option(
+        "--show-commands", help="Print the `docker run` equivalent of each container to be created.")] = False,
+) -> None:
+    """Make the workers match the commit: gather facts, plan, show the plan, ask, then create and remove
+    containers and wait until replicas are ready. Exit 1 if anything failed (the others still converge)."""
+    settings = Settings()
+    source = _source(repo, ref, directory, settings)
+    key, trusted = _ssh_files(ssh_key, known_hosts)
+
+    def confirm(prepared: Prepared) -> bool:
+        for worker in prepared.facts.failed:
+            out.print(f"[yellow]Worker {worker.worker} is not Ready:[/] {escape(worker.error or '')}")
+        for name, reason in sorted(prepared.live.unreachable.items()):
+            out.print(f"[yellow]Containers on {name} could not be listed:[/] {escape(reason)}")
+        render_plan(out, prepared.plan, header=f"Plan for {_describe(source)}")
+        for orphan in prepared.live.orphans:
+            out.print(f"  [red]- orphan[/]   {escape(orphan.name)} on {orphan.worker}  [dim]{orphan.reason}[/]")
+        if show_commands:
+            _print_commands(prepared.plan, source)
+        if yes:
+            return True
+        if not sys.stdin.isatty():
+            answer = sys.stdin.readline().strip().lower()
+            return answer in ("y", "yes")
+        return typer.confirm("Apply these changes?", default=False)
+
+    def progress(action: Action, status: str) -> None:
+        out.print(f"[dim]{datetime.now():%H:%M:%S}[/] {escape(action.replica_name)}: {escape(status)}")
+
+    started = time.monotonic()
+    try:
+        database = open_database(settings)
+        try:
+            prepared, report = apply_source(source, database, ssh_key=key, known_hosts=trusted, confirm=confirm,
+                                            progress=progress, parallel=parallel)
+        finally:
+            database.close()
+    except (DatabaseError, FactsError, NodeSetupError) as exc:
+        _fail(str(exc))
+    if report is None:
+        if prepared.plan.has_changes or prepared.live.orphans:
+            _fail("Apply cancelled; nothing was changed.")
+        render_plan(out, prepared.plan, header=f"Plan for {_describe(source)}")
+        raise typer.Exit(0)
+    counts = {kind: sum(1 for r in report.results if r.ok and r.action.kind is kind) for kind in ActionKind}
+    out.print(f"\n[bold]Apply {'complete' if report.ok else 'finished with failures'}:[/] "
+              f"{counts[ActionKind.CREATE]} created, {counts[ActionKind.RECREATE]} recreated, "
+              f"{counts[ActionKind.UPDATE]} updated in place, {counts[ActionKind.DELETE]} deleted, "
+              f"{report.orphans_removed} orphans removed, {len(report.failed)} failed "
+              f"({time.monotonic() - started:.1f} s, sync run {report.sync_run}).")
+    for result in report.failed:
+        err.print(f"[red]failed:[/] {escape(result.action.replica_name)}: {escape(result.message)}")
+    for error in report.errors:
+        err.print(f"[red]failed:[/] {escape(error)}")
+    raise typer.Exit(0 if report.ok else 1)
 
 
 @app.command()

@@ -70,3 +70,45 @@ def _where(action: Action) -> str:
 def _short(value: Any, limit: int = 80) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --- `lmstack plan --show-commands` ------------------------------------------------------------------
+# Imported here, beside the one function that uses them.
+from collections.abc import Callable  # noqa: E402
+
+from lmstack.backends import ReplicaContext, backend_for, effective_spec, spec_hash  # noqa: E402
+from lmstack.manifests.loader import DesiredState  # noqa: E402
+from lmstack.manifests.schema import WorkerSpec  # noqa: E402
+
+
+def render_commands(plan: Plan, desired: DesiredState, *,
+                    model_cache: Callable[[str], str] | None = None) -> list[tuple[str, str]]:
+    """(replica name, the equivalent `docker run` line) for each replica the plan creates or recreates.
+
+    `model_cache(worker)` gives the worker's model cache path; by default its Worker manifest's
+    `modelCache`. The port shown is the backend's default: at apply time the executor picks a free
+    port on the worker (the default when it is free). Environment values are never shown, nor resolved:
+    the line names the variables only (their values may be secrets).
+    """
+    lines: list[tuple[str, str]] = []
+    for action in plan.actions:
+        if action.kind not in (ActionKind.CREATE, ActionKind.RECREATE) or action.placement is None:
+            continue
+        deployment = desired.deployments[action.deployment]
+        spec = effective_spec(deployment.name, deployment.spec)
+        backend = backend_for(spec["backend"])
+        worker = action.placement.worker
+        if model_cache is not None:
+            cache = model_cache(worker)
+        else:
+            declared = desired.workers.get(worker)
+            cache = declared.spec.model_cache if declared else WorkerSpec.model_fields["model_cache"].default
+        replica = ReplicaContext(
+            deployment=deployment.name, ordinal=action.replica, served_name=deployment.served_name,
+            gpus=action.placement.gpus, port=backend.default_port, model_cache=str(cache), revision=None,
+            spec_hash=action.spec_hash or spec_hash(spec),
+        )
+        placeholders = dict.fromkeys(deployment.spec.env, "")  # names only: nothing is resolved
+        container = backend.container(spec, replica, placeholders)
+        lines.append((action.replica_name, container.docker_run()))
+    return lines

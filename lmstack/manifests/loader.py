@@ -324,9 +324,10 @@ def _check_references(
                   f"at {origins[('Deployment', first)]}")
         else:
             served[served_name] = name
-        if spec.backend in GPU_REQUIRED_BACKENDS and spec.resources.gpus < 1:
+        if spec.backend in GPU_REQUIRED_BACKENDS and spec.resources.gpus == 0 and spec.image is None:
             error(document, ("spec", "resources", "gpus"),
-                  f"backend {spec.backend} needs at least 1 GPU per replica")
+                  f"backend {spec.backend}'s default image needs GPUs; set spec.image to a CPU build to run "
+                  "with gpus: 0")
         for index, worker_name in enumerate(spec.placement.workers):
             if worker_name not in workers:
                 close = closest(worker_name, workers)

@@ -30,7 +30,8 @@ from lmstack.manifests.quantity import exact_quantity, format_duration, parse_du
 API_VERSION = "lmstack.dev/v1"
 BackendName = Literal["vllm", "sglang", "ollama"]
 BACKEND_NAMES: tuple[str, ...] = ("vllm", "sglang", "ollama")
-# Backends that cannot run on CPU; validation rejects `resources.gpus: 0` for them.
+# Backends whose default (pinned) image is a GPU build. Every backend may run with `resources.gpus: 0`,
+# but these only with `spec.image` set (their engines have CPU builds; their default images are not).
 GPU_REQUIRED_BACKENDS = frozenset({"vllm", "sglang"})
 
 _NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"

@@ -41,6 +41,8 @@ class ReplicaObservation:
     gpus: tuple[int, ...]
     spec: Mapping[str, Any]  # the effective spec the replica was created with
     status: str = "ready"
+    container_id: str | None = None
+    spec_hash: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

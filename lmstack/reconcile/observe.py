@@ -21,6 +21,8 @@ def load_observed(session: Session) -> Observed:
             gpus=tuple(row.gpu_indices or ()),
             spec=row.spec,
             status=row.status,
+            container_id=row.container_id,
+            spec_hash=row.spec_hash,
         )
         for row in session.scalars(select(Replica).order_by(Replica.deployment_name, Replica.ordinal))
     )

@@ -1,0 +1,293 @@
+"""Carrying out a plan's actions on the workers: containers over Docker/SSH, readiness over HTTP.
+
+Each action records what happened as it happens (replica rows, events), so a crash or a killed process
+leaves the database describing what exists; the next pass converges from there.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmstack.backends import backend_for
+from lmstack.backends.base import ReplicaContext
+from lmstack.backends.container import LABEL_DEPLOYMENT, LABEL_REPLICA
+from lmstack.manifests.quantity import parse_duration
+from lmstack.nodes.docker import DockerPool, ManagedContainer, NodeError
+from lmstack.nodes.http import request
+from lmstack.reconcile.model import Action, ActionKind, Placement
+from lmstack.reconcile.records import add_event, delete_replica, set_replica_status, upsert_replica
+from lmstack.reconcile.secrets import SecretError, resolve_env
+from lmstack.state import Database
+
+Progress = Callable[[Action, str], None]
+
+
+@dataclass(frozen=True)
+class WorkerTarget:
+    """How to reach a worker: its address for HTTP (engine endpoints) and its model cache."""
+
+    name: str
+    address: str
+    model_cache: str
+
+
+@dataclass(frozen=True)
+class ActionResult:
+    action: Action
+    ok: bool
+    message: str
+    endpoint: str | None = None
+    elapsed_s: float = 0.0
+
+
+@dataclass
+class Executor:
+    pool: DockerPool
+    database: Database
+    targets: Mapping[str, WorkerTarget]
+    specs: Mapping[str, Mapping[str, Any]]  # deployment -> effective spec (desired)
+    revision: str | None
+    sync_run: int | None
+    environ: Mapping[str, str]
+    base_dir: Path | None = None
+    containers: Mapping[tuple[str, int], ManagedContainer] = field(default_factory=dict)
+    progress: Progress = lambda action, status: None
+    poll_s: float = 1.0
+    _ports: dict[str, set[int]] = field(default_factory=dict)
+    _port_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    # -- actions ---------------------------------------------------------------------------------
+
+    def run(self, action: Action) -> ActionResult:
+        started = time.monotonic()
+        try:
+            if action.kind is ActionKind.DELETE:
+                message, endpoint = self._delete(action), None
+            elif action.kind is ActionKind.UPDATE:
+                message, endpoint = self._update(action)
+            else:
+                message, endpoint = self._create(action)
+        except (NodeError, SecretError, _ReplicaFailed) as exc:
+            self._failed(action, str(exc))
+            self.progress(action, f"failed: {exc}")
+            return ActionResult(action, False, str(exc), None, time.monotonic() - started)
+        self.progress(action, message)
+        return ActionResult(action, True, message, endpoint, time.monotonic() - started)
+
+    def remove_orphan(self, worker: str, container_id: str, name: str) -> str | None:
+        """Remove a labelled container no replica owns; returns the error, if any."""
+        try:
+            self.pool.remove(worker, container_id)
+        except NodeError as exc:
+            return str(exc)
+        self._event("Normal", "Worker", worker, "OrphanRemoved", f"removed container {name} that no replica owns")
+        return None
+
+    def _delete(self, action: Action) -> str:
+        previous = action.previous
+        assert previous is not None
+        self.progress(action, "removing container")
+        with self.database.session() as session:
+            set_replica_status(session, action.deployment, action.replica, "deleting", action.reason)
+        current = self.containers.get((action.deployment, action.replica))
+        if current is not None:
+            self.pool.remove(previous.worker, current.id)
+        self._remove_by_name(previous.worker, action)
+        with self.database.session() as session:
+            delete_replica(session, action.deployment, action.replica, previous.worker)
+        self._event("Normal", "Deployment", action.deployment, "ReplicaDeleted",
+                    f"replica {action.replica} removed from {previous.worker}: {action.reason}")
+        return "deleted"
+
+    def _update(self, action: Action) -> tuple[str, str | None]:
+        placement = action.placement
+        assert placement is not None
+        spec = self.specs[action.deployment]
+        backend = backend_for(spec["backend"])
+        container = self.containers.get((action.deployment, action.replica))
+        port = _port_of(container) or backend.default_port
+        endpoint = f"http://{self.targets[placement.worker].address}:{port}"
+        self._after_start(action, spec, endpoint)
+        self._wait_ready(action, spec, placement.worker, container.id if container else None, endpoint)
+        with self.database.session() as session:
+            upsert_replica(session, deployment=action.deployment, ordinal=action.replica, worker=placement.worker,
+                           gpus=placement.gpus, container_id=container.id if container else None,
+                           endpoint=endpoint, spec=spec, spec_hash=action.spec_hash or "", revision=self.revision,
+                           status="ready", message=action.reason)
+        self._event("Normal", "Deployment", action.deployment, "ReplicaUpdated",
+                    f"replica {action.replica} on {placement.worker} updated in place: {action.reason}")
+        return "updated in place", endpoint
+
+    def _create(self, action: Action) -> tuple[str, str | None]:
+        placement, previous = action.placement, action.previous
+        assert placement is not None
+        spec = self.specs[action.deployment]
+        backend = backend_for(spec["backend"])
+        target = self.targets.get(placement.worker)
+        if target is None:
+            raise _ReplicaFailed(f"{placement.worker}: no connection details (not in the inventory)")
+        env = resolve_env(action.deployment, spec.get("env", {}), environ=self.environ, base_dir=self.base_dir)
+        moving = previous is not None and previous.worker != placement.worker
+        old = self.containers.get((action.deployment, action.replica))
+        keep_port = _port_of(old) if old is not None and not moving else None
+        if previous is not None and not moving:
+            # Recreate in place: the GPUs are the old container's, so it has to go first.
+            self.progress(action, "stopping the old container")
+            if old is not None:
+                self.pool.remove(previous.worker, old.id)
+            self._remove_by_name(previous.worker, action)
+        port = self._claim_port(placement.worker, backend.default_port, keep_port)
+        context = ReplicaContext(
+            deployment=action.deployment, ordinal=action.replica, served_name=str(spec["servedName"]),
+            gpus=placement.gpus, port=port, model_cache=target.model_cache, revision=self.revision,
+            spec_hash=action.spec_hash or "",
+        )
+        container_spec = backend.container(spec, context, env)
+        endpoint = f"http://{target.address}:{port}"
+        self.progress(action, f"creating container on {placement.worker}")
+        try:
+            created = self.pool.create(placement.worker, container_spec)
+        except NodeError:
+            self._release_port(placement.worker, port)
+            raise
+        # Recorded at once: from here on the container exists, and a crash must not lose it.
+        with self.database.session() as session:
+            upsert_replica(session, deployment=action.deployment, ordinal=action.replica, worker=placement.worker,
+                           gpus=placement.gpus, container_id=created.id, endpoint=endpoint, spec=spec,
+                           spec_hash=action.spec_hash or "", revision=self.revision, status="starting",
+                           message=action.reason)
+        self._after_start(action, spec, endpoint)
+        self._wait_ready(action, spec, placement.worker, created.id, endpoint)
+        with self.database.session() as session:
+            set_replica_status(session, action.deployment, action.replica, "ready", action.reason)
+        if moving and previous is not None:
+            self.progress(action, f"removing the old container on {previous.worker}")
+            try:
+                if old is not None:
+                    self.pool.remove(previous.worker, old.id)
+                self._remove_by_name(previous.worker, action)
+            except NodeError as exc:
+                # The new replica serves; the old container is an orphan the next pass removes.
+                self._event("Warning", "Deployment", action.deployment, "OldReplicaNotRemoved",
+                            f"replica {action.replica}: could not remove the old container on "
+                            f"{previous.worker}: {exc}")
+        verb = "created" if action.kind is ActionKind.CREATE else "recreated"
+        self._event("Normal", "Deployment", action.deployment, "ReplicaReady",
+                    f"replica {action.replica} {verb} on {placement} and ready at {endpoint}: {action.reason}")
+        return f"ready at {endpoint}", endpoint
+
+    # -- readiness ---------------------------------------------------------------------------------
+
+    def _after_start(self, action: Action, spec: Mapping[str, Any], endpoint: str) -> None:
+        calls = backend_for(spec["backend"]).after_start(spec)
+        if not calls:
+            return
+        deadline = time.monotonic() + _startup_timeout(spec)
+        while request(endpoint + "/", timeout_s=2).status is None:
+            if time.monotonic() > deadline:
+                raise _ReplicaFailed(f"{endpoint} never answered within {_startup_timeout(spec)} s")
+            time.sleep(self.poll_s)
+        for call in calls:
+            self.progress(action, f"{call.method} {call.path}")
+            answer = request(endpoint + call.path, method=call.method, body=call.json, timeout_s=call.timeout_s)
+            if answer.status is None or answer.status >= 400:
+                raise _ReplicaFailed(f"{call.method} {call.path} on {endpoint} failed: "
+                                     f"{answer.error or answer.status}")
+
+    def _wait_ready(self, action: Action, spec: Mapping[str, Any], worker: str, container_id: str | None,
+                    endpoint: str) -> None:
+        backend = backend_for(spec["backend"])
+        timeout = _startup_timeout(spec)
+        deadline = time.monotonic() + timeout
+        served = backend.upstream_model(spec)
+        checks = 0
+        while True:
+            answer = request(endpoint + backend.ready_path, timeout_s=3)
+            if backend.is_ready(answer.status, answer.payload, served):
+                return
+            checks += 1
+            if container_id is not None and checks % 3 == 0:
+                state = self.pool.inspect(worker, container_id)
+                if state is None or state.state not in ("running", "created", "restarting"):
+                    logs = self._tail(worker, container_id)
+                    what = "is gone" if state is None else f"exited ({state.status})"
+                    raise _ReplicaFailed(f"container on {worker} {what} before it was ready{logs}")
+            if time.monotonic() > deadline:
+                raise _ReplicaFailed(f"not ready after {timeout} s (health.startupTimeout): {endpoint}"
+                                     f"{backend.ready_path} answered {answer.status or answer.error}")
+            self.progress(action, f"waiting for {served} at {endpoint}")
+            time.sleep(self.poll_s)
+
+    def _tail(self, worker: str, container_id: str) -> str:
+        try:
+            lines = b"".join(self.pool.logs(worker, container_id, follow=False, tail=5)).decode(errors="replace")
+        except NodeError:
+            return ""
+        return "; last log lines: " + " | ".join(line.strip() for line in lines.splitlines()[-5:]) if lines else ""
+
+    # -- helpers -----------------------------------------------------------------------------------
+
+    def _remove_by_name(self, worker: str, action: Action) -> None:
+        """Remove any container of this replica on the worker (by labels), e.g. one left by a crash."""
+        for container in self.pool.list_managed(worker):
+            if (container.labels.get(LABEL_DEPLOYMENT) == action.deployment
+                    and container.labels.get(LABEL_REPLICA) == str(action.replica)):
+                self.pool.remove(worker, container.id)
+
+    def _claim_port(self, worker: str, base: int, keep: int | None) -> int:
+        with self._port_lock:
+            used = self._ports.get(worker)
+            if used is None:
+                used = self.pool.used_ports(worker)
+                self._ports[worker] = used
+            if keep is not None:
+                used.add(keep)
+                return keep
+            port = base
+            while port in used:
+                port += 1
+            used.add(port)
+            return port
+
+    def _release_port(self, worker: str, port: int) -> None:
+        with self._port_lock:
+            self._ports.get(worker, set()).discard(port)
+
+    def _failed(self, action: Action, message: str) -> None:
+        with self.database.session() as session:
+            if action.kind is not ActionKind.DELETE and action.previous is None and action.placement is not None:
+                spec = self.specs.get(action.deployment, {})
+                upsert_replica(session, deployment=action.deployment, ordinal=action.replica,
+                               worker=action.placement.worker, gpus=action.placement.gpus, container_id=None,
+                               endpoint=None, spec=spec, spec_hash=action.spec_hash or "",
+                               revision=self.revision, status="failed", message=message)
+            else:
+                set_replica_status(session, action.deployment, action.replica, "failed", message)
+            add_event(session, type="Warning", kind="Deployment", name=action.deployment,
+                      reason=f"{action.kind.value.capitalize()}Failed",
+                      message=f"replica {action.replica}: {message}", sync_run=self.sync_run)
+
+    def _event(self, type_: str, kind: str, name: str, reason: str, message: str) -> None:
+        with self.database.session() as session:
+            add_event(session, type="Warning" if type_ == "Warning" else "Normal", kind=kind, name=name,
+                      reason=reason, message=message, sync_run=self.sync_run)
+
+
+class _ReplicaFailed(Exception):
+    pass
+
+
+def _port_of(container: ManagedContainer | None) -> int | None:
+    return None if container is None else container.port
+
+
+def _startup_timeout(spec: Mapping[str, Any]) -> int:
+    return parse_duration(spec.get("health", {}).get("startupTimeout", "20m"))
+
+
+__all__ = ["ActionResult", "Executor", "Placement", "WorkerTarget"]

@@ -1,0 +1,409 @@
+#!/usr/bin/python
+"""lmstack_prepare: make a worker ready for lmstack's replicas, on the worker itself.
+
+In order: Docker present and answering (installed from apt and started only with `install`); the NVIDIA
+container toolkit present and registered with Docker (a problem only when the worker will get GPU
+replicas); the model cache directory (made 0755 when missing); images (each inspected first, pulled only
+when missing). Every step says what it found and what it changed; a second run changes nothing.
+
+The module always exits normally with its findings as data (`prepare.ok`, `prepare.problems`): the
+playbook turns a not-ready worker into a failed task, so lmstack gets the per-step results as well.
+Each step runs commands through a `run` function and decides from their output with small functions, so
+it is tested without Ansible (tests/test_prepare.py). Runs on the worker's Python (3.8+): standard
+library only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ansible.module_utils.basic import AnsibleModule
+
+if TYPE_CHECKING:  # annotations only: the worker's Python may be 3.8
+    from collections.abc import Callable, Mapping
+
+    # run(argv, timeout_s, extra_env) -> (exit status, stdout, stderr); status 124 when it timed out.
+    Runner = Callable[[list[str], float, Mapping[str, str] | None], tuple[int, str, str]]
+    Which = Callable[[str], str | None]
+
+DOCUMENTATION = r"""
+module: lmstack_prepare
+short_description: Docker, the NVIDIA container toolkit, the model cache directory and images for lmstack
+options:
+  model_cache:
+    description: The model cache directory; created with mode 0755 (and missing parents) when absent.
+    type: str
+    default: /var/lib/lmstack/models
+  images:
+    description: Images the worker's replicas will need; each is inspected, and pulled only when missing.
+    type: list
+    elements: str
+    default: []
+  needs_gpu_runtime:
+    description: Whether the worker gets GPU replicas; only then is a missing NVIDIA runtime a problem.
+    type: bool
+    default: false
+  install:
+    description: Install what is missing (docker.io, nvidia-container-toolkit from apt), start Docker, and
+      register the nvidia runtime with Docker (which restarts Docker). Off, everything is only checked.
+    type: bool
+    default: false
+  pull_timeout:
+    description: Seconds one image pull may take.
+    type: int
+    default: 1800
+  docker_start_timeout:
+    description: Seconds to wait for Docker to answer after starting it.
+    type: int
+    default: 60
+"""
+
+RETURN = r"""
+prepare:
+  description: ok, problems (one sentence each), changes (what was done), docker (ok, version, error,
+    installed, started), nvidia (required, ok, toolkit, runtime, runtimes, error, installed, configured),
+    model_cache (path, ok, created, error), images (image, status present|pulled|failed|skipped, error).
+  type: dict
+  returned: always
+"""
+
+TIMED_OUT = 124
+APT_ENV = {"DEBIAN_FRONTEND": "noninteractive", "NEEDRESTART_MODE": "a"}
+DOCKER_PACKAGE = "docker.io"
+TOOLKIT_PACKAGE = "nvidia-container-toolkit"
+TOOLKIT_REPO = "https://nvidia.github.io/libnvidia-container/"
+TOOLKIT_BINARIES = ("nvidia-ctk", "nvidia-container-runtime")
+QUERY_TIMEOUT = 60.0
+
+
+# --- pure: reading output ----------------------------------------------------------------------------
+
+
+def first_line(*texts: str) -> str:
+    for text in texts:
+        for line in text.splitlines():
+            if line.strip():
+                return line.strip()
+    return ""
+
+
+def apt_error(out: str, err: str) -> str:
+    """apt's own reason (`E: Unable to locate package x`), not its progress lines."""
+    for text in (err, out):
+        errors = [line.strip() for line in text.splitlines() if line.strip().startswith("E:")]
+        if errors:
+            return errors[0]
+    return first_line(err, out)
+
+
+def parse_docker_runtimes(text: str) -> list[str]:
+    """`docker info --format '{{json .Runtimes}}'`: the runtime names (`runc`, `nvidia`, ...)."""
+    try:
+        runtimes = json.loads(text or "null")
+    except ValueError:
+        return []
+    return sorted(runtimes) if isinstance(runtimes, dict) else []
+
+
+def unique(items: list[str]) -> list[str]:
+    seen: set[str] = set()
+    kept = []
+    for item in items:
+        item = item.strip()
+        if item and item not in seen:
+            seen.add(item)
+            kept.append(item)
+    return kept
+
+
+# --- steps -------------------------------------------------------------------------------------------
+
+
+class Step:
+    """What the steps share: how to run things, and the changes made so far."""
+
+    def __init__(self, which: Which, run: Runner, *, install: bool, is_root: bool, has_systemd: bool,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.which = which
+        self.run = run
+        self.install = install
+        self.is_root = is_root
+        self.has_systemd = has_systemd
+        self.sleep = sleep
+        self.changes: list[str] = []
+
+    def apt_install(self, package: str) -> str | None:
+        """Install `package` with apt-get; None when done, else why not."""
+        apt = self.which("apt-get")
+        if apt is None:
+            return f"cannot install {package}: no apt-get on this host (install it by hand)"
+        if not self.is_root:
+            return f"cannot install {package}: installing needs root (set ansible_become for this host)"
+        # A failed update leaves the old package lists, which may still do: the install says.
+        self.run([apt, "update", "-q"], 600, APT_ENV)
+        rc, out, err = self.run([apt, "install", "-y", "-q", "--no-install-recommends", package], 1200, APT_ENV)
+        if rc != 0:
+            return f"cannot install {package}: {apt_error(out, err) or f'apt-get exited with status {rc}'}"
+        self.changes.append(f"installed {package}")
+        return None
+
+    def start_docker(self, verb: str = "start") -> str | None:
+        """Start (or restart) the docker service; None when done, else why not."""
+        if self.has_systemd and self.which("systemctl"):
+            argv = [str(self.which("systemctl")), verb, "docker"]
+        elif self.which("service"):
+            argv = [str(self.which("service")), "docker", verb]
+        else:
+            return f"cannot {verb} Docker: neither systemctl (with systemd running) nor service is available"
+        rc, out, err = self.run(argv, 120, None)
+        if rc != 0:
+            return f"cannot {verb} Docker: {first_line(err, out) or f'exit status {rc}'}"
+        self.changes.append("started Docker" if verb == "start" else "restarted Docker")
+        return None
+
+    def docker_version(self, docker: str) -> tuple[str | None, str | None]:
+        rc, out, err = self.run([docker, "version", "--format", "{{.Server.Version}}"], QUERY_TIMEOUT, None)
+        version = out.strip()
+        if rc == 0 and version:
+            return version, None
+        return None, first_line(err, out) or f"docker version: exit status {rc}"
+
+    def wait_for_docker(self, docker: str, timeout_s: float) -> tuple[str | None, str | None]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            version, error = self.docker_version(docker)
+            if version is not None or time.monotonic() >= deadline:
+                return version, error
+            self.sleep(0.5)
+
+    def runtimes(self, docker: str) -> list[str]:
+        rc, out, _ = self.run([docker, "info", "--format", "{{json .Runtimes}}"], QUERY_TIMEOUT, None)
+        return parse_docker_runtimes(out) if rc == 0 else []
+
+
+def ensure_docker(step: Step, start_timeout_s: float) -> dict[str, Any]:
+    """Docker present and answering. With install: apt-get install docker.io when missing, start it."""
+    state: dict[str, Any] = {"ok": False, "version": None, "error": None, "installed": False, "started": False,
+                             "binary": None}
+    docker = step.which("docker")
+    if docker is None:
+        if not step.install:
+            state["error"] = "Docker is not installed (no docker on PATH)"
+            return state
+        failure = step.apt_install(DOCKER_PACKAGE)
+        if failure is not None:
+            state["error"] = failure
+            return state
+        state["installed"] = True
+        docker = step.which("docker")
+        if docker is None:
+            state["error"] = f"{DOCKER_PACKAGE} was installed but there is still no docker on PATH"
+            return state
+    state["binary"] = docker
+    version, error = step.docker_version(docker)
+    if version is None and step.install:
+        if state["installed"]:  # the package's scripts usually start it: give that a moment first
+            version, error = step.wait_for_docker(docker, min(10.0, start_timeout_s))
+        if version is None:
+            failure = step.start_docker()
+            if failure is not None:
+                state["error"] = f"Docker does not answer ({error}); {failure}"
+                return state
+            state["started"] = True
+            version, error = step.wait_for_docker(docker, start_timeout_s)
+    if version is None:
+        state["error"] = f"Docker does not answer: {error}"
+        return state
+    state.update(ok=True, version=version)
+    return state
+
+
+def ensure_nvidia(step: Step, docker: dict[str, Any], required: bool, start_timeout_s: float) -> dict[str, Any]:
+    """The NVIDIA container toolkit on PATH and the `nvidia` runtime in `docker info`.
+
+    Checked always, a problem (`error`) only when `required`. With install and required: apt-get install
+    nvidia-container-toolkit when missing (NVIDIA's apt repository must be configured), then
+    `nvidia-ctk runtime configure --runtime=docker` and a Docker restart when the runtime is not registered.
+    """
+    binary = docker.get("binary")
+
+    def toolkit() -> str | None:
+        for name in TOOLKIT_BINARIES:
+            path = step.which(name)
+            if path is not None:
+                return path
+        return None
+
+    found = toolkit()
+    runtimes = step.runtimes(binary) if docker["ok"] and binary else []
+    state: dict[str, Any] = {"required": required, "ok": False, "toolkit": found, "runtime": "nvidia" in runtimes,
+                             "runtimes": runtimes, "error": None, "installed": False, "configured": False}
+    if required and step.install and docker["ok"] and binary:
+        if found is None:
+            failure = step.apt_install(TOOLKIT_PACKAGE)
+            if failure is not None:
+                state["error"] = (f"{failure}; NVIDIA's apt repository must be configured first "
+                                  f"(see {TOOLKIT_REPO})")
+                return state
+            state["installed"] = True
+            found = state["toolkit"] = toolkit()
+        ctk = step.which("nvidia-ctk")
+        if found is not None and not state["runtime"] and ctk is not None:
+            rc, out, err = step.run([ctk, "runtime", "configure", "--runtime=docker"], 120, None)
+            if rc != 0:
+                state["error"] = f"nvidia-ctk runtime configure failed: {first_line(err, out) or f'status {rc}'}"
+                return state
+            step.changes.append("registered the nvidia runtime with Docker")
+            state["configured"] = True
+            failure = step.start_docker("restart")
+            if failure is not None:
+                state["error"] = failure
+                return state
+            version, error = step.wait_for_docker(binary, start_timeout_s)
+            if version is None:
+                state["error"] = f"Docker does not answer after its restart: {error}"
+                return state
+            state["runtimes"] = step.runtimes(binary)
+            state["runtime"] = "nvidia" in state["runtimes"]
+    state["ok"] = bool(state["toolkit"]) and state["runtime"]
+    if required and not state["ok"] and state["error"] is None:
+        state["error"] = nvidia_problem(state, docker)
+    return state
+
+
+def nvidia_problem(state: Mapping[str, Any], docker: Mapping[str, Any]) -> str:
+    if not state["toolkit"]:
+        return ("the NVIDIA container toolkit is missing (neither nvidia-ctk nor nvidia-container-runtime on "
+                f"PATH): GPU replicas cannot start; install {TOOLKIT_PACKAGE} (see {TOOLKIT_REPO})")
+    if not docker["ok"]:
+        return "the nvidia runtime cannot be checked: Docker does not answer"
+    listed = ", ".join(state["runtimes"]) or "none"
+    return (f"the nvidia runtime is not registered with Docker (docker info lists: {listed}): GPU replicas "
+            "cannot start; run `nvidia-ctk runtime configure --runtime=docker` and restart Docker")
+
+
+def ensure_model_cache(step: Step, path: str) -> dict[str, Any]:
+    """The model cache directory: made (with missing parents) mode 0755 when absent, else left as it is."""
+    state: dict[str, Any] = {"path": path, "ok": False, "created": False, "error": None}
+    target = Path(path)
+    if not target.is_absolute():
+        state["error"] = f"the model cache {path!r} is not an absolute path"
+        return state
+    if target.is_dir():
+        state["ok"] = True
+        return state
+    if target.exists() or target.is_symlink():
+        state["error"] = f"the model cache {path} exists but is not a directory"
+        return state
+    missing = []
+    current = target
+    while not current.exists() and not current.is_symlink() and current != current.parent:
+        missing.append(current)
+        current = current.parent
+    try:
+        for directory in reversed(missing):
+            directory.mkdir(mode=0o755)
+            directory.chmod(0o755)  # mkdir's mode is narrowed by the umask
+    except OSError as exc:
+        state["error"] = f"cannot create the model cache {path}: {exc.strerror or exc}"
+        return state
+    step.changes.append(f"created {path}")
+    state.update(ok=True, created=True)
+    return state
+
+
+def ensure_images(step: Step, docker: Mapping[str, Any], images: list[str], pull_timeout_s: float
+                  ) -> list[dict[str, Any]]:
+    """Each image present: `docker image inspect` first, `docker pull` only when it is missing."""
+    results = []
+    binary = docker.get("binary")
+    for image in unique(images):
+        if not docker["ok"] or not binary:
+            results.append({"image": image, "status": "skipped", "error": "Docker does not answer"})
+            continue
+        rc, _, _ = step.run([binary, "image", "inspect", "--format", "{{.Id}}", "--", image], QUERY_TIMEOUT, None)
+        if rc == 0:
+            results.append({"image": image, "status": "present", "error": None})
+            continue
+        started = time.monotonic()
+        rc, out, err = step.run([binary, "pull", "--quiet", "--", image], pull_timeout_s, None)
+        if rc == TIMED_OUT:
+            reason = f"gave up after {int(pull_timeout_s)} s"
+        elif rc != 0:
+            reason = first_line(err, out) or f"docker pull exited with status {rc}"
+        else:
+            step.changes.append(f"pulled {image}")
+            results.append({"image": image, "status": "pulled", "error": None,
+                            "seconds": round(time.monotonic() - started, 1)})
+            continue
+        results.append({"image": image, "status": "failed", "error": f"pull failed: {reason}"})
+    return results
+
+
+def prepare(params: Mapping[str, Any], step: Step) -> dict[str, Any]:
+    docker = ensure_docker(step, float(params["docker_start_timeout"]))
+    nvidia = ensure_nvidia(step, docker, bool(params["needs_gpu_runtime"]), float(params["docker_start_timeout"]))
+    cache = ensure_model_cache(step, params["model_cache"])
+    images = ensure_images(step, docker, list(params["images"] or []), float(params["pull_timeout"]))
+    problems = []
+    if docker["error"]:
+        problems.append(docker["error"])
+    if nvidia["required"] and nvidia["error"]:
+        problems.append(nvidia["error"])
+    if cache["error"]:
+        problems.append(cache["error"])
+    problems += [f"image {item['image']}: {item['error']}" for item in images if item["status"] == "failed"]
+    skipped = [item["image"] for item in images if item["status"] == "skipped"]
+    if skipped:
+        problems.append(f"images not checked (Docker does not answer): {', '.join(skipped)}")
+    docker.pop("binary", None)
+    return {"ok": not problems, "problems": problems, "changes": list(step.changes), "docker": docker,
+            "nvidia": nvidia, "model_cache": cache, "images": images}
+
+
+# --- running things ----------------------------------------------------------------------------------
+
+
+def run_command(argv: list[str], timeout_s: float, extra_env: Mapping[str, str] | None) -> tuple[int, str, str]:
+    env = dict(os.environ, LC_ALL="C")
+    env.update(extra_env or {})
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, errors="replace", timeout=timeout_s,
+                              env=env, stdin=subprocess.DEVNULL, check=False)
+    except subprocess.TimeoutExpired:
+        return TIMED_OUT, "", f"{argv[0]} did not finish within {int(timeout_s)} s"
+    except OSError as exc:
+        return 127, "", f"{argv[0]}: {exc.strerror or exc}"
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def main() -> None:
+    module = AnsibleModule(
+        argument_spec={
+            "model_cache": {"type": "str", "default": "/var/lib/lmstack/models"},
+            "images": {"type": "list", "elements": "str", "default": []},
+            "needs_gpu_runtime": {"type": "bool", "default": False},
+            "install": {"type": "bool", "default": False},
+            "pull_timeout": {"type": "int", "default": 1800},
+            "docker_start_timeout": {"type": "int", "default": 60},
+        },
+        supports_check_mode=False,
+    )
+
+    def which(name: str) -> str | None:
+        return module.get_bin_path(name)
+
+    step = Step(which, run_command, install=module.params["install"], is_root=os.geteuid() == 0,
+                has_systemd=Path("/run/systemd/system").is_dir())
+    result = prepare(module.params, step)
+    summary = "; ".join(result["problems"]) if result["problems"] else "ready"
+    module.exit_json(changed=bool(result["changes"]), prepare=result, msg=summary)
+
+
+if __name__ == "__main__":
+    main()
