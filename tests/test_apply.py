@@ -102,7 +102,7 @@ def fleet(tmp_path: Path, clean_testbed: Any, standin_image: str, db: Database) 
 
 
 def _models(endpoint: str) -> list[str]:
-    with urllib.request.urlopen(endpoint + "/v1/models", timeout=5) as answer:  # noqa: S310 - test bed
+    with urllib.request.urlopen(endpoint + "/v1/models", timeout=5) as answer:
         return [model["id"] for model in json.load(answer)["data"]]
 
 
@@ -180,7 +180,7 @@ def test_a_host_lost_during_apply_fails_alone_and_the_next_apply_converges(fleet
         assert session.scalars(select(SyncRun)).one().status == "failed"
 
     fleet.bed.start_sshd("node2")
-    prepared, report = fleet.apply()
+    _, report = fleet.apply()
     assert report is not None and report.ok, [r.message for r in report.failed]
     containers = fleet.containers()
     owners = [f"{c['deployment']}/{c['replica']}" for cs in containers.values() for c in cs]

@@ -66,7 +66,7 @@ def test_vllm_one_gpu() -> None:
     replica = _replica(spec, gpus=(3,), port=8001)
     container = _container(spec, replica, {"HF_TOKEN": SECRET, "VLLM_LOGGING_LEVEL": "DEBUG"})
     assert container.docker_run() == (
-        "docker run -d --name lmstack-qwen-7b-0 --network host --restart unless-stopped --shm-size 16g "
+        "docker run -d --name lmstack-qwen-7b-0 --network host --restart unless-stopped --shm-size 16g --init "
         '--gpus "device=3" -v /var/lib/lmstack/models:/root/.cache/huggingface '
         "-e HF_HOME -e HF_TOKEN -e VLLM_LOGGING_LEVEL "
         f"--label lmstack.deployment=qwen-7b --label lmstack.port=8001 --label lmstack.replica=0 "
@@ -98,7 +98,7 @@ def test_vllm_two_gpus_is_tensor_parallel_and_args_come_last() -> None:
     replica = ReplicaContext(deployment="qwen-72b", ordinal=1, served_name="qwen", gpus=(2, 5), port=8000,
                              model_cache="/data/models", revision=None, spec_hash="abc123")
     assert _container(spec, replica).docker_run() == (
-        "docker run -d --name lmstack-qwen-72b-1 --network host --restart unless-stopped --shm-size 16g "
+        "docker run -d --name lmstack-qwen-72b-1 --network host --restart unless-stopped --shm-size 16g --init "
         '--gpus "device=2,5" -v /data/models:/root/.cache/huggingface -e HF_HOME '
         "--label lmstack.deployment=qwen-72b --label lmstack.port=8000 --label lmstack.replica=1 "
         "--label lmstack.served-name=qwen --label lmstack.spec-hash=abc123 "
@@ -117,7 +117,7 @@ def test_vllm_cpu_build_with_the_standin_image() -> None:
                  resources={"gpus": 0})
     container = _container(spec, _replica(spec, gpus=(), port=18000))
     assert container.docker_run() == (
-        "docker run -d --name lmstack-standin-0 --network host --restart unless-stopped --shm-size 16g "
+        "docker run -d --name lmstack-standin-0 --network host --restart unless-stopped --shm-size 16g --init "
         "-v /var/lib/lmstack/models:/root/.cache/huggingface -e HF_HOME -e NVIDIA_VISIBLE_DEVICES "
         "--label lmstack.deployment=standin --label lmstack.port=18000 --label lmstack.replica=0 "
         f"--label lmstack.revision={SHA} --label lmstack.served-name=standin "
@@ -144,7 +144,7 @@ def test_sglang_two_gpus() -> None:
                  env={"HF_TOKEN": {"fromFile": "/run/secrets/hf"}})
     replica = _replica(spec, gpus=(0, 1))
     assert _container(spec, replica, {"HF_TOKEN": SECRET}).docker_run() == (
-        "docker run -d --name lmstack-llama-0 --network host --restart unless-stopped --shm-size 16g "
+        "docker run -d --name lmstack-llama-0 --network host --restart unless-stopped --shm-size 16g --init "
         '--gpus "device=0,1" -v /var/lib/lmstack/models:/root/.cache/huggingface -e HF_HOME -e HF_TOKEN '
         "--label lmstack.deployment=llama --label lmstack.port=30000 --label lmstack.replica=0 "
         f"--label lmstack.revision={SHA} --label lmstack.served-name=llama "
@@ -175,7 +175,7 @@ def test_ollama_on_cpu() -> None:
     container = _container(spec, _replica(spec, gpus=(), port=11500),
                            {"OLLAMA_KEEP_ALIVE": "24h", "OLLAMA_HOST": "127.0.0.1:1"})
     assert container.docker_run() == (
-        "docker run -d --name lmstack-phi-0 --network host --restart unless-stopped --shm-size 1g "
+        "docker run -d --name lmstack-phi-0 --network host --restart unless-stopped --shm-size 1g --init "
         "-v /var/lib/lmstack/models:/root/.ollama -e NVIDIA_VISIBLE_DEVICES -e OLLAMA_HOST -e OLLAMA_KEEP_ALIVE "
         "--label lmstack.deployment=phi --label lmstack.port=11500 --label lmstack.replica=0 "
         f"--label lmstack.revision={SHA} --label lmstack.served-name=phi "
@@ -425,7 +425,7 @@ def test_render_commands() -> None:
     plan, desired = _plan()
     qwen_hash = spec_hash(effective_spec("qwen-7b", desired.deployments["qwen-7b"].spec))
     phi_hash = spec_hash(effective_spec("phi", desired.deployments["phi"].spec))
-    qwen = ("docker run -d --name lmstack-qwen-7b-{n} --network host --restart unless-stopped --shm-size 16g "
+    qwen = ("docker run -d --name lmstack-qwen-7b-{n} --network host --restart unless-stopped --shm-size 16g --init "
             '--gpus "device={gpus}" -v {cache}:/root/.cache/huggingface -e HF_HOME -e HF_TOKEN -e PLAIN '
             "--label lmstack.deployment=qwen-7b --label lmstack.port=8000 --label lmstack.replica={n} "
             f"--label lmstack.served-name=qwen-7b --label lmstack.spec-hash={qwen_hash} "
@@ -434,7 +434,7 @@ def test_render_commands() -> None:
     assert render_commands(plan, desired) == [
         ("qwen-7b/0", qwen.format(n=0, gpus="0,1", cache="/data/models")),  # the worker's modelCache
         ("qwen-7b/1", qwen.format(n=1, gpus="2,3", cache="/var/lib/lmstack/models")),  # the default
-        ("phi/1", "docker run -d --name lmstack-phi-1 --network host --restart unless-stopped --shm-size 1g "
+        ("phi/1", "docker run -d --name lmstack-phi-1 --network host --restart unless-stopped --shm-size 1g --init "
                   "-v /data/models:/root/.ollama -e NVIDIA_VISIBLE_DEVICES -e OLLAMA_HOST "
                   "--label lmstack.deployment=phi --label lmstack.port=11434 --label lmstack.replica=1 "
                   f"--label lmstack.served-name=phi --label lmstack.spec-hash={phi_hash} "

@@ -95,6 +95,9 @@ def run_foreign(bed, host, name: str, port: int) -> None:
 def test_create_serves_lists_and_removes_only_its_own(pool, clean_testbed, standin_image):
     bed, node1 = clean_testbed, clean_testbed.hosts[0]
     run_foreign(bed, node1, "someone-elses", 18101)
+    t0 = time.monotonic()
+    assert pool.list_managed("node1") == []  # the first call connects: SSH handshake, API version
+    bed.timings["executor_connect_and_list_s"] = time.monotonic() - t0
 
     t0 = time.monotonic()
     created = pool.create("node1", spec(standin_image, "lmstack-qwen-0", 18100))
@@ -360,12 +363,30 @@ def test_sshd_down_is_unreachable_and_the_pool_reconnects(pool, clean_testbed):
     assert pool.handshakes("node2") == 2
 
 
+def test_a_host_that_drops_off_the_network_is_unreachable(clean_testbed):
+    bed = clean_testbed
+    with DockerPool(targets(bed), known_hosts=bed.known_hosts, ssh_key=bed.ssh_key, timeout_s=3,
+                    connect_timeout_s=2, reconnect_after_s=0) as pool:
+        pool.list_managed("node3")
+        bed.disconnect("node3")  # no RST, no FIN: the SSH transport still looks active
+        t0 = time.monotonic()
+        with pytest.raises(NodeError) as err:
+            pool.list_managed("node3")
+        assert err.value.kind == "unreachable" and "stopped answering" in err.value.message
+        assert time.monotonic() - t0 < 8  # the call's timeout, then a short SSH probe
+        with pytest.raises(NodeError) as err:
+            pool.list_managed("node3")  # a new connection is tried, and times out
+        assert err.value.kind == "unreachable" and "timed out" in err.value.message
+        bed.reconnect("node3")
+        assert pool.list_managed("node3") == []
+
+
 def test_wrong_key_is_auth_failed(clean_testbed, tmp_path):
     other = tmp_path / "id_other"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
-    with DockerPool(targets(clean_testbed), known_hosts=clean_testbed.known_hosts, ssh_key=other) as pool:
-        with pytest.raises(NodeError) as err:
-            pool.list_managed("node3")
+    with (DockerPool(targets(clean_testbed), known_hosts=clean_testbed.known_hosts, ssh_key=other) as pool,
+          pytest.raises(NodeError) as err):
+        pool.list_managed("node3")
     assert err.value.kind == "auth_failed" and str(other) in err.value.message
 
 

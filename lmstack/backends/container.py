@@ -24,12 +24,15 @@ class ContainerSpec:
     command: tuple[str, ...]  # arguments after the image (the engine's command line)
     port: int
     gpus: tuple[int, ...]  # exact GPU indices (device requests); empty = no GPUs
-    env: Mapping[str, str] = field(default_factory=dict)  # secrets already resolved: never log these
+    env: Mapping[str, str] = field(default_factory=dict, repr=False)  # secrets, resolved: never log these
     labels: Mapping[str, str] = field(default_factory=dict)
     volumes: Mapping[str, str] = field(default_factory=dict)  # host path -> container path
     shm_size: str = "16g"
     restart_policy: str = "unless-stopped"
     entrypoint: tuple[str, ...] | None = None  # None: the image's own
+    # An init as PID 1 forwards SIGTERM: an engine as PID 1 ignores it until it installs a handler, so a
+    # stop during model loading would wait out the whole stop timeout.
+    init: bool = True
 
     def docker_run(self) -> str:
         """The equivalent `docker run` command line, for users (`lmstack plan --show-commands`).
@@ -38,6 +41,8 @@ class ContainerSpec:
         """
         parts = ["docker", "run", "-d", "--name", self.name, "--network", "host",
                  "--restart", self.restart_policy, "--shm-size", self.shm_size]
+        if self.init:
+            parts.append("--init")
         if self.gpus:
             parts += ["--gpus", f'"device={",".join(str(i) for i in self.gpus)}"']
         for host_path, container_path in sorted(self.volumes.items()):

@@ -76,6 +76,13 @@ class NodeError(Exception):
     def __repr__(self) -> str:
         return f"NodeError(kind={self.kind!r}, worker={self.worker!r}, message={self.message!r})"
 
+    def __reduce__(self) -> tuple[Any, ...]:  # keyword-only arguments: pickle needs help
+        return (_node_error, (self.kind, self.worker, self.message))
+
+
+def _node_error(kind: ErrorKind, worker: str, message: str) -> NodeError:
+    return NodeError(kind=kind, worker=worker, message=message)
+
 
 class DockerSetupError(Exception):
     """The pool cannot be made (a missing key or known_hosts file, a bad URL); nothing was contacted."""
@@ -87,8 +94,8 @@ class DockerTarget:
     url: str  # ssh://user@host:port, or unix:///path/docker.sock (this machine; tests)
 
     def __post_init__(self) -> None:
-        scheme = urllib.parse.urlparse(self.url).scheme
-        if scheme not in ("ssh", "unix"):
+        parsed = urllib.parse.urlparse(self.url)
+        if parsed.scheme not in ("ssh", "unix") or (parsed.scheme == "ssh" and not parsed.hostname):
             raise DockerSetupError(f"{self.worker}: Docker URL {self.url!r} must be ssh://user@host[:port] "
                                    "(or unix:///path for this machine)")
 
@@ -318,6 +325,7 @@ class DockerPool:
             network_mode="host",
             binds=_binds(spec.volumes),
             shm_size=spec.shm_size,
+            init=spec.init,
             restart_policy=_restart_policy(spec.restart_policy),
             device_requests=[docker.types.DeviceRequest(device_ids=[str(i) for i in spec.gpus],
                                                         capabilities=[["gpu"]])] if spec.gpus else None,
@@ -476,17 +484,22 @@ class DockerPool:
         if isinstance(exc, docker.errors.APIError):
             return NodeError(kind="api", worker=worker,
                              message=f"{worker}: Docker answered {exc.status_code} while {doing}: {text}")
-        if isinstance(exc, requests.Timeout):
-            return NodeError(kind="api", worker=worker, message=(
-                f"{worker}: Docker did not answer within {self._timeout_s:.0f}s while {doing}"))
         if isinstance(exc, requests.RequestException | OSError | paramiko.SSHException | EOFError):
-            if conn.ssh is not None and not conn.alive():
+            # Transport trouble: the SSH connection (host gone, network down) or Docker behind it (dockerd
+            # down, hanging). A dropped network leaves the transport looking active, so ask SSH itself.
+            if conn.ssh is not None and not conn.responds(min(self._ssh.connect_timeout_s, 5.0)):
+                conn.dead = True  # the next call reconnects instead of reusing it
+                reason = f"no answer within {self._timeout_s:.0f}s" if isinstance(exc, requests.Timeout) else text
                 return NodeError(kind="unreachable", worker=worker, message=(
-                    f"{worker}: the SSH connection was lost while {doing} ({text}); check that the host is up "
-                    "and its sshd runs"))
+                    f"{worker}: the SSH connection stopped answering while {doing} ({reason}); check that the "
+                    "host is up, its network and its sshd"))
+            if isinstance(exc, requests.Timeout):
+                return NodeError(kind="api", worker=worker, message=(
+                    f"{worker}: Docker did not answer within {self._timeout_s:.0f}s while {doing} (SSH to the "
+                    "host works: dockerd may be overloaded or hanging)"))
+            detail = _diagnose_docker(conn) if conn.ssh is not None else text
             return NodeError(kind="docker_unavailable", worker=worker, message=(
-                f"{worker}: Docker stopped answering while {doing} ({text}); check that dockerd runs on the "
-                "host"))
+                f"{worker}: Docker stopped answering while {doing}: {detail}"))
         if isinstance(exc, docker.errors.DockerException):
             return NodeError(kind="api", worker=worker, message=f"{worker}: {doing}: {text}")
         return None
@@ -584,12 +597,24 @@ class _Connection:
     api: Any  # docker.APIClient
     ssh: Any  # paramiko.SSHClient, None for unix://
     sessions: threading.BoundedSemaphore
+    dead: bool = False  # found not answering: replaced on next use
 
     def alive(self) -> bool:
         if self.ssh is None:
             return True
         transport = self.ssh.get_transport()
-        return transport is not None and bool(transport.is_active())
+        return not self.dead and transport is not None and bool(transport.is_active())
+
+    def responds(self, timeout_s: float) -> bool:
+        """Whether the SSH connection answers now: a channel opens (and is closed again) within timeout_s."""
+        if not self.alive():
+            return False
+        try:
+            channel = self.ssh.get_transport().open_session(timeout=timeout_s)
+        except Exception:
+            return False
+        channel.close()
+        return True
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
