@@ -168,7 +168,7 @@ def test_a_host_lost_during_apply_fails_alone_and_the_next_apply_converges(fleet
         fleet.bed.stop_sshd("node2")  # after facts and the plan: its actions are under way when it goes
         return True
 
-    prepared, report = fleet.apply(confirm=lose_node2)
+    _, report = fleet.apply(confirm=lose_node2)
     assert report is not None and not report.ok
     failed = {r.action.replica_name: r.message for r in report.failed}
     assert list(failed) == ["chat/1"]
