@@ -213,7 +213,7 @@ def write_fleet(root: Path, bed: Any, hosts: int, image: str) -> Path:
     (repo / "inventory" / "hosts.ini").write_text("\n".join(inventory) + "\n")
     (repo / "manifests" / "workers.yaml").write_text("".join(
         f"---\napiVersion: lmstack.dev/v1\nkind: Worker\nmetadata: {{name: {h.name}}}\n"
-        f"spec: {{host: {h.name}, modelCache: /tmp/lmstack-bench-models/{h.name}}}\n" for h in chosen))
+        f"spec: {{host: {h.name}, modelCache: {root / 'models' / h.name}}}\n" for h in chosen))
     workers = ", ".join(h.name for h in chosen)
     (repo / "manifests" / f"{DEPLOYMENT}.yaml").write_text(
         f"apiVersion: lmstack.dev/v1\nkind: Deployment\nmetadata: {{name: {DEPLOYMENT}}}\nspec:\n"

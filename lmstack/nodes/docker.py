@@ -559,6 +559,12 @@ class _StrictSSHAdapter(docker.transport.SSHHTTPAdapter):  # type: ignore[misc]
         super().__init__(base_url, timeout=timeout, pool_connections=1, max_pool_size=max_pool_size,
                          shell_out=False)
 
+    def get_connection(self, url: str, proxies: Any = None) -> Any:
+        # The SDK keys its channel pools by the full URL (docker/docker-py#2966), so with one pool slot
+        # every request to another container's URL dropped the open channels and ran a new
+        # `docker system dial-stdio` on the worker. One key: channels are reused across requests.
+        return super().get_connection("ssh://docker", proxies)
+
     def _create_paramiko_client(self, base_url: str) -> None:
         settings = self._settings
         endpoint = _Endpoint.parse(base_url)

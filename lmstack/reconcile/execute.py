@@ -220,8 +220,10 @@ class Executor:
             if time.monotonic() > deadline:
                 raise _ReplicaFailed(f"not ready after {timeout} s (health.startupTimeout): {endpoint}"
                                      f"{backend.ready_path} answered {answer.status or answer.error}")
-            self.progress(action, f"waiting for {served} at {endpoint}")
-            time.sleep(self.poll_s)
+            if checks == 1 or checks % 10 == 0:
+                self.progress(action, f"waiting for {served} at {endpoint}")
+            # Quick checks first (small engines are up in well under a second), then back off to poll_s.
+            time.sleep(min(self.poll_s, 0.1 * 1.5 ** checks))
 
     def _tail(self, worker: str, container_id: str) -> str:
         try:
