@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -21,6 +21,34 @@ class Settings(BaseSettings):
     )
     home: Path = Field(default_factory=_default_home, description="state directory (embedded database, caches)")
 
+    # -- the API server (`lmstack serve`) ------------------------------------------------------------
+    host: str = Field(default="127.0.0.1", description="address `lmstack serve` listens on")
+    port: int = Field(default=8080, ge=1, le=65535)
+    jwt_secret: SecretStr | None = Field(
+        default=None, description="HS256 secret for login tokens; unset: generated once and kept in home")
+    jwt_ttl_s: int = Field(default=3600, ge=60, description="how long a login token is valid")
+    key_cache_s: float = Field(
+        default=1.0, gt=0, le=5, description="how long a verified API key is trusted without the database "
+                                            "(revocation takes effect within this time on every server)")
+    login_attempts: int = Field(default=5, ge=1, description="failed logins allowed per user and IP a minute")
+    upstream_connect_timeout_s: float = Field(default=3.0, gt=0)
+    upstream_read_timeout_s: float = Field(default=600.0, gt=0, description="longest silence from an engine")
+    registry_refresh_s: float = Field(default=1.0, gt=0, description="how often Ready replicas are re-read")
+    usage_buffer: int = Field(
+        default=100_000, ge=100, description="usage records held in memory while the database is unreachable; "
+                                             "beyond this the oldest are dropped (and counted)")
+    usage_flush_s: float = Field(default=1.0, gt=0, description="how often buffered usage is written")
+    repo: str | None = Field(
+        default=None, description="the fleet's Git repository (path or URL) the server plans from and checks "
+                                  "sync against; unset: /api/plan answers 503 and the sync state is Unknown")
+    ref: str = Field(default="HEAD", description="branch, tag or commit SHA of `repo`")
+    ssh_key: Path | None = Field(
+        default=None, description="private key for SSH to the workers (live logs) [default: ~/.ssh/id_ed25519, "
+                                  "else ~/.ssh/id_rsa]")
+    known_hosts: Path | None = Field(
+        default=None, description="the workers' host keys; hosts not in it are refused [default: "
+                                  "~/.ssh/known_hosts]")
+
     @property
     def embedded_database_dir(self) -> Path:
         return self.home / "postgres"
@@ -28,3 +56,7 @@ class Settings(BaseSettings):
     @property
     def repo_cache_dir(self) -> Path:
         return self.home / "repos"
+
+    @property
+    def jwt_secret_file(self) -> Path:
+        return self.home / "jwt-secret"

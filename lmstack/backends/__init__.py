@@ -6,12 +6,12 @@ import hashlib
 import json
 from typing import Any
 
-from lmstack.backends import ollama, sglang, vllm
-from lmstack.backends.base import Backend, EffectiveSpec, HttpCall, ReplicaContext, SpecView
+from lmstack.backends import llamacpp, ollama, sglang, vllm
+from lmstack.backends.base import Backend, EffectiveSpec, HttpCall, ModelDownload, ReplicaContext, SpecView
 from lmstack.backends.container import ContainerSpec
 from lmstack.manifests.schema import BACKEND_NAMES, DeploymentSpec
 
-BACKENDS: dict[str, Backend] = {module.BACKEND.name: module.BACKEND for module in (vllm, sglang, ollama)}
+BACKENDS: dict[str, Backend] = {module.BACKEND.name: module.BACKEND for module in (vllm, sglang, ollama, llamacpp)}
 assert set(BACKENDS) == set(BACKEND_NAMES), "the schema's backend names and the backend modules differ"
 
 
@@ -25,7 +25,7 @@ def effective_spec(name: str, spec: DeploymentSpec) -> EffectiveSpec:
     Plans compare effective specs on both sides, so a default never looks like a change.
     """
     data = spec.model_dump(by_alias=True, mode="json")
-    data["image"] = spec.image or BACKENDS[spec.backend].default_image
+    data["image"] = spec.image or BACKENDS[spec.backend].image_for(spec.resources.gpus)
     data["servedName"] = spec.served_name or name
     return data
 
@@ -53,5 +53,5 @@ def _get(spec: EffectiveSpec, path: str) -> Any:
     return value
 
 
-__all__ = ["BACKENDS", "Backend", "ContainerSpec", "EffectiveSpec", "HttpCall", "ReplicaContext", "SpecView",
-           "backend_for", "effective_spec", "normalize_applied", "spec_hash"]
+__all__ = ["BACKENDS", "Backend", "ContainerSpec", "EffectiveSpec", "HttpCall", "ModelDownload", "ReplicaContext",
+           "SpecView", "backend_for", "effective_spec", "normalize_applied", "spec_hash"]

@@ -1,7 +1,7 @@
 """What a backend is: data (pinned image, port, which spec fields need a restart) and a little behaviour
 (the container for a replica, when it is ready, what to do after it starts, the model name upstream).
 
-Each engine is one small module (vllm.py, sglang.py, ollama.py) with a subclass of Backend that
+Each engine is one small module (vllm.py, sglang.py, ollama.py, llamacpp.py) with a subclass of Backend that
 overrides `engine_command` and, where the engine differs, the hooks below it. Everything here is pure:
 no I/O; the executors in `lmstack.nodes` carry out what these methods describe.
 """
@@ -67,6 +67,16 @@ class HttpCall:
 
 
 @dataclass(frozen=True)
+class ModelDownload:
+    """A model file to fetch into each worker's model cache before replicas start (`lmstack prepare`)."""
+
+    source: str  # the reference as the manifest gives it, e.g. hf://owner/repo/file.gguf
+    url: str
+    path: str  # where it goes, relative to the model cache
+    sha256: str | None = None  # lower-case hex; checked after the download when given
+
+
+@dataclass(frozen=True)
 class Backend(ABC):
     name: str
     default_image: str
@@ -79,6 +89,11 @@ class Backend(ABC):
     cache_path: str = HF_CACHE
     # GET this path on the replica's port to learn whether it serves its model (see is_ready).
     ready_path: str = "/v1/models"
+    # When set, GET this path first: the replica is ready only if it answers 200 too (llama.cpp's
+    # /health says 503 while the model loads, whatever /v1/models lists).
+    health_path: str | None = None
+    # The default image for a replica with GPUs, where it differs from `default_image` (a CPU build).
+    default_gpu_image: str | None = None
     shm_size: str = "16g"
     # The image's own entrypoint is kept unless a backend names one.
     entrypoint: tuple[str, ...] | None = None
@@ -92,6 +107,14 @@ class Backend(ABC):
         return "controller"
 
     # --- what each engine says differently ---------------------------------------------------------
+
+    def image_for(self, gpus: int) -> str:
+        """The pinned image a replica with `gpus` GPUs gets when the spec names none."""
+        return self.default_gpu_image if gpus > 0 and self.default_gpu_image else self.default_image
+
+    def model_download(self, spec: SpecView) -> ModelDownload | None:
+        """A file `lmstack prepare` must place in the worker's model cache before a replica can start."""
+        return None
 
     @abstractmethod
     def engine_command(self, spec: SpecView, replica: ReplicaContext) -> list[str]:

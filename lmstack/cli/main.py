@@ -17,6 +17,7 @@ from lmstack import __version__
 from lmstack.cli.render import render_commands, render_plan
 from lmstack.cli.render_facts import render_facts
 from lmstack.cli.scaffold import ScaffoldError, scaffold
+from lmstack.cli.users import keys_app, users_app
 from lmstack.config import Settings
 from lmstack.gitsource import Source, SourceError, init_repository, load_source
 from lmstack.manifests import ManifestValidationError, json_schema
@@ -38,6 +39,8 @@ app = typer.Typer(
 db_app = typer.Typer(help="The state database (PostgreSQL; embedded when LMSTACK_DATABASE_URL is unset).",
                      no_args_is_help=True)
 app.add_typer(db_app, name="db")
+app.add_typer(users_app, name="users")
+app.add_typer(keys_app, name="keys")
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -51,10 +54,10 @@ DirOption = Annotated[Path | None, typer.Option(
     "--dir", file_okay=False, help="Read a plain folder instead of a commit (includes uncommitted edits).")]
 SshKeyOption = Annotated[Path | None, typer.Option(
     "--ssh-key", envvar="LMSTACK_SSH_KEY", dir_okay=False,
-    help="Private key for SSH to the workers [default: ~/.ssh/id_ed25519, else ~/.ssh/id_rsa].")]
+    help="Private key for SSH to the workers (default: ~/.ssh/id_ed25519, else ~/.ssh/id_rsa).")]
 KnownHostsOption = Annotated[Path | None, typer.Option(
     "--known-hosts", envvar="LMSTACK_KNOWN_HOSTS", dir_okay=False,
-    help="The workers' host keys; hosts not in it are refused [default: ~/.ssh/known_hosts].")]
+    help="The workers' host keys; hosts not in it are refused (default: ~/.ssh/known_hosts).")]
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
@@ -286,8 +289,8 @@ def apply(
     except (DatabaseError, FactsError, NodeSetupError) as exc:
         _fail(str(exc))
     if report is None:
-        if prepared.plan.has_changes or prepared.live.orphans:
-            _fail("Apply cancelled; nothing was changed.")
+        _fail("Apply cancelled; nothing was changed.")
+    if not report.results and not report.orphans_removed and not report.errors:
         render_plan(out, prepared.plan, header=f"Plan for {_describe(source)}")
         raise typer.Exit(0)
     counts = {kind: sum(1 for r in report.results if r.ok and r.action.kind is kind) for kind in ActionKind}
@@ -301,6 +304,29 @@ def apply(
     for error in report.errors:
         err.print(f"[red]failed:[/] {escape(error)}")
     raise typer.Exit(0 if report.ok else 1)
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(
+        "--host", help="Address to listen on (default: LMSTACK_HOST, else 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(
+        "--port", min=1, max=65535, help="Port to listen on (default: LMSTACK_PORT, else 8080).")] = None,
+) -> None:
+    """Run the API server: the OpenAI-compatible gateway (/v1), the read-only status API (/api), live logs,
+    /metrics and /healthz, /readyz. Logging in needs a user: create one first with
+    `lmstack users create NAME --admin`. Settings come from LMSTACK_* variables: LMSTACK_DATABASE_URL,
+    LMSTACK_REPO and LMSTACK_REF (the repository /api/plan and the sync state read), LMSTACK_SSH_KEY and
+    LMSTACK_KNOWN_HOSTS (live logs)."""
+    # Imported here: the server's modules (FastAPI, uvicorn) are only this command's.
+    from lmstack.api.server import run_server
+
+    settings = Settings()
+    try:
+        started = run_server(settings, host=host or settings.host, port=port or settings.port)
+    except DatabaseError as exc:
+        _fail(str(exc))
+    raise typer.Exit(0 if started else 1)
 
 
 @app.command()

@@ -7,7 +7,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from lmstack.reconcile.prepare import ImageStatus, PrepareReport, WorkerPrepared
+from lmstack.reconcile.prepare import ImageStatus, ModelCheck, ModelStatus, PrepareReport, WorkerPrepared
 
 OK = "[green]✓[/]"
 NO = "[red]✗[/]"
@@ -16,12 +16,21 @@ NO = "[red]✗[/]"
 def render_prepare(console: Console, report: PrepareReport, *, header: str) -> None:
     console.print(header, highlight=False)
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
-    for column in ("WORKER", "HOST", "STATUS", "DOCKER", "NVIDIA RUNTIME", "MODEL CACHE", "IMAGES"):
+    with_models = any(worker.models for worker in report.workers)
+    columns = ("WORKER", "HOST", "STATUS", "DOCKER", "NVIDIA RUNTIME", "MODEL CACHE", "IMAGES")
+    for column in (*columns, "MODELS") if with_models else columns:
         table.add_column(column, overflow="fold")
     for worker in report.workers:
-        table.add_row(escape(worker.worker), escape(worker.host), _status(worker), docker_cell(worker),
-                      nvidia_cell(worker), cache_cell(worker), images_cell(worker))
+        cells = [escape(worker.worker), escape(worker.host), _status(worker), docker_cell(worker),
+                 nvidia_cell(worker), cache_cell(worker), images_cell(worker)]
+        table.add_row(*cells, *([models_cell(worker)] if with_models else []))
     console.print(table)
+    downloads = [(worker.worker, model) for worker in report.workers for model in worker.models
+                 if model.status == "downloaded"]
+    if downloads:
+        console.print("Downloaded:")
+        for name, model in downloads:
+            console.print(f"  {escape(name)}: {escape(model.source)} {_download_figures(model)}", highlight=False)
     failed = report.failed
     if failed:
         console.print("Problems:")
@@ -93,3 +102,21 @@ def images_cell(worker: WorkerPrepared) -> str:
         if count:
             parts.append(f"[{style}]{count} {status}[/]")
     return ", ".join(parts)
+
+
+def models_cell(worker: WorkerPrepared) -> str:
+    if worker.cache is None:
+        return "-"
+    if not worker.models:
+        return "none needed"
+    styles: tuple[tuple[ModelStatus, str], ...] = (
+        ("present", "green"), ("downloaded", "yellow"), ("failed", "red"), ("skipped", "red"))
+    return ", ".join(f"[{style}]{count} {status}[/]" for status, style in styles
+                     if (count := sum(1 for model in worker.models if model.status == status)))
+
+
+def _download_figures(model: ModelCheck) -> str:
+    size, seconds, resumed = model.bytes or 0, model.seconds or 0.0, model.resumed_from or 0
+    rate = f", {size / seconds / 1e6:.1f} MB/s" if seconds > 0 else ""
+    again = f", resumed at {resumed / 1e6:.1f} MB" if resumed else ""
+    return f"({size / 1e6:.1f} MB in {seconds:.1f} s{rate}{again})"

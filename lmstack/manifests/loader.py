@@ -12,7 +12,16 @@ from typing import Any, Union
 from pydantic import BaseModel, Tag, ValidationError
 
 from lmstack.manifests.errors import ManifestError, ManifestValidationError
-from lmstack.manifests.schema import API_VERSION, GPU_REQUIRED_BACKENDS, KINDS, Deployment, Worker, closest
+from lmstack.manifests.modelref import parse_model_file
+from lmstack.manifests.schema import (
+    API_VERSION,
+    GPU_REQUIRED_BACKENDS,
+    KINDS,
+    MODEL_FILE_BACKENDS,
+    Deployment,
+    Worker,
+    closest,
+)
 from lmstack.manifests.yamlsource import Document, Path, dotted, load_documents
 
 
@@ -328,6 +337,11 @@ def _check_references(
             error(document, ("spec", "resources", "gpus"),
                   f"backend {spec.backend}'s default image needs GPUs; set spec.image to a CPU build to run "
                   "with gpus: 0")
+        if spec.backend in MODEL_FILE_BACKENDS:
+            try:
+                parse_model_file(spec.model)
+            except ValueError as exc:
+                error(document, ("spec", "model"), f"backend {spec.backend} takes one model file: {exc}")
         for index, worker_name in enumerate(spec.placement.workers):
             if worker_name not in workers:
                 close = closest(worker_name, workers)

@@ -28,11 +28,13 @@ from pydantic.alias_generators import to_camel
 from lmstack.manifests.quantity import exact_quantity, format_duration, parse_duration, parse_quantity
 
 API_VERSION = "lmstack.dev/v1"
-BackendName = Literal["vllm", "sglang", "ollama"]
-BACKEND_NAMES: tuple[str, ...] = ("vllm", "sglang", "ollama")
+BackendName = Literal["vllm", "sglang", "ollama", "llamacpp"]
+BACKEND_NAMES: tuple[str, ...] = ("vllm", "sglang", "ollama", "llamacpp")
 # Backends whose default (pinned) image is a GPU build. Every backend may run with `resources.gpus: 0`,
 # but these only with `spec.image` set (their engines have CPU builds; their default images are not).
 GPU_REQUIRED_BACKENDS = frozenset({"vllm", "sglang"})
+# Backends whose `model` names one model file (see lmstack.manifests.modelref), checked when loading.
+MODEL_FILE_BACKENDS = frozenset({"llamacpp"})
 
 _NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
 _LABEL_KEY_PATTERN = r"^[A-Za-z0-9]([-A-Za-z0-9_./]{0,61}[A-Za-z0-9])?$"

@@ -25,8 +25,8 @@ from lmstack.reconcile.model import Action, ActionKind, Plan
 from lmstack.reconcile.observe import load_observed
 from lmstack.reconcile.planner import plan as make_plan
 from lmstack.reconcile.records import finish_sync_run, record_deployments, start_sync_run
+from lmstack.reconcile.targets import worker_targets
 from lmstack.state import Database
-from lmstack.state.models import Worker as WorkerRow
 
 
 @dataclass(frozen=True)
@@ -146,26 +146,8 @@ class Applier:
     # -- connection details --------------------------------------------------------------------------
 
     def _targets(self) -> dict[str, tuple[str, WorkerTarget]]:
-        """Docker URL and worker target for every worker in the manifests, and for workers that left the
-        manifests but still have replicas (their host from the database, if still in the inventory)."""
-        hosts = self.source.inventory.hosts
-        found: dict[str, tuple[str, WorkerTarget]] = {}
-        for name, worker in self.source.desired.workers.items():
-            host = hosts.get(worker.spec.host)
-            if host is None:
-                continue
-            user = host.user or "root"
-            url = worker.spec.docker_host or f"ssh://{user}@{host.address}:{host.port}"
-            found[name] = (url, WorkerTarget(name, host.address, worker.spec.model_cache))
         with self.database.session() as session:
-            for row in session.query(WorkerRow).all():
-                if row.name in found or row.host not in hosts:
-                    continue
-                host = hosts[row.host]
-                cache = str((row.spec or {}).get("modelCache", "/var/lib/lmstack/models"))
-                found[row.name] = (f"ssh://{host.user or 'root'}@{host.address}:{host.port}",
-                                   WorkerTarget(row.name, host.address, cache))
-        return found
+            return worker_targets(self.source, session)
 
 
 def _chains(actions: list[Action]) -> list[list[Action]]:
@@ -197,11 +179,10 @@ def _result_json(results: list[ActionResult], removed: int, errors: list[str]) -
 def apply_source(source: Source, database: Database, *, ssh_key: Path, known_hosts: Path,
                  confirm: Callable[[Prepared], bool] = lambda prepared: True, progress: Progress | None = None,
                  parallel: int = 8) -> tuple[Prepared, ApplyReport | None]:
-    """Plan, ask, and apply. Returns the report, or None when nothing was to be done or the user said no."""
+    """Plan, ask (only when there is something to change), and apply. Returns the report, or None when the
+    user said no. A pass with nothing to change is still recorded: the revision is then the one in sync."""
     with Applier(source, database, ssh_key=ssh_key, known_hosts=known_hosts, parallel=parallel) as applier:
         prepared = applier.prepare()
-        if not prepared.plan.has_changes and not prepared.live.orphans:
-            return prepared, None
-        if not confirm(prepared):
+        if (prepared.plan.has_changes or prepared.live.orphans) and not confirm(prepared):
             return prepared, None
         return prepared, applier.execute(prepared, progress=progress)

@@ -207,8 +207,13 @@ class Executor:
         served = backend.upstream_model(spec)
         checks = 0
         while True:
-            answer = request(endpoint + backend.ready_path, timeout_s=3)
-            if backend.is_ready(answer.status, answer.payload, served):
+            # A health path (llama.cpp's /health) must answer 200 before the model list is asked.
+            path = backend.health_path or backend.ready_path
+            answer = request(endpoint + path, timeout_s=3)
+            if path != backend.ready_path and answer.status == 200:
+                path = backend.ready_path
+                answer = request(endpoint + path, timeout_s=3)
+            if path == backend.ready_path and backend.is_ready(answer.status, answer.payload, served):
                 return
             checks += 1
             if container_id is not None and checks % 3 == 0:
@@ -219,7 +224,7 @@ class Executor:
                     raise _ReplicaFailed(f"container on {worker} {what} before it was ready{logs}")
             if time.monotonic() > deadline:
                 raise _ReplicaFailed(f"not ready after {timeout} s (health.startupTimeout): {endpoint}"
-                                     f"{backend.ready_path} answered {answer.status or answer.error}")
+                                     f"{path} answered {answer.status or answer.error}")
             if checks == 1 or checks % 10 == 0:
                 self.progress(action, f"waiting for {served} at {endpoint}")
             # Quick checks first (small engines are up in well under a second), then back off to poll_s.

@@ -94,7 +94,8 @@ def plan(desired: DesiredState, observed: Observed) -> Plan:
             actions.append(action)
     actions.sort(key=lambda a: (a.deployment, a.replica, a.kind is not ActionKind.DELETE))
     unplaceable.sort(key=lambda u: (u.deployment, u.replica))
-    return Plan(tuple(actions), tuple(unplaceable), tuple(_notes(desired, observed)))
+    notes = (*_notes(desired, observed), *_download_notes(wanted, actions))
+    return Plan(tuple(actions), tuple(unplaceable), notes)
 
 
 # -- phase 1: the replicas that exist ------------------------------------------------------------
@@ -314,6 +315,18 @@ def _notes(desired: DesiredState, observed: Observed) -> Iterator[str]:
                  if name in workers and workers[name].facts_known and not workers[name].ready]
     if not_ready:
         yield f"not Ready: {_names(not_ready)}: nothing new is placed there"
+
+
+def _download_notes(wanted: Mapping[str, _Desired], actions: list[Action]) -> Iterator[str]:
+    """One note per deployment whose new containers need a model file fetched into the model cache."""
+    starting = sorted({action.deployment for action in actions
+                       if action.kind in (ActionKind.CREATE, ActionKind.RECREATE) and action.deployment in wanted})
+    for name in starting:
+        spec = wanted[name].spec
+        download = backend_for(spec["backend"]).model_download(spec)
+        if download is not None:
+            yield (f"{name}: the model {download.source} must be fetched into each worker's model cache first "
+                   f"({download.path}): `lmstack prepare` downloads it where it is missing")
 
 
 def _names(names: list[str], limit: int = 10) -> str:

@@ -1,10 +1,12 @@
 """Node preparation: make every worker ready for the replicas the desired state may put on it.
 
 One Ansible run over the workers' hosts (`playbooks/prepare.yml`, module `lmstack_prepare`): Docker present
-and answering, the NVIDIA container toolkit where GPU replicas may run, the model cache directory, and the
-images pulled ahead of a rollout. Checks only unless `install`. What each worker needs is decided here from
-the desired state (`worker_needs`, pure); the adapter returns per-host data and this module turns it into a
-report: per worker ok or failed with the reasons, and what was changed. Nothing is stored.
+and answering, the NVIDIA container toolkit where GPU replicas may run, the model cache directory, the
+images pulled ahead of a rollout, and the model files some backends need in the model cache (llama.cpp's
+`hf://` GGUF files), downloaded where they are missing. Checks only unless `install`. What each worker
+needs is decided here from the desired state (`worker_needs`, pure); the adapter returns per-host data and
+this module turns it into a report: per worker ok or failed with the reasons, and what was changed.
+Nothing is stored.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from lmstack.backends import effective_spec
+from lmstack.backends import ModelDownload, backend_for, effective_spec
 from lmstack.gitsource import Source
 from lmstack.manifests import DesiredState
 from lmstack.manifests.schema import Deployment, Worker
@@ -29,6 +31,8 @@ DEFAULT_PULL_TIMEOUT_S = 1800
 
 ImageStatus = Literal["present", "pulled", "failed", "skipped"]
 IMAGE_STATUSES: tuple[ImageStatus, ...] = ("present", "pulled", "failed", "skipped")
+ModelStatus = Literal["present", "downloaded", "failed", "skipped"]
+MODEL_STATUSES: tuple[ModelStatus, ...] = ("present", "downloaded", "failed", "skipped")
 
 
 class PrepareError(Exception):
@@ -43,6 +47,7 @@ class WorkerNeeds:
     images: tuple[str, ...]  # in deployment-name order, each once
     needs_gpu_runtime: bool
     deployments: tuple[str, ...]  # the deployments that may be placed on the worker
+    models: tuple[ModelDownload, ...] = ()  # model files to have in the model cache, each path once
 
 
 def may_place(deployment: Deployment, worker: Worker) -> bool:
@@ -66,15 +71,21 @@ def worker_needs(desired: DesiredState) -> dict[str, WorkerNeeds]:
     needs = {}
     for name, worker in sorted(desired.workers.items()):
         images: dict[str, None] = {}
+        models: dict[str, ModelDownload] = {}
         gpu = False
         placed = []
         for deployment_name, deployment in sorted(desired.deployments.items()):
             if not may_place(deployment, worker):
                 continue
             placed.append(deployment_name)
-            images.setdefault(str(effective_spec(deployment_name, deployment.spec)["image"]), None)
+            spec = effective_spec(deployment_name, deployment.spec)
+            images.setdefault(str(spec["image"]), None)
+            download = backend_for(deployment.spec.backend).model_download(spec)
+            if download is not None:
+                models.setdefault(download.path, download)
             gpu = gpu or deployment.spec.resources.gpus > 0
-        needs[name] = WorkerNeeds(images=tuple(images), needs_gpu_runtime=gpu, deployments=tuple(placed))
+        needs[name] = WorkerNeeds(images=tuple(images), needs_gpu_runtime=gpu, deployments=tuple(placed),
+                                  models=tuple(models.values()))
     return needs
 
 
@@ -118,6 +129,17 @@ class ImageCheck:
 
 
 @dataclass(frozen=True)
+class ModelCheck:
+    source: str  # the reference the manifest gives (hf://...)
+    path: str  # relative to the model cache
+    status: ModelStatus
+    error: str | None = None
+    bytes: int | None = None  # downloaded now: the file's size
+    seconds: float | None = None
+    resumed_from: int | None = None  # bytes a .part held before this download (0: from the start)
+
+
+@dataclass(frozen=True)
 class WorkerPrepared:
     """One worker after preparation. `docker`, `nvidia`, `cache` are None when the host gave no result
     (unreachable, refused, timed out): `problems` then holds why."""
@@ -131,6 +153,7 @@ class WorkerPrepared:
     nvidia: NvidiaCheck | None = None
     cache: CacheCheck | None = None
     images: tuple[ImageCheck, ...] = ()
+    models: tuple[ModelCheck, ...] = ()
     changes: tuple[str, ...] = ()
     problems: tuple[str, ...] = ()  # one sentence each; empty: the worker is ready
     # None when ok; else unreachable, auth_failed, host_key, module_failed, no_result (from the adapter),
@@ -203,6 +226,8 @@ def _worker_json(w: WorkerPrepared) -> dict[str, Any]:
                        "created": w.cache.created if w.cache else None, "error": w.cache.error if w.cache else None},
         "images": [{"image": image.image, "status": image.status, "error": image.error} for image in w.images],
         "imagesWanted": list(w.images_wanted),
+        "models": [{"source": m.source, "path": m.path, "status": m.status, "error": m.error, "bytes": m.bytes,
+                    "seconds": m.seconds, "resumedFrom": m.resumed_from} for m in w.models],
     }
 
 
@@ -244,11 +269,13 @@ def prepare_workers(
         "lmstack_model_cache": {host_of[name]: cache_of[name] for name in chosen},
         "lmstack_images": {host_of[name]: list(wanted[name]) for name in chosen},
         "lmstack_needs_gpu_runtime": {host_of[name]: needs[name].needs_gpu_runtime for name in chosen},
+        "lmstack_models": {host_of[name]: [_model_param(model) for model in needs[name].models] for name in chosen},
         "lmstack_install": install,
         "lmstack_pull_timeout": pull_timeout_s,
     }
     if timeout_s is None:
-        timeout_s = 600 + pull_timeout_s * max((len(images) for images in wanted.values()), default=0)
+        timeout_s = 600 + pull_timeout_s * max((len(wanted[name]) + len(needs[name].models) for name in chosen),
+                                               default=0)
     started = time.monotonic()
     try:
         run = run_playbook(
@@ -308,10 +335,28 @@ def worker_result(
         cache=CacheCheck(path=str(cache.get("path") or model_cache), ok=bool(cache.get("ok")),
                          created=bool(cache.get("created")), error=_str(cache.get("error"))),
         images=tuple(_image(item) for item in _list(found.get("images")) if isinstance(item, Mapping)),
+        models=tuple(_model(item) for item in _list(found.get("models")) if isinstance(item, Mapping)),
         changes=tuple(str(change) for change in _list(found.get("changes"))),
         problems=tuple(problems),
         error_kind="not_ready" if problems else None,
     )
+
+
+def _model_param(model: ModelDownload) -> dict[str, Any]:
+    return {"source": model.source, "url": model.url, "path": model.path, "sha256": model.sha256}
+
+
+def _model(item: Mapping[str, Any]) -> ModelCheck:
+    status = str(item.get("status"))
+    known: ModelStatus = next((s for s in MODEL_STATUSES if s == status), "failed")
+    return ModelCheck(source=str(item.get("source")), path=str(item.get("path")), status=known,
+                      error=_str(item.get("error")), bytes=_int(item.get("bytes")),
+                      seconds=float(item["seconds"]) if isinstance(item.get("seconds"), int | float) else None,
+                      resumed_from=_int(item.get("resumed_from")))
+
+
+def _int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _image(item: Mapping[str, Any]) -> ImageCheck:

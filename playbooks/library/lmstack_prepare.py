@@ -4,7 +4,9 @@
 In order: Docker present and answering (installed from apt and started only with `install`); the NVIDIA
 container toolkit present and registered with Docker (a problem only when the worker will get GPU
 replicas); the model cache directory (made 0755 when missing); images (each inspected first, pulled only
-when missing). Every step says what it found and what it changed; a second run changes nothing.
+when missing); model files (each downloaded into the model cache only when missing: resumable through a
+`.part` file and HTTP Range, sha256 checked when given). Every step says what it found and what it
+changed; a second run changes nothing.
 
 The module always exits normally with its findings as data (`prepare.ok`, `prepare.problems`): the
 playbook turns a not-ready worker into a failed task, so lmstack gets the per-step results as well.
@@ -15,10 +17,16 @@ library only.
 
 from __future__ import annotations
 
+import hashlib
+import http.client
 import json
 import os
+import re
+import socket
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -61,13 +69,26 @@ options:
     description: Seconds to wait for Docker to answer after starting it.
     type: int
     default: 60
+  models:
+    description: Model files to have in the model cache, each a dict with url, path (relative to the
+      model cache), sha256 (hex, or null) and source (the reference as the manifest gives it). A missing
+      file is downloaded to PATH.part (resumed with HTTP Range when a .part is there), checked, then
+      renamed; PATH.progress says how far a running download is.
+    type: list
+    elements: dict
+    default: []
+  download_timeout:
+    description: Seconds one model download may take.
+    type: int
+    default: 1800
 """
 
 RETURN = r"""
 prepare:
   description: ok, problems (one sentence each), changes (what was done), docker (ok, version, error,
     installed, started), nvidia (required, ok, toolkit, runtime, runtimes, error, installed, configured),
-    model_cache (path, ok, created, error), images (image, status present|pulled|failed|skipped, error).
+    model_cache (path, ok, created, error), images (image, status present|pulled|failed|skipped, error),
+    models (source, path, status present|downloaded|failed|skipped, error, bytes, seconds, resumed_from).
   type: dict
   returned: always
 """
@@ -345,11 +366,213 @@ def ensure_images(step: Step, docker: Mapping[str, Any], images: list[str], pull
     return results
 
 
+# --- model files -----------------------------------------------------------------------------------
+
+DOWNLOAD_CHUNK = 1 << 20
+READ_TIMEOUT = 60.0  # seconds without a byte before a download counts as stalled
+DOWNLOAD_TRIES = 3
+_CONTENT_RANGE = re.compile(r"^bytes\s+(\d+)-(\d+)/(\d+|\*)$")
+_TOTAL_ONLY = re.compile(r"^bytes\s+\*/(\d+)$")
+
+
+class DownloadError(Exception):
+    """A download that did not give the file (the .part is kept when it can be resumed)."""
+
+
+def sha256_of(path: Path, hasher: Any = None) -> Any:
+    hasher = hasher if hasher is not None else hashlib.sha256()
+    with path.open("rb") as source:
+        for block in iter(lambda: source.read(DOWNLOAD_CHUNK), b""):
+            hasher.update(block)
+    return hasher
+
+
+def parse_content_range(value: str | None) -> tuple[int, int | None] | None:
+    """`bytes START-END/TOTAL` -> (START, TOTAL or None); None when it is not that."""
+    match = _CONTENT_RANGE.match((value or "").strip())
+    if match is None:
+        return None
+    return int(match.group(1)), None if match.group(3) == "*" else int(match.group(3))
+
+
+def download(url: str, dest: Path, *, sha256: str | None = None, tries: int = DOWNLOAD_TRIES,
+             read_timeout_s: float = READ_TIMEOUT, deadline_s: float | None = None,
+             progress: Callable[[int, int | None], None] | None = None,
+             headers: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Download `url` to `dest` through `dest`.part: resumed from what the .part holds (HTTP Range), the
+    whole file's sha256 checked against `sha256` when given, then renamed into place. Up to `tries`
+    connections; a .part that cannot be finished now stays for the next run. Raises DownloadError."""
+    part = dest.with_name(dest.name + ".part")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    resumed_from = part.stat().st_size if part.exists() else 0
+    last_error = "no attempt made"
+    for attempt in range(max(tries, 1)):
+        if deadline_s is not None and time.monotonic() - started > deadline_s:
+            raise DownloadError(f"gave up after {int(deadline_s)} s ({last_error}); the next run resumes")
+        try:
+            total = _fetch(url, part, read_timeout_s, progress, headers or {})
+            break
+        except _Restart as exc:  # the server cannot resume: start over at once
+            part.unlink()
+            resumed_from = 0
+            last_error = str(exc)
+        except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
+            last_error = _reason(exc)
+            if isinstance(exc, urllib.error.HTTPError) and exc.code < 500 and exc.code not in (408, 429):
+                raise DownloadError(f"{url}: {last_error}") from None
+            if attempt + 1 < tries:
+                time.sleep(min(2.0 ** attempt, 10.0))
+    else:
+        done = part.stat().st_size if part.exists() else 0
+        raise DownloadError(f"{last_error}; {done} bytes are in {part.name}, the next run resumes from there")
+    size = part.stat().st_size
+    if total is not None and size != total:
+        raise DownloadError(f"got {size} bytes of {total}; the next run resumes")
+    digest = sha256_of(part).hexdigest()
+    if sha256 is not None and digest != sha256.lower():
+        part.unlink()
+        raise DownloadError(f"sha256 mismatch: expected {sha256.lower()}, got {digest} (the download was "
+                            "removed)")
+    part.chmod(0o644)
+    part.replace(dest)
+    _write_sha256(dest, digest)
+    return {"bytes": size, "seconds": round(time.monotonic() - started, 1), "resumed_from": resumed_from,
+            "sha256": digest}
+
+
+class _Restart(Exception):
+    pass
+
+
+def _fetch(url: str, part: Path, read_timeout_s: float, progress: Callable[[int, int | None], None] | None,
+           headers: Mapping[str, str]) -> int | None:
+    """One connection: append to `part` from where it ends; the file's total size, if the server said."""
+    have = part.stat().st_size if part.exists() else 0
+    if not url.startswith(("http://", "https://")):
+        raise DownloadError(f"not an http(s) URL: {url}")
+    request = urllib.request.Request(url, headers={"User-Agent": "lmstack-prepare", **headers})  # noqa: S310
+    if have:
+        request.add_header("Range", f"bytes={have}-")
+    try:
+        answer = urllib.request.urlopen(request, timeout=read_timeout_s)  # noqa: S310 - http(s) from lmstack
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and have:  # nothing after `have`: complete, or the .part is not this file's
+            match = _TOTAL_ONLY.match(exc.headers.get("Content-Range", "").strip())
+            if match is not None and int(match.group(1)) == have:
+                return have
+            raise _Restart(f"the server refused to resume at byte {have}") from None
+        raise
+    with answer:
+        total: int | None = None
+        if answer.status == 206:
+            ranged = parse_content_range(answer.headers.get("Content-Range"))
+            if ranged is None or ranged[0] != have:
+                raise _Restart(f"the server resumed at the wrong place ({answer.headers.get('Content-Range')})")
+            total = ranged[1]
+            mode = "ab"
+        else:  # 200: the whole file (the server ignores Range)
+            have = 0
+            length = answer.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+            mode = "wb"
+        done = have
+        last_report = 0.0
+        with part.open(mode) as out:
+            while True:
+                block = answer.read(DOWNLOAD_CHUNK)
+                if not block:
+                    break
+                out.write(block)
+                done += len(block)
+                if progress is not None and time.monotonic() - last_report >= 1.0:
+                    last_report = time.monotonic()
+                    progress(done, total)
+        if progress is not None:
+            progress(done, total)
+        if total is not None and done < total:
+            raise ConnectionError(f"the connection ended after {done} of {total} bytes")
+        return total
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"HTTP {exc.code} {exc.reason}"
+    if isinstance(exc, urllib.error.URLError):
+        return str(exc.reason)
+    if isinstance(exc, socket.timeout):
+        return f"no data for {int(READ_TIMEOUT)} s"
+    return str(exc) or type(exc).__name__
+
+
+def _sha256_file(dest: Path) -> Path:
+    return dest.with_name(dest.name + ".sha256")
+
+
+def _write_sha256(dest: Path, digest: str) -> None:
+    _sha256_file(dest).write_text(digest + "\n")
+
+
+def _known_sha256(dest: Path) -> str:
+    """The file's sha256: from the record a download left beside it when that is newer, else computed."""
+    record = _sha256_file(dest)
+    if record.is_file() and record.stat().st_mtime >= dest.stat().st_mtime:
+        return record.read_text().strip()
+    digest = str(sha256_of(dest).hexdigest())
+    _write_sha256(dest, digest)
+    return digest
+
+
+def ensure_models(step: Step, cache: Mapping[str, Any], models: list[Mapping[str, Any]], timeout_s: float
+                  ) -> list[dict[str, Any]]:
+    """Each model file present in the model cache: downloaded when missing (or when its sha256 differs)."""
+    results = []
+    root = Path(str(cache.get("path") or "/"))
+    for model in models:
+        source = str(model.get("source") or model.get("url"))
+        rel = str(model.get("path") or "")
+        wanted = str(model["sha256"]).lower() if model.get("sha256") else None
+        state: dict[str, Any] = {"source": source, "path": rel, "status": "failed", "error": None}
+        results.append(state)
+        if not cache.get("ok"):
+            state.update(status="skipped", error="the model cache is not usable")
+            continue
+        dest = root / rel
+        if not rel or rel.startswith("/") or ".." in Path(rel).parts:
+            state["error"] = f"{rel!r} is not a path inside the model cache"
+            continue
+        if dest.is_file() and (wanted is None or _known_sha256(dest) == wanted):
+            state["status"] = "present"
+            continue
+        progress_file = dest.with_name(dest.name + ".progress")
+
+        def progress(done: int, total: int | None, progress_file: Path = progress_file) -> None:
+            of = f" of {total}" if total is not None else ""
+            progress_file.write_text(f"{done}{of} bytes at {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+
+        try:
+            got = download(str(model["url"]), dest, sha256=wanted, deadline_s=timeout_s, progress=progress)
+        except DownloadError as exc:
+            state["error"] = f"download failed: {exc}"
+            continue
+        except OSError as exc:  # the cache itself: permissions, a full disk
+            state["error"] = f"download failed: {dest}: {exc.strerror or exc}"
+            continue
+        finally:
+            if progress_file.exists():
+                progress_file.unlink()
+        step.changes.append(f"downloaded {source}")
+        state.update(status="downloaded", **got)
+    return results
+
+
 def prepare(params: Mapping[str, Any], step: Step) -> dict[str, Any]:
     docker = ensure_docker(step, float(params["docker_start_timeout"]))
     nvidia = ensure_nvidia(step, docker, bool(params["needs_gpu_runtime"]), float(params["docker_start_timeout"]))
     cache = ensure_model_cache(step, params["model_cache"])
     images = ensure_images(step, docker, list(params["images"] or []), float(params["pull_timeout"]))
+    models = ensure_models(step, cache, list(params.get("models") or []),
+                           float(params.get("download_timeout") or 1800))
     problems = []
     if docker["error"]:
         problems.append(docker["error"])
@@ -361,9 +584,10 @@ def prepare(params: Mapping[str, Any], step: Step) -> dict[str, Any]:
     skipped = [item["image"] for item in images if item["status"] == "skipped"]
     if skipped:
         problems.append(f"images not checked (Docker does not answer): {', '.join(skipped)}")
+    problems += [f"model {item['source']}: {item['error']}" for item in models if item["status"] == "failed"]
     docker.pop("binary", None)
     return {"ok": not problems, "problems": problems, "changes": list(step.changes), "docker": docker,
-            "nvidia": nvidia, "model_cache": cache, "images": images}
+            "nvidia": nvidia, "model_cache": cache, "images": images, "models": models}
 
 
 # --- running things ----------------------------------------------------------------------------------
@@ -391,6 +615,8 @@ def main() -> None:
             "install": {"type": "bool", "default": False},
             "pull_timeout": {"type": "int", "default": 1800},
             "docker_start_timeout": {"type": "int", "default": 60},
+            "models": {"type": "list", "elements": "dict", "default": []},
+            "download_timeout": {"type": "int", "default": 1800},
         },
         supports_check_mode=False,
     )

@@ -1,0 +1,96 @@
+"""Dependencies as `Annotated` aliases, all in one place: routes declare what they need by type."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from lmstack.api.errors import ApiError
+from lmstack.api.security import KEY_PREFIX, decode_token
+from lmstack.api.services.keys import CredentialsUnavailable, KeyInfo
+from lmstack.api.state import AppState
+
+
+def get_state(request: Request) -> AppState:
+    state: AppState = request.app.state.lmstack
+    return state
+
+
+StateDep = Annotated[AppState, Depends(get_state)]
+
+
+def get_session(state: StateDep) -> Iterator[Session]:
+    with state.database.session() as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is asking: a user by login token, or a user's API key (with its limits)."""
+
+    user: str
+    role: str
+    key: KeyInfo | None = None
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+_CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
+
+async def authenticate(request: Request, state: StateDep) -> Principal:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise ApiError(401, "missing credentials: send 'Authorization: Bearer <API key or login token>'",
+                       code="missing_api_key", headers=_CHALLENGE)
+    try:
+        if token.startswith(KEY_PREFIX):
+            info = await state.keys.verify(token)
+            if info is None:
+                raise ApiError(401, "invalid API key (unknown, revoked or expired)", code="invalid_api_key",
+                               headers=_CHALLENGE)
+            return Principal(user=info.user, role=info.role, key=info)
+        claims = decode_token(state.jwt_secret, token)
+        # The user's current role, not the one in the token; a disabled user's tokens stop working
+        # (within the key cache's time) instead of lasting until they expire.
+        role = await state.keys.user_role(claims.user) if claims is not None else None
+    except CredentialsUnavailable as exc:
+        raise ApiError(503, str(exc), code="credentials_unavailable", headers={"Retry-After": "1"}) from exc
+    if claims is None or role is None:
+        raise ApiError(401, "invalid or expired login token; log in again", code="invalid_token",
+                       headers=_CHALLENGE)
+    return Principal(user=claims.user, role=role)
+
+
+CurrentPrincipal = Annotated[Principal, Depends(authenticate)]
+
+
+def require_admin(principal: CurrentPrincipal) -> Principal:
+    if not principal.is_admin:
+        raise ApiError(403, "this needs an admin", code="forbidden")
+    return principal
+
+
+AdminPrincipal = Annotated[Principal, Depends(require_admin)]
+
+
+def require_login(principal: CurrentPrincipal) -> Principal:
+    # API keys are for calling models: a key (perhaps limited to some models, or expiring) must not be
+    # able to mint or revoke keys.
+    if principal.key is not None:
+        raise ApiError(403, "this needs a login token (POST /api/auth/login), not an API key", code="forbidden")
+    return principal
+
+
+LoginPrincipal = Annotated[Principal, Depends(require_login)]

@@ -1,0 +1,91 @@
+"""Routes: the read-only status API under /api (workers, deployments, sync, events, plan). Every route needs
+a login token or an API key; the queries are in services/status.py."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Path, Query
+from fastapi.responses import JSONResponse
+
+from lmstack.api import schemas
+from lmstack.api.deps import SessionDep, StateDep, authenticate
+from lmstack.api.errors import ApiError, error_body
+from lmstack.api.services import status
+from lmstack.manifests import ManifestValidationError
+
+AUTH_ERRORS: dict[int | str, dict[str, object]] = {
+    401: {"model": schemas.ErrorResponse, "description": "No valid login token or API key"},
+}
+
+BAD_PARAMETER: dict[int | str, dict[str, object]] = {
+    400: {"model": schemas.ErrorResponse, "description": "A parameter is invalid (errors answer 400, in this shape)"},
+}
+
+router = APIRouter(prefix="/api", tags=["status"], dependencies=[Depends(authenticate)], responses=AUTH_ERRORS)
+
+DeploymentName = Annotated[str, Path(pattern=schemas.NAME_PATTERN, max_length=63,
+                                     description="the deployment's metadata.name")]
+
+
+@router.get("/workers", response_model=schemas.WorkerList)
+def list_workers(session: SessionDep) -> schemas.WorkerList:
+    """Every worker: Ready or NotReady (with the reason), its labels, and a summary of its last facts."""
+    return status.list_workers(session=session)
+
+
+@router.get("/deployments", response_model=schemas.DeploymentList)
+def list_deployments(session: SessionDep) -> schemas.DeploymentList:
+    """Every deployment as last applied: replicas wanted and ready, conditions, revisions."""
+    return status.list_deployments(session=session)
+
+
+@router.get("/deployments/{name}", response_model=schemas.DeploymentDetail,
+            responses={**BAD_PARAMETER, 404: {"model": schemas.ErrorResponse, "description": "No such deployment"}})
+def get_deployment(name: DeploymentName, session: SessionDep) -> schemas.DeploymentDetail:
+    """One deployment with its replicas: where each runs, on which GPUs, its status and endpoint."""
+    found = status.get_deployment(session=session, name=name)
+    if found is None:
+        raise ApiError(404, f"no deployment {name!r}", code="deployment_not_found", param="name")
+    return found
+
+
+@router.get("/sync", response_model=schemas.SyncStatus, responses=BAD_PARAMETER)
+def sync_status(state: StateDep,
+                limit: Annotated[int, Query(ge=1, le=100, description="how many runs to list")] = 10,
+                ) -> schemas.SyncStatus:
+    """The revision last applied, whether it is the repository's current commit, and the latest sync runs."""
+    return status.sync_status(database=state.database, settings=state.settings, limit=limit)
+
+
+@router.get("/events", response_model=schemas.EventList, responses=BAD_PARAMETER)
+def list_events(
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    object_ref: Annotated[str | None, Query(alias="object", max_length=200,
+                                            description="Kind/name (e.g. Deployment/qwen-7b) or a bare name")] = None,
+    type_: Annotated[Literal["Normal", "Warning"] | None, Query(alias="type")] = None,
+) -> schemas.EventList:
+    """Events, newest first."""
+    return status.list_events(session=session, limit=limit, object_ref=object_ref, type_=type_)
+
+
+@router.get("/plan", response_model=schemas.PlanResponse, responses={
+    422: {"model": schemas.ManifestErrorResponse, "description": "The commit's manifests or inventory are invalid"},
+    503: {"model": schemas.ErrorResponse, "description": "No repository configured, or it cannot be read"},
+})
+def current_plan(state: StateDep) -> schemas.PlanResponse | JSONResponse:
+    """What the controller would do now: the configured commit (LMSTACK_REPO at LMSTACK_REF) planned against
+    the recorded state. Nothing is changed."""
+    try:
+        return status.current_plan(database=state.database, settings=state.settings)
+    except status.PlanUnavailable as exc:
+        raise ApiError(503, str(exc), code="repository_unavailable") from exc
+    except ManifestValidationError as exc:
+        count = len(exc.errors)
+        body = error_body(422, f"{count} error{'s' if count != 1 else ''} in the manifests: "
+                               + "; ".join(str(error) for error in exc.errors[:5])
+                               + ("; ..." if count > 5 else ""), code="invalid_manifests")
+        body["error"]["errors"] = [schemas.ManifestProblem(file=e.file, line=e.line, path=e.path, message=e.message)
+                                   .model_dump(by_alias=True) for e in exc.errors]
+        return JSONResponse(body, status_code=422)

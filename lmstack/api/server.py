@@ -1,0 +1,64 @@
+"""Running the API under uvicorn (`lmstack serve`): logging, and the database opened before listening so a
+wrong LMSTACK_DATABASE_URL fails at once with a clear message."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+
+import uvicorn
+
+from lmstack.api.app import create_app
+from lmstack.config import Settings
+from lmstack.state import open_database
+
+log = logging.getLogger("lmstack.api")
+
+# WebSocket clients (browsers) pass their token in the query string, and uvicorn logs request paths with it.
+_TOKEN_IN_QUERY = re.compile(r"([?&](?:token|access_token)=)[^&\s\"]*")
+
+
+class RedactTokens(logging.Filter):
+    """Replaces `?token=...` in uvicorn's request lines with `?token=***`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any(isinstance(arg, str) and "token=" in arg for arg in record.args):
+            record.args = tuple(_TOKEN_IN_QUERY.sub(r"\1***", arg) if isinstance(arg, str) else arg
+                                for arg in record.args)
+        if isinstance(record.msg, str) and "token=" in record.msg:
+            record.msg = _TOKEN_IN_QUERY.sub(r"\1***", record.msg)
+        return True
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """lmstack's and uvicorn's loggers to stderr (uvicorn is told not to replace this: log_config=None)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("lmstack", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        logger.setLevel(level)
+        if not logger.handlers:
+            logger.addHandler(handler)
+        logger.propagate = False
+        if name.startswith("uvicorn"):
+            logger.addFilter(RedactTokens())
+
+
+def run_server(settings: Settings, *, host: str, port: int) -> bool:
+    """Serve until interrupted (SIGINT/SIGTERM). False when the server could not start (port taken, startup
+    failed); raises DatabaseError when the database cannot be used."""
+    configure_logging()
+    database = open_database(settings)
+    try:
+        log.info("state database: %s", database.url)
+        config = uvicorn.Config(create_app(settings, database=database), host=host, port=port, log_config=None,
+                                ws_ping_interval=20.0, ws_ping_timeout=20.0)
+        server = uvicorn.Server(config)
+        shown = f"[{host}]" if ":" in host else host
+        log.info("lmstack API starting on http://%s:%d (gateway /v1, status /api, /metrics, /healthz, docs /docs)",
+                 shown, port)
+        server.run()
+        return bool(server.started)
+    finally:
+        database.close()

@@ -1,0 +1,309 @@
+"""API keys: creating, listing and revoking them, and verifying them on the request path (`KeyCache`).
+
+A key is `lmsk_` + 32 random bytes. It is shown once, when created; the database keeps its first
+characters in clear (to find the row) and a SHA-256 digest (to check it), never the key.
+
+`KeyCache.verify(token)` trusts what it read from the database for `ttl_s` (default 1 s), for valid
+and invalid keys alike: a hot key costs no database round-trip per request, and a revoked or expired
+key, or one whose user was disabled, is refused within `ttl_s` on every server without any message
+between servers (the entry simply expires). Lookups run in the thread pool, off the event loop, and
+concurrent lookups of one key share a single query. `last_used_at` is written at most once a minute
+per key, by the lookup that finds it older than that (so not per request, and not per server).
+`KeyCache.check_rate(info)` applies the key's requests-per-minute limit (see services/ratelimit.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Literal
+
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+
+from lmstack.api.security import KEY_PREFIX, digests_match, key_digest, key_lookup, new_api_key
+from lmstack.api.services.ratelimit import Clock, KeyRateLimiter
+from lmstack.state import ROLES, ApiKey, Database, Role, User
+
+LAST_USED_EVERY = timedelta(seconds=60)
+MAX_NAME_LENGTH = 100
+_MAX_TOKEN_LENGTH = 128  # keys are 48 characters; anything much longer is not worth hashing
+# Compared against when no row has the key's prefix, so a miss costs what a wrong key costs.
+_NO_DIGEST = "0" * 64
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """A verified key, as the gateway sees it."""
+
+    id: int
+    name: str
+    user: str
+    role: str
+    models: tuple[str, ...] | None  # None: every model
+    rpm_limit: int | None
+    expires_at: datetime | None
+    prefix: str = ""  # `lmsk_` and the stored lookup characters, for logs
+
+    def allows(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+
+KeyStatus = Literal["active", "revoked", "expired"]
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """A stored key for listing: everything but the secret (which is not stored)."""
+
+    id: int
+    name: str
+    user: str
+    prefix: str  # as shown: `lmsk_` + the lookup characters
+    models: tuple[str, ...] | None
+    rpm_limit: int | None
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    created_at: datetime
+    last_used_at: datetime | None
+
+    @property
+    def status(self) -> KeyStatus:
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at is not None and self.expires_at <= datetime.now(UTC):
+            return "expired"
+        return "active"
+
+
+@dataclass(frozen=True)
+class CreatedKey:
+    record: KeyRecord
+    token: str  # the key itself: show it once, store it nowhere
+
+
+class ApiKeyError(Exception):
+    """A key operation that cannot be done; the message says why (shown as is)."""
+
+
+class ApiKeyNotFound(ApiKeyError):
+    pass
+
+
+class InvalidKeyRequest(ApiKeyError):
+    pass
+
+
+class CredentialsUnavailable(Exception):
+    """Credentials cannot be checked now (the database does not answer)."""
+
+
+def _record(key: ApiKey, user: str) -> KeyRecord:
+    return KeyRecord(
+        id=key.id, name=key.name, user=user, prefix=KEY_PREFIX + key.prefix,
+        models=tuple(key.models) if key.models is not None else None, rpm_limit=key.rpm_limit,
+        expires_at=key.expires_at, revoked_at=key.revoked_at, created_at=key.created_at,
+        last_used_at=key.last_used_at)
+
+
+def _clean_models(models: Sequence[str] | None) -> list[str] | None:
+    if models is None:
+        return None
+    cleaned = list(dict.fromkeys(m.strip() for m in models))
+    if not cleaned or any(not m for m in cleaned):
+        raise InvalidKeyRequest("models: list at least one model name (or leave it out to allow every model)")
+    return cleaned
+
+
+def create_key(session: Session, *, user: str, name: str, models: Sequence[str] | None = None,
+               rpm_limit: int | None = None, expires_at: datetime | None = None) -> CreatedKey:
+    """A new key for `user`. The returned token is the only copy of the key."""
+    name = name.strip()
+    if not name or len(name) > MAX_NAME_LENGTH:
+        raise InvalidKeyRequest(f"name: 1 to {MAX_NAME_LENGTH} characters")
+    allowed = _clean_models(models)
+    if rpm_limit is not None and rpm_limit < 1:
+        raise InvalidKeyRequest("rpm_limit: at least 1 (or leave it out for no limit)")
+    if expires_at is not None:
+        if expires_at.tzinfo is None:
+            raise InvalidKeyRequest("expires_at: give a time zone (for example 2030-01-01T00:00:00Z)")
+        if expires_at <= datetime.now(UTC):
+            raise InvalidKeyRequest("expires_at: must be in the future")
+    owner = session.scalar(select(User).where(User.name == user))
+    if owner is None:
+        raise ApiKeyNotFound(f"no user {user!r}")
+    if owner.disabled:
+        raise InvalidKeyRequest(f"user {user!r} is disabled")
+    new = new_api_key()
+    key = ApiKey(name=name, user_id=owner.id, prefix=new.lookup, key_hash=new.digest, models=allowed,
+                 rpm_limit=rpm_limit, expires_at=expires_at)
+    session.add(key)
+    session.flush()
+    session.refresh(key)
+    return CreatedKey(record=_record(key, owner.name), token=new.token)
+
+
+def list_keys(session: Session, *, user: str | None = None) -> list[KeyRecord]:
+    """Every key (revoked and expired ones too), or only `user`'s."""
+    query = select(ApiKey, User.name).join(User, User.id == ApiKey.user_id).order_by(ApiKey.id)
+    if user is not None:
+        query = query.where(User.name == user)
+    return [_record(key, owner) for key, owner in session.execute(query)]
+
+
+def find_key(session: Session, *, ref: str) -> KeyRecord:
+    """A key by id (digits) or by prefix as `keys list` shows it (with or without `lmsk_`; the whole key
+    works too)."""
+    ref = ref.strip()
+    query = select(ApiKey, User.name).join(User, User.id == ApiKey.user_id)
+    if ref.isdigit():
+        query = query.where(ApiKey.id == int(ref))
+    else:
+        query = query.where(ApiKey.prefix == key_lookup(ref if ref.startswith(KEY_PREFIX) else KEY_PREFIX + ref))
+    row = session.execute(query).one_or_none()
+    if row is None:
+        raise ApiKeyNotFound(f"no API key {ref!r}")
+    return _record(*row)
+
+
+def revoke_key(session: Session, *, key_id: int, owner: str | None = None) -> KeyRecord:
+    """Revoke a key (idempotent: a revoked key keeps its first revocation time). With `owner`, only a
+    key of that user is found. Servers refuse it within their key cache's time (about a second)."""
+    query = select(ApiKey, User.name).join(User, User.id == ApiKey.user_id).where(ApiKey.id == key_id)
+    if owner is not None:
+        query = query.where(User.name == owner)
+    row = session.execute(query.with_for_update(of=ApiKey)).one_or_none()
+    if row is None:
+        raise ApiKeyNotFound(f"no API key {key_id}")
+    key, user = row
+    if key.revoked_at is None:
+        key.revoked_at = datetime.now(UTC)
+    return _record(key, user)
+
+
+# -- verification on the request path ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Entry:
+    value: object
+    until: float  # monotonic
+
+
+class KeyCache:
+    """Verified keys (and users' current roles), each trusted for `ttl_s`. See the module docstring."""
+
+    def __init__(self, database: Database, *, ttl_s: float, clock: Clock = time.monotonic,
+                 rate_window_s: float = 60.0) -> None:
+        self.database = database
+        self.ttl_s = ttl_s
+        self.rates = KeyRateLimiter(window_s=rate_window_s, clock=clock)
+        self.lookups = 0  # database lookups made: a figure for metrics and tests
+        self._clock = clock
+        self._entries: dict[tuple[str, str], _Entry] = {}
+        self._loading: dict[tuple[str, str], asyncio.Task[object]] = {}
+        self._next_purge = clock() + ttl_s
+
+    async def verify(self, token: str) -> KeyInfo | None:
+        """The key's info when `token` is a valid, unexpired, unrevoked key of an enabled user; else None."""
+        if not token.startswith(KEY_PREFIX) or len(token) > _MAX_TOKEN_LENGTH:
+            return None
+        # Cached by digest: the key itself is not kept in memory either.
+        value = await self._get(("key", key_digest(token)), lambda: run_in_threadpool(self._lookup_key, token))
+        info = value if isinstance(value, KeyInfo) else None
+        if info is not None and info.expires_at is not None and info.expires_at <= datetime.now(UTC):
+            return None  # expired while cached
+        return info
+
+    async def user_role(self, name: str) -> Role | None:
+        """The current role of an enabled user; None when unknown or disabled (login tokens are checked
+        against this, so disabling a user ends their sessions within `ttl_s` too)."""
+        value = await self._get(("user", name), lambda: run_in_threadpool(self._lookup_user, name))
+        return value if isinstance(value, str) and value in ROLES else None
+
+    def check_rate(self, info: KeyInfo) -> float | None:
+        """The key's requests-per-minute limit: None allowed (and counted); else seconds to wait."""
+        return self.rates.check(info.id, info.rpm_limit)
+
+    def clear(self) -> None:
+        """Forget every cached answer (the next verification of each key reads the database)."""
+        self._entries.clear()
+
+    async def _get(self, key: tuple[str, str], load: Callable[[], Awaitable[object]]) -> object:
+        entry = self._entries.get(key)
+        if entry is not None and entry.until > self._clock():
+            return entry.value
+        task = self._loading.get(key)
+        if task is None:
+            task = asyncio.create_task(self._load(key, load))
+            self._loading[key] = task
+            task.add_done_callback(lambda done: self._loaded(key, done))
+        # Shielded: a caller that goes away (client disconnect) does not cancel the others' lookup.
+        return await asyncio.shield(task)
+
+    async def _load(self, key: tuple[str, str], load: Callable[[], Awaitable[object]]) -> object:
+        started = self._clock()  # trusted from before the read: never longer than ttl_s after it
+        value = await load()
+        self._store(key, value, until=started + self.ttl_s)
+        return value
+
+    def _loaded(self, key: tuple[str, str], task: asyncio.Task[object]) -> None:
+        if self._loading.get(key) is task:
+            del self._loading[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: every waiter may have gone
+
+    def _store(self, key: tuple[str, str], value: object, *, until: float) -> None:
+        now = self._clock()
+        if now >= self._next_purge:  # drop stale entries (unknown keys included) about once per ttl
+            self._next_purge = now + self.ttl_s
+            for stale in [k for k, e in self._entries.items() if e.until <= now]:
+                del self._entries[stale]
+        self._entries[key] = _Entry(value, until)
+
+    def _lookup_key(self, token: str) -> KeyInfo | None:
+        self.lookups += 1
+        query = (select(ApiKey.id, ApiKey.name, ApiKey.prefix, ApiKey.key_hash, ApiKey.models, ApiKey.rpm_limit,
+                        ApiKey.expires_at, ApiKey.revoked_at, ApiKey.last_used_at,
+                        User.name.label("user"), User.role, User.disabled)
+                 .join(User, User.id == ApiKey.user_id)
+                 .where(ApiKey.prefix == key_lookup(token)))
+        try:
+            with self.database.engine.begin() as conn:
+                row = conn.execute(query).one_or_none()
+                match = digests_match(row.key_hash if row is not None else _NO_DIGEST, token)
+                if row is None or not match or row.revoked_at is not None or row.disabled:
+                    return None
+                now = datetime.now(UTC)
+                if row.expires_at is not None and row.expires_at <= now:
+                    return None
+                if row.last_used_at is None or row.last_used_at < now - LAST_USED_EVERY:
+                    # Conditional: of several servers finding it due at once, usually only one writes.
+                    conn.execute(update(ApiKey)
+                                 .where(ApiKey.id == row.id,
+                                        or_(ApiKey.last_used_at.is_(None),
+                                            ApiKey.last_used_at < func.now() - LAST_USED_EVERY))
+                                 .values(last_used_at=func.now()))
+        except (DBAPIError, PoolTimeoutError) as exc:
+            raise CredentialsUnavailable("cannot check the API key now: the database does not answer") from exc
+        return KeyInfo(id=row.id, name=row.name, user=row.user, role=row.role,
+                       models=tuple(row.models) if row.models is not None else None, rpm_limit=row.rpm_limit,
+                       expires_at=row.expires_at, prefix=KEY_PREFIX + row.prefix)
+
+    def _lookup_user(self, name: str) -> Role | None:
+        self.lookups += 1
+        try:
+            with self.database.engine.connect() as conn:
+                row = conn.execute(select(User.role, User.disabled).where(User.name == name)).one_or_none()
+        except (DBAPIError, PoolTimeoutError) as exc:
+            raise CredentialsUnavailable("cannot check the login now: the database does not answer") from exc
+        if row is None or row.disabled:
+            return None
+        role: Role = row.role
+        return role

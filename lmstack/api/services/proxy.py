@@ -1,0 +1,447 @@
+"""Forwarding one OpenAI-style request to a replica, with failover, and relaying its answer.
+
+Like dstack's model proxy, nothing is answered before the engine has: the status line and, for a stream,
+the first chunk are read first. Until then a failure (connect error, timeout, 5xx, empty stream) is still
+ours to handle: the request goes once to another replica, and if that fails too the client gets a proper
+error (502, or 504 for a timeout) in OpenAI's shape. After the first chunk the stream is relayed event by
+event as it arrives; if the engine fails then, the client gets an SSE error event (OpenAI's error shape)
+and the end of the stream, never a hang.
+
+Non-streaming answers are read whole (they are JSON, and reading them lets a failure mid-body still be
+retried), then sent. Streams are relayed without buffering beyond the current SSE event, and the upstream
+response is closed as soon as the client goes away, which cancels the generation in the engine.
+
+Usage is taken from what the engine reports: `usage` in a JSON answer, or the last chunk carrying usage
+in a stream. For streams the gateway asks for that chunk (`stream_options.include_usage`) when the
+client did not, and then drops it from what the client sees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import anyio
+import httpx
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Message, Receive, Scope, Send
+
+from lmstack.api.errors import ApiError, error_body
+from lmstack.api.services.registry import Registry, ReplicaKey, Target
+from lmstack.api.services.usage import UsageRecorder
+
+T = TypeVar("T")
+
+_JSON_HEADERS = {"content-type": "application/json", "accept": "application/json",
+                 "accept-encoding": "identity"}  # identity: the raw bytes relayed are the bytes the client reads
+_SSE_HEADERS = {**_JSON_HEADERS, "accept": "text/event-stream"}
+_STREAM_RESPONSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+_USAGE = re.compile(rb'"usage"\s*:\s*\{')
+_USAGE_KEY = re.compile(rb'"usage"\s*:\s*')
+_ERROR_EVENT = re.compile(rb'^data:\s*\{\s*"error"\s*:')
+_SMALL_JSON = 64 * 1024  # JSON answers up to this size are parsed whole for their usage
+CLIENT_CLOSED = 499  # status recorded for a client that went away (nginx's convention)
+
+
+@dataclass
+class Call:
+    """One request to forward: what the client sent and who sent it."""
+
+    path: str  # /v1/chat/completions, /v1/completions, /v1/embeddings
+    model: str  # the served name the client asked for
+    body: dict[str, Any]  # the parsed JSON body
+    raw: bytes  # the body exactly as received, forwarded as is when nothing needs changing
+    key_id: int | None
+    streamable: bool = True  # whether `stream: true` means SSE here (not for embeddings)
+    started: float = field(default_factory=time.perf_counter)
+    at: float = field(default_factory=time.time)
+
+    @property
+    def stream(self) -> bool:
+        return self.streamable and self.body.get("stream") is True
+
+    @property
+    def client_wants_usage(self) -> bool:
+        options = self.body.get("stream_options")
+        return isinstance(options, dict) and options.get("include_usage") is True
+
+    @property
+    def add_usage(self) -> bool:
+        """Whether to ask the engine for the usage chunk the client did not ask for (then hidden from it)."""
+        options = self.body.get("stream_options")
+        return self.stream and not self.client_wants_usage and (options is None or isinstance(options, dict))
+
+    def elapsed_ms(self) -> int:
+        return int((time.perf_counter() - self.started) * 1000)
+
+
+def upstream_body(call: Call, upstream_model: str) -> bytes:
+    """The body to send the engine: the client's bytes unless the model name or stream options change."""
+    if call.body.get("model") == upstream_model and not call.add_usage:
+        return call.raw
+    body = {**call.body, "model": upstream_model}
+    if call.add_usage:
+        body["stream_options"] = {**(call.body.get("stream_options") or {}), "include_usage": True}
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer started."""
+
+
+class _Failure(Exception):
+    """A replica failed before answering: the request may still go to another one."""
+
+    def __init__(self, kind: str, error: ApiError) -> None:
+        super().__init__(error.message)
+        self.kind = kind  # connect | timeout | status | stream (counted by kind)
+        self.error = error
+
+
+@dataclass
+class _Answer:
+    """What a replica answered, read up to the point where the gateway commits to it."""
+
+    response: httpx.Response
+    ttft_ms: int
+    content: bytes | None = None  # a whole (non-streamed) answer
+    first: bytes = b""  # a stream: its first chunk ...
+    rest: AsyncIterator[bytes] | None = None  # ... and the rest
+
+
+async def forward(call: Call, *, client: httpx.AsyncClient, registry: Registry, usage: UsageRecorder,
+                  receive: Receive | None = None) -> Response:
+    """Send `call` to a Ready replica of its model (one retry on another replica) and relay the answer.
+
+    Raises ApiError: 503 when no replica is Ready, 502/504 when the replicas tried failed. `receive` is the
+    client's ASGI channel: a disconnect before the answer starts abandons the upstream request.
+    """
+    tried: set[ReplicaKey] = set()
+    failure: _Failure | None = None
+    failed_on: str | None = None  # the last replica that failed
+    for attempt in range(2):
+        target = registry.pick(call.model, tried)
+        if target is None:
+            break
+        if attempt:
+            registry.counters.retries += 1
+        tried.add(target.key)
+        load = target.load
+        load.outstanding += 1
+        load.requests += 1
+        try:
+            answer = await _unless_gone(_ask(client, target, call), receive)
+        except _Failure as exc:
+            load.outstanding -= 1
+            registry.failed(target)
+            registry.counters.upstream_failures[exc.kind] += 1
+            failure, failed_on = exc, target.name
+            continue
+        except ClientGone:
+            load.outstanding -= 1
+            registry.counters.client_disconnects += 1
+            usage.record(key_id=call.key_id, model=call.model, replica=target.name, status=CLIENT_CLOSED,
+                         latency_ms=call.elapsed_ms(), at=call.at)
+            return Response(status_code=CLIENT_CLOSED)  # nobody reads it
+        except BaseException:
+            load.outstanding -= 1
+            raise
+        registry.succeeded(target)
+        if answer.rest is not None:
+            relay = _Relay(call=call, target=target, answer=answer, registry=registry, usage=usage)
+            return RelayResponse(relay)
+        load.outstanding -= 1
+        return _whole(call, target, answer, usage)
+
+    if failure is None:
+        error = ApiError(503, f"no Ready replica of model {call.model!r} right now; try again shortly",
+                         code="model_unavailable")
+    else:
+        error = failure.error
+    usage.record(key_id=call.key_id, model=call.model, replica=failed_on, status=error.status,
+                 latency_ms=call.elapsed_ms(), at=call.at)
+    raise error
+
+
+async def _ask(client: httpx.AsyncClient, target: Target, call: Call) -> _Answer:
+    """Send the request and read the answer's status (and first chunk, for a stream); _Failure if it fails."""
+    request = client.build_request("POST", target.endpoint + call.path,
+                                   content=upstream_body(call, target.upstream_model),
+                                   headers=_SSE_HEADERS if call.stream else _JSON_HEADERS)
+    where = f"replica {target.name} of {target.served_name!r} ({target.endpoint})"
+    response: httpx.Response | None = None
+    try:
+        response = await client.send(request, stream=True)
+        if response.status_code >= 500:
+            detail = _error_message(await response.aread())
+            raise _Failure("status", ApiError(
+                502, f"{where} answered {response.status_code}" + (f": {detail}" if detail else ""),
+                code="upstream_error"))
+        content_type = response.headers.get("content-type", "")
+        if call.stream and response.status_code == 200 and content_type.startswith("text/event-stream"):
+            rest = response.aiter_raw()
+            try:
+                first = await anext(rest)
+            except StopAsyncIteration:
+                raise _Failure("stream", ApiError(502, f"{where} ended the stream before sending anything",
+                                                  code="upstream_error")) from None
+            return _Answer(response, ttft_ms=call.elapsed_ms(), first=first, rest=rest)
+        ttft_ms = call.elapsed_ms()
+        return _Answer(response, ttft_ms=ttft_ms, content=await response.aread())
+    except httpx.TimeoutException as exc:
+        await _close(response)
+        raise _Failure("timeout", ApiError(504, f"{where} did not answer in time ({_describe(exc)})",
+                                           code="upstream_timeout")) from None
+    except httpx.HTTPError as exc:
+        await _close(response)
+        raise _Failure("connect", ApiError(502, f"{where} failed: {_describe(exc)}",
+                                           code="upstream_error")) from None
+    except BaseException:  # a _Failure above, or cancelled
+        await _close(response)
+        raise
+
+
+def _whole(call: Call, target: Target, answer: _Answer, usage: UsageRecorder) -> Response:
+    response, content = answer.response, answer.content or b""
+    tokens = _usage_of_json(content) if response.status_code == 200 else None
+    usage.record(key_id=call.key_id, model=call.model, replica=target.name, status=response.status_code,
+                 latency_ms=call.elapsed_ms(), ttft_ms=answer.ttft_ms, at=call.at,
+                 prompt_tokens=tokens[0] if tokens else 0, completion_tokens=tokens[1] if tokens else 0)
+    return Response(content, status_code=response.status_code,
+                    media_type=response.headers.get("content-type", "application/json"))
+
+
+class _Relay:
+    """One stream from a replica to the client: event framing, usage, the end, and cleaning up."""
+
+    def __init__(self, *, call: Call, target: Target, answer: _Answer, registry: Registry,
+                 usage: UsageRecorder) -> None:
+        self.call = call
+        self.target = target
+        self.answer = answer
+        self.registry = registry
+        self.usage = usage
+        self.status = 200  # for usage: what became of the stream
+        self.tokens: tuple[int, int] | None = None
+        self.done = False  # `data: [DONE]` seen
+        self.completed = False  # the whole stream (or an error event ending it) went to the client
+        self._finished = False
+        self.events = self._events()
+
+    async def _events(self) -> AsyncGenerator[bytes, None]:
+        framer = _SseFramer()
+        rest = self.answer.rest
+        assert rest is not None
+        try:
+            chunk = self.answer.first
+            while True:
+                out = self._keep(framer.feed(chunk))
+                if out:
+                    yield out
+                try:
+                    chunk = await anext(rest)
+                except StopAsyncIteration:
+                    break
+            tail = framer.tail()
+            if tail and tail.strip():
+                out = self._keep([tail])
+                if out:
+                    yield out
+            if not self.done:
+                raise _Truncated
+        except (httpx.HTTPError, _Truncated) as exc:
+            yield self._fail(exc)
+        self.completed = True
+
+    def _keep(self, events: list[bytes]) -> bytes:
+        kept: list[bytes] = []
+        for event in events:
+            if len(event) < 32 and b"[DONE]" in event:
+                self.done = True
+            elif _USAGE.search(event):
+                data = _event_json(event)
+                if isinstance(data, dict):
+                    tokens = _tokens(data.get("usage"))
+                    if tokens is not None:
+                        self.tokens = tokens
+                    if self.call.add_usage and data.get("choices") == []:
+                        continue  # the usage chunk the gateway asked for, not the client
+            elif _ERROR_EVENT.match(event):
+                self.status = 502  # the engine reported an error in the stream
+            kept.append(event)
+        return b"".join(kept)
+
+    def _fail(self, exc: Exception) -> bytes:
+        where = f"replica {self.target.name} of {self.target.served_name!r}"
+        if isinstance(exc, httpx.TimeoutException):
+            self.status, kind, code = 504, "timeout", "upstream_timeout"
+            message = f"{where} stopped sending in the middle of the stream ({_describe(exc)})"
+        elif isinstance(exc, _Truncated):
+            self.status, kind, code = 502, "stream", "upstream_error"
+            message = f"{where} ended the stream before it was complete"
+        else:
+            self.status, kind, code = 502, "stream", "upstream_error"
+            message = f"{where} failed in the middle of the stream: {_describe(exc)}"
+        self.registry.failed(self.target)
+        self.registry.counters.upstream_failures[kind] += 1
+        body = json.dumps(error_body(self.status, message, code=code), separators=(",", ":"))
+        return f"data: {body}\n\ndata: [DONE]\n\n".encode()
+
+    async def finish(self) -> None:
+        """Close the upstream response (the engine sees the disconnect), then record usage. Idempotent."""
+        if self._finished:
+            return
+        self._finished = True
+        with anyio.CancelScope(shield=True):
+            await self.events.aclose()
+            await self.answer.response.aclose()
+        self.target.load.outstanding -= 1
+        status = self.status
+        if not self.completed:
+            status = CLIENT_CLOSED
+            self.registry.counters.client_disconnects += 1
+        prompt, completion = self.tokens or (0, 0)
+        self.usage.record(key_id=self.call.key_id, model=self.call.model, replica=self.target.name, status=status,
+                          latency_ms=self.call.elapsed_ms(), ttft_ms=self.answer.ttft_ms, at=self.call.at,
+                          prompt_tokens=prompt, completion_tokens=completion)
+
+
+class RelayResponse(StreamingResponse):
+    """A StreamingResponse that always closes its upstream when it ends, however it ends.
+
+    Starlette stops iterating when the client disconnects (it cancels the sending task); the generator may
+    then be left suspended, so the upstream response is closed here rather than left to the garbage
+    collector.
+    """
+
+    def __init__(self, relay: _Relay) -> None:
+        response = relay.answer.response
+        super().__init__(relay.events, status_code=response.status_code,
+                         media_type=response.headers.get("content-type", "text/event-stream"),
+                         headers=_STREAM_RESPONSE_HEADERS)
+        self.relay = relay
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.relay.finish()
+
+
+class _Truncated(Exception):
+    """The upstream stream ended without `data: [DONE]`."""
+
+
+class _SseFramer:
+    """Splits a byte stream into complete SSE events (each with its blank-line terminator)."""
+
+    def __init__(self) -> None:
+        self._pending = b""
+
+    def feed(self, data: bytes) -> list[bytes]:
+        buffer = self._pending + data if self._pending else data
+        events: list[bytes] = []
+        start = 0
+        for end in _EVENT_END.finditer(buffer):
+            events.append(buffer[start:end.end()])
+            start = end.end()
+        self._pending = buffer[start:]
+        return events
+
+    def tail(self) -> bytes:
+        pending, self._pending = self._pending, b""
+        return pending
+
+
+def _event_json(event: bytes) -> Any:
+    lines = [line[5:].removeprefix(b" ") for line in event.splitlines() if line.startswith(b"data:")]
+    try:
+        return json.loads(b"\n".join(lines))
+    except ValueError:
+        return None
+
+
+def _tokens(usage: object) -> tuple[int, int] | None:
+    if not isinstance(usage, Mapping):
+        return None
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens", 0)
+    if not isinstance(prompt, int) or not isinstance(completion, int):
+        return None
+    return prompt, completion
+
+
+def _usage_of_json(content: bytes) -> tuple[int, int] | None:
+    """(prompt, completion) tokens from a JSON answer's top-level `usage`, if it has one."""
+    if len(content) > _SMALL_JSON:
+        # A big answer (embeddings): decode only the last `"usage": {...}`, which is where engines put it.
+        at = content.rfind(b'"usage"')
+        if at >= 0:
+            match = _USAGE_KEY.match(content, at)
+            if match is not None:
+                try:
+                    found, _ = json.JSONDecoder().raw_decode(content[match.end():].decode())
+                except (ValueError, UnicodeDecodeError):
+                    found = None
+                tokens = _tokens(found)
+                if tokens is not None:
+                    return tokens
+    try:
+        data = json.loads(content)
+    except ValueError:
+        return None
+    return _tokens(data.get("usage")) if isinstance(data, dict) else None
+
+
+def _error_message(content: bytes) -> str:
+    """The message of an engine's error answer (OpenAI shape, or FastAPI's `detail`), shortened."""
+    try:
+        data = json.loads(content)
+    except ValueError:
+        return content.decode(errors="replace").strip()[:300]
+    if isinstance(data, dict):
+        error = data.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return str(error["message"])[:300]
+        if isinstance(data.get("detail"), str):
+            return str(data["detail"])[:300]
+    return json.dumps(data)[:300]
+
+
+def _describe(exc: Exception) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+async def _close(response: httpx.Response | None) -> None:
+    if response is not None:
+        with anyio.CancelScope(shield=True):
+            await response.aclose()
+
+
+async def _unless_gone(work: Awaitable[T], receive: Receive | None) -> T:
+    """Await `work`, abandoning it (ClientGone) if the client disconnects first."""
+    if receive is None:
+        return await work
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnected(receive))
+    try:
+        await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+    if task.done() and not task.cancelled():
+        return task.result()
+    await asyncio.gather(task, return_exceptions=True)  # let it close what it opened
+    raise ClientGone
+
+
+async def _disconnected(receive: Callable[[], Awaitable[Message]]) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass

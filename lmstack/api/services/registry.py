@@ -1,0 +1,215 @@
+"""Ready replicas by served model name, for the gateway to route to.
+
+The table of replicas is re-read from the database every `refresh_s` (in a thread, off the event loop);
+requests never touch the database. What the gateway learns while serving — requests in flight, failures —
+lives in a `ReplicaLoad` per replica, kept across refreshes for as long as the replica stays Ready at the
+same endpoint.
+
+Choosing a replica is "power of two choices": two Ready replicas at random, the one with fewer requests in
+flight wins. It spreads load nearly as well as least-loaded without every server herding onto the same
+replica, and costs O(1). A replica that just failed (connect error, timeout, 5xx) is suspect for
+`suspect_s` seconds: it is skipped while any other replica of the model is not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Set
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+
+from lmstack.api.services.metrics import Metrics
+from lmstack.backends import backend_for
+from lmstack.state import Database, Deployment, Replica
+
+log = logging.getLogger("lmstack.api.registry")
+
+ReplicaKey = tuple[str, int, str]  # deployment, ordinal, endpoint: a replica moved elsewhere starts afresh
+
+
+@dataclass
+class ReplicaLoad:
+    """What the gateway knows about a replica from serving it (mutated on the event loop only)."""
+
+    outstanding: int = 0  # requests in flight now
+    requests: int = 0  # requests sent since this process first saw the replica
+    failures: int = 0  # of those, how many failed before or during the answer
+    suspect_until: float = 0.0  # monotonic time; skipped until then when another replica is available
+
+
+@dataclass(frozen=True)
+class Target:
+    """One Ready replica as the gateway routes to it."""
+
+    served_name: str
+    upstream_model: str  # the `model` to send the engine (backend_for(...).upstream_model(spec))
+    endpoint: str  # base URL, e.g. http://10.0.0.5:18000
+    deployment: str
+    ordinal: int
+    worker: str
+    load: ReplicaLoad = field(compare=False, repr=False)
+
+    @property
+    def key(self) -> ReplicaKey:
+        return (self.deployment, self.ordinal, self.endpoint)
+
+    @property
+    def name(self) -> str:
+        return f"{self.deployment}/{self.ordinal}"
+
+
+@dataclass
+class GatewayCounters:
+    """Process-wide gateway counters, for the metrics endpoint to read (plain ints: no locking on the loop)."""
+
+    retries: int = 0  # requests sent to a second replica after the first failed before answering
+    upstream_failures: Counter[str] = field(default_factory=Counter)  # by kind: connect, timeout, status, stream
+    client_disconnects: int = 0  # clients that went away before their answer was complete
+    refresh_failures: int = 0  # registry refreshes that could not read the database
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    replicas: list[tuple[str, int, str, str, dict[str, Any], datetime]]
+    served_names: set[str]
+
+
+class Registry:
+    def __init__(self, database: Database, *, refresh_s: float, metrics: Metrics, suspect_s: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.database = database
+        self.refresh_s = refresh_s
+        self.metrics = metrics
+        self.suspect_s = suspect_s
+        self.counters = GatewayCounters()
+        self._clock = clock
+        self._targets: dict[str, tuple[Target, ...]] = {}
+        self._created: dict[str, int] = {}  # served name -> unix time its oldest Ready replica was created
+        self._known: frozenset[str] = frozenset()  # every served name of a deployment or a Ready replica
+        self._loads: dict[ReplicaKey, ReplicaLoad] = {}
+        self.refreshed_at: float | None = None  # monotonic time of the last successful refresh
+        self.refresh_error: str | None = None  # why the last refresh failed; None when it succeeded
+
+    # -- refreshing ------------------------------------------------------------------------------------
+
+    async def refresh(self) -> None:
+        """Re-read Ready replicas. When the database cannot be read, the last known replicas stay in use."""
+        try:
+            snapshot = await asyncio.to_thread(self._read)
+        except SQLAlchemyError as exc:
+            self.counters.refresh_failures += 1
+            if self.refresh_error is None:
+                log.warning("cannot read replicas from the database; routing to the last known ones: %s",
+                            " ".join(str(exc).split())[:500])
+            self.refresh_error = str(exc)
+            return
+        if self.refresh_error is not None:
+            log.warning("reading replicas from the database again")
+        self.refresh_error = None
+        self._apply(snapshot)
+        self.refreshed_at = self._clock()
+
+    async def run(self) -> None:
+        """Refresh every `refresh_s` until cancelled."""
+        while True:
+            await asyncio.sleep(self.refresh_s)
+            await self.refresh()
+
+    def _read(self) -> _Snapshot:
+        with self.database.session() as session:
+            rows = session.execute(
+                select(Replica.deployment_name, Replica.ordinal, Replica.worker_name, Replica.endpoint,
+                       Replica.spec, Replica.created_at)
+                .where(Replica.status == "ready", Replica.endpoint.is_not(None))
+                .order_by(Replica.deployment_name, Replica.ordinal)
+            ).all()
+            names = set(session.scalars(select(Deployment.served_name)).all())
+        return _Snapshot(replicas=[(r[0], r[1], r[2], str(r[3]), dict(r[4] or {}), r[5]) for r in rows],
+                         served_names=names)
+
+    def _apply(self, snapshot: _Snapshot) -> None:
+        targets: dict[str, list[Target]] = {}
+        created: dict[str, int] = {}
+        loads: dict[ReplicaKey, ReplicaLoad] = {}
+        for deployment, ordinal, worker, endpoint, spec, created_at in snapshot.replicas:
+            served = str(spec.get("servedName") or deployment)
+            key = (deployment, ordinal, endpoint.rstrip("/"))
+            load = loads[key] = self._loads.get(key) or ReplicaLoad()
+            targets.setdefault(served, []).append(Target(
+                served_name=served, upstream_model=_upstream_model(spec, served), endpoint=key[2],
+                deployment=deployment, ordinal=ordinal, worker=worker, load=load))
+            stamp = int(created_at.timestamp())
+            created[served] = min(created.get(served, stamp), stamp)
+        # Requests in flight on a replica that just left keep their (now unreferenced) load object.
+        self._loads = loads
+        self._targets = {name: tuple(found) for name, found in targets.items()}
+        self._created = created
+        self._known = frozenset(snapshot.served_names | set(targets))
+
+    # -- routing ---------------------------------------------------------------------------------------
+
+    def knows(self, model: str) -> bool:
+        """Whether `model` is the served name of a deployment (Ready or not)."""
+        return model in self._known
+
+    def targets(self, model: str) -> tuple[Target, ...]:
+        return self._targets.get(model, ())
+
+    def models(self) -> list[tuple[str, int]]:
+        """(served name, created) for every model with at least one Ready replica, sorted by name."""
+        return sorted((name, self._created.get(name, 0)) for name, found in self._targets.items() if found)
+
+    def pick(self, model: str, exclude: Set[ReplicaKey] = frozenset()) -> Target | None:
+        """A Ready replica for `model` by power of two choices on requests in flight; None if there is none.
+
+        Replicas in `exclude` (already tried for this request) are never chosen; suspect ones only when
+        nothing else is left.
+        """
+        candidates = [t for t in self._targets.get(model, ()) if t.key not in exclude]
+        if len(candidates) > 1:
+            now = self._clock()
+            healthy = [t for t in candidates if t.load.suspect_until <= now]
+            candidates = healthy or candidates
+        if not candidates:
+            return None
+        if len(candidates) == 1:
+            return candidates[0]
+        first, second = random.sample(candidates, 2)
+        return second if second.load.outstanding < first.load.outstanding else first
+
+    def failed(self, target: Target) -> None:
+        """`target` failed a request (before or during its answer): suspect for `suspect_s` seconds."""
+        load = target.load
+        load.failures += 1
+        now = self._clock()
+        if load.suspect_until <= now:
+            log.warning("replica %s of %s at %s failed; avoiding it for %.0fs", target.name, target.served_name,
+                        target.endpoint, self.suspect_s)
+        load.suspect_until = now + self.suspect_s
+
+    def succeeded(self, target: Target) -> None:
+        target.load.suspect_until = 0.0
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """Every Ready replica with its load, for status and metrics."""
+        now = self._clock()
+        return [{"model": t.served_name, "replica": t.name, "worker": t.worker, "endpoint": t.endpoint,
+                 "outstanding": t.load.outstanding, "requests": t.load.requests, "failures": t.load.failures,
+                 "suspect": t.load.suspect_until > now}
+                for found in self._targets.values() for t in found]
+
+
+def _upstream_model(spec: dict[str, Any], served: str) -> str:
+    try:
+        return backend_for(str(spec["backend"])).upstream_model(spec)
+    except (KeyError, TypeError):  # an old or odd spec: the engine was started with the served name
+        return served
+

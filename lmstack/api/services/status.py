@@ -1,0 +1,305 @@
+"""The read-only status API's queries: workers, deployments and replicas, sync runs, events, the plan.
+
+Keyword-only functions that take what they read (a session, the database, the settings) and return the
+response models; routes only call them. Blocking (SQLAlchemy, git): call them from a thread.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from sqlalchemy import func, select, text
+from sqlalchemy.orm import Session
+
+from lmstack.api import schemas
+from lmstack.config import Settings
+from lmstack.gitsource import SourceError, load_source, read_commit
+from lmstack.reconcile.observe import load_observed
+from lmstack.reconcile.planner import plan as make_plan
+from lmstack.state import Database
+from lmstack.state.models import Deployment, Event, Replica, SyncRun, Worker
+
+NO_REPO = ("the server has no repository configured: set LMSTACK_REPO (and LMSTACK_REF, default HEAD) to the "
+           "fleet's Git repository")
+
+
+SyncState = Literal["Synced", "OutOfSync", "Unknown"]
+
+
+class PlanUnavailable(Exception):
+    """The plan cannot be made: no repository configured, or it cannot be read. The message says which."""
+
+
+# -- workers --------------------------------------------------------------------------------------------------
+
+
+def list_workers(*, session: Session) -> schemas.WorkerList:
+    placed: dict[str, list[str]] = defaultdict(list)
+    for deployment, ordinal, worker in session.execute(
+            select(Replica.deployment_name, Replica.ordinal, Replica.worker_name)
+            .order_by(Replica.deployment_name, Replica.ordinal)):
+        placed[worker].append(f"{deployment}/{ordinal}")
+    return schemas.WorkerList(workers=[_worker(row, placed.get(row.name, []))
+                                       for row in session.scalars(select(Worker).order_by(Worker.name))])
+
+
+def _worker(row: Worker, replicas: list[str]) -> schemas.Worker:
+    # The planner's rule (reconcile.observe): an error from the last gathering makes the worker NotReady even
+    # when older facts are kept; a worker never gathered has nothing to place on.
+    if row.facts_error:
+        reason: str | None = row.facts_error
+    elif row.facts is None:
+        reason = "facts not gathered yet (lmstack facts, or the next apply, gathers them)"
+    else:
+        reason = None
+    return schemas.Worker(
+        name=row.name, host=row.host, labels=dict(row.labels or {}),
+        status="NotReady" if reason else "Ready", reason=reason,
+        facts=_facts(row.facts) if row.facts is not None else None, facts_at=row.facts_at, replicas=replicas)
+
+
+def _facts(facts: Mapping[str, Any]) -> schemas.WorkerFacts:
+    return schemas.WorkerFacts(
+        gpus=[schemas.Gpu(index=int(gpu.get("index", 0)), name=str(gpu.get("name") or ""),
+                          uuid=str(gpu.get("uuid") or ""), memory_total=_int(gpu.get("memory_total")),
+                          memory_used=_int(gpu.get("memory_used")),
+                          memory_unmanaged=_int(gpu.get("memory_unmanaged")),
+                          utilization=_int(gpu.get("utilization")))
+              for gpu in facts.get("gpus") or [] if isinstance(gpu, Mapping)],
+        gpu_error=_str(facts.get("gpu_error")),
+        docker_version=_str(facts.get("docker_version")),
+        docker_error=_str(facts.get("docker_error")),
+        nvidia_runtime=facts.get("nvidia_runtime") if isinstance(facts.get("nvidia_runtime"), bool) else None,
+        cpus=_int(facts.get("cpus")),
+        memory_total=_int(facts.get("memory_total")),
+        disk_free=_int(facts.get("disk_free")),
+        disk_total=_int(facts.get("disk_total")),
+    )
+
+
+# -- deployments ----------------------------------------------------------------------------------------------
+
+
+def list_deployments(*, session: Session) -> schemas.DeploymentList:
+    ready = _ready_counts(session)
+    rows = session.scalars(select(Deployment).order_by(Deployment.name))
+    return schemas.DeploymentList(deployments=[_deployment(row, ready.get(row.name, 0)) for row in rows])
+
+
+def get_deployment(*, session: Session, name: str) -> schemas.DeploymentDetail | None:
+    row = session.scalars(select(Deployment).where(Deployment.name == name)).one_or_none()
+    if row is None:
+        return None
+    replicas = session.scalars(select(Replica).where(Replica.deployment_name == name)
+                               .order_by(Replica.ordinal)).all()
+    summary = _deployment(row, sum(1 for replica in replicas if replica.status == "ready"))
+    resources = row.spec.get("resources") or {}
+    return schemas.DeploymentDetail(
+        **summary.model_dump(),
+        image=_str(row.spec.get("image")),
+        gpus_per_replica=_int(resources.get("gpus")) or 0,
+        replicas=[schemas.Replica(
+            ordinal=replica.ordinal, name=f"{name}/{replica.ordinal}", worker=replica.worker_name,
+            gpus=list(replica.gpu_indices or []), status=replica.status, endpoint=replica.endpoint,
+            message=replica.message, container_id=replica.container_id, spec_hash=replica.spec_hash,
+            revision=replica.revision, updated_at=replica.updated_at) for replica in replicas],
+    )
+
+
+def _ready_counts(session: Session) -> dict[str, int]:
+    counts = session.execute(select(Replica.deployment_name, func.count()).where(Replica.status == "ready")
+                             .group_by(Replica.deployment_name))
+    return {name: int(count) for name, count in counts}
+
+
+def _deployment(row: Deployment, ready: int) -> schemas.Deployment:
+    spec = row.spec or {}
+    return schemas.Deployment(
+        name=row.name, served_name=row.served_name, backend=str(spec.get("backend", "")),
+        model=str(spec.get("model", "")), replicas_wanted=_int(spec.get("replicas")) or 0, replicas_ready=ready,
+        conditions=[schemas.Condition.model_validate(c) for c in row.conditions or [] if _is_condition(c)],
+        revision=row.revision, last_attempted_revision=row.last_attempted_revision, spec_hash=row.spec_hash,
+        updated_at=row.updated_at)
+
+
+def _is_condition(value: object) -> bool:
+    return isinstance(value, Mapping) and isinstance(value.get("type"), str) and isinstance(value.get("status"), str)
+
+
+# -- sync -------------------------------------------------------------------------------------------------------
+
+
+def sync_status(*, database: Database, settings: Settings, limit: int) -> schemas.SyncStatus:
+    """Runs from the database; Synced when the last succeeded run applied the repository's current commit.
+
+    Reading the commit fetches a remote repository, so it happens after the database session is closed.
+    """
+    with database.session() as session:
+        runs = [_run(row) for row in session.scalars(select(SyncRun).order_by(SyncRun.id.desc()).limit(limit))]
+        applied = session.scalars(select(SyncRun).where(SyncRun.status == "succeeded")
+                                  .order_by(SyncRun.id.desc()).limit(1)).one_or_none()
+    revision = applied.revision if applied is not None else None
+    synced_at = applied.finished_at if applied is not None else None
+    head, problem = _head(settings)
+    state: SyncState
+    if head is None:
+        state, message = "Unknown", problem
+    else:
+        state, message = _compare(head.revision, revision, runs[0] if runs else None)
+    return schemas.SyncStatus(state=state, message=message, revision=revision, synced_at=synced_at, head=head,
+                              runs=runs)
+
+
+def _head(settings: Settings) -> tuple[schemas.RepoHead | None, str]:
+    """The configured repository's current commit, or None and why not."""
+    if settings.repo is None:
+        return None, NO_REPO
+    try:
+        snapshot = read_commit(settings.repo, settings.ref, cache_dir=settings.repo_cache_dir)
+    except SourceError as exc:
+        return None, f"cannot read the repository: {exc}"
+    if snapshot.revision is None:
+        return None, f"{snapshot.origin} is not a commit"
+    return schemas.RepoHead(origin=snapshot.origin, ref=settings.ref, revision=snapshot.revision.sha,
+                            subject=snapshot.revision.subject), ""
+
+
+def _compare(head: str, applied: str | None, latest: schemas.SyncRun | None) -> tuple[SyncState, str]:
+    if applied == head:
+        return "Synced", f"{head[:12]} is applied"
+    message = f"{head[:12]} is not applied yet" + (f" (the last applied is {applied[:12]})" if applied else
+                                                    " (nothing was applied yet)")
+    if latest is not None and latest.revision == head and latest.status != "succeeded":
+        message += ("; a sync run on it is under way" if latest.status == "running"
+                    else f"; the last sync run on it failed: {latest.error or 'see its events'}")
+    return "OutOfSync", message
+
+
+def _run(row: SyncRun) -> schemas.SyncRun:
+    summary = (row.plan or {}).get("summary") or {}
+    return schemas.SyncRun(
+        id=row.id, revision=row.revision, subject=row.subject, source=row.source, trigger=row.trigger,
+        status=row.status, started_at=row.started_at, finished_at=row.finished_at, error=row.error,
+        summary={str(key): count for key, count in summary.items() if isinstance(count, int)})
+
+
+# -- events -----------------------------------------------------------------------------------------------------
+
+
+def list_events(*, session: Session, limit: int, object_ref: str | None = None,
+                type_: str | None = None) -> schemas.EventList:
+    """Newest first. `object_ref`: "Kind/name" (kind in any case) or a bare name (any kind)."""
+    query = select(Event)
+    if object_ref:
+        kind, _, name = object_ref.rpartition("/")
+        query = query.where(Event.object_name == name)
+        if kind:
+            query = query.where(func.lower(Event.object_kind) == kind.lower())
+    if type_:
+        query = query.where(Event.type == type_)
+    rows = session.scalars(query.order_by(Event.id.desc()).limit(limit))
+    return schemas.EventList(events=[
+        schemas.Event(id=row.id, at=row.at, type=row.type, object_kind=row.object_kind,
+                      object_name=row.object_name, reason=row.reason, message=row.message,
+                      sync_run_id=row.sync_run_id) for row in rows])
+
+
+# -- plan -------------------------------------------------------------------------------------------------------
+
+
+def current_plan(*, database: Database, settings: Settings) -> schemas.PlanResponse:
+    """What the controller would do now: the configured commit planned against the recorded state.
+
+    Raises PlanUnavailable (no repository, or it cannot be read) and ManifestValidationError (every error
+    in the commit's manifests and inventory)."""
+    if settings.repo is None:
+        raise PlanUnavailable(NO_REPO)
+    try:
+        source = load_source(repo=settings.repo, ref=settings.ref, directory=None, settings=settings)
+    except SourceError as exc:
+        raise PlanUnavailable(f"cannot read the repository: {exc}") from exc
+    with database.session() as session:
+        observed = load_observed(session)
+    result = make_plan(source.desired, observed)
+    revision = source.revision
+    return schemas.PlanResponse.model_validate({
+        "source": {"origin": source.origin, "revision": revision.sha if revision else None,
+                   "subject": revision.subject if revision else None},
+        **result.to_json(),
+        "hasChanges": result.has_changes or bool(result.unplaceable),
+    })
+
+
+# -- health and metrics -------------------------------------------------------------------------------------------
+
+
+def check_database(*, database: Database) -> None:
+    """Raises when the database does not answer a trivial query."""
+    with database.engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+
+
+@dataclass(frozen=True)
+class FleetCounts:
+    replicas: Mapping[tuple[str, str], int]  # (deployment, status) -> replicas
+    wanted: Mapping[str, int]  # deployment -> replicas its spec asks for
+
+
+def fleet_counts(*, session: Session) -> FleetCounts:
+    replicas = {(deployment, str(status)): int(count) for deployment, status, count in session.execute(
+        select(Replica.deployment_name, Replica.status, func.count())
+        .group_by(Replica.deployment_name, Replica.status))}
+    wanted = {name: _int(spec.get("replicas")) or 0
+              for name, spec in session.execute(select(Deployment.name, Deployment.spec))}
+    return FleetCounts(replicas=replicas, wanted=wanted)
+
+
+# -- logs -----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReplicaLocation:
+    deployment: str
+    ordinal: int
+    worker: str
+    container_id: str | None
+
+
+def find_replica(*, session: Session, deployment: str, ordinal: int | None) -> ReplicaLocation | None:
+    """The replica (`ordinal` None: the lowest); None when the deployment has no such replica."""
+    query = select(Replica).where(Replica.deployment_name == deployment)
+    if ordinal is not None:
+        query = query.where(Replica.ordinal == ordinal)
+    row = session.scalars(query.order_by(Replica.ordinal).limit(1)).one_or_none()
+    if row is None:
+        return None
+    return ReplicaLocation(deployment=deployment, ordinal=row.ordinal, worker=row.worker_name,
+                           container_id=row.container_id)
+
+
+def deployment_exists(*, session: Session, name: str) -> bool:
+    found = session.scalar(select(func.count()).select_from(Deployment).where(Deployment.name == name))
+    return bool(found)
+
+
+# -- helpers ----------------------------------------------------------------------------------------------------
+
+
+def _int(value: object) -> int | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int | float):
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _str(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None

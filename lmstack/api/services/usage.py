@@ -1,0 +1,227 @@
+"""Usage: one record per gateway request, buffered in memory, rolled up per (API key, model, hour) into the
+`usage` table by a background flush.
+
+The request path only appends to a deque (`record`, no I/O, no lock), so a slow or unreachable database
+never slows or fails a request. `run()` flushes every `flush_s` seconds: the buffered records are rolled
+up in a thread and upserted in one transaction (`INSERT ... ON CONFLICT DO UPDATE` adding the counts, so
+several servers can write the same rows). If the write fails the records go back to the front of the
+buffer and the next flush tries again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import bindparam, select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from lmstack.api.services.metrics import Metrics
+from lmstack.state import ApiKey, Database, Usage, User
+
+log = logging.getLogger("lmstack.api.usage")
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """One request through the gateway."""
+
+    key_id: int | None  # the API key used; None for a login token
+    model: str  # the served name the client asked for
+    replica: str | None  # deployment/ordinal that answered; None when none was reached
+    status: int  # HTTP status the client got (a stream cut short: 502/504; the client gone: 499)
+    latency_ms: int  # from the request to the end of the answer
+    ttft_ms: int  # to the first byte of the engine's answer (0 when none came)
+    prompt_tokens: int  # as the engine reported them (0 when it did not)
+    completion_tokens: int
+    at: float  # unix time the request arrived
+
+    @property
+    def failed(self) -> bool:
+        return self.status >= 400
+
+
+Rollup = dict[str, Any]  # one row's worth of counts: the bind parameters of the upsert
+
+
+def rollup(records: Iterable[UsageRecord]) -> list[Rollup]:
+    """Records summed per (key, model, hour), sorted by that key (a fixed lock order across servers)."""
+    sums: dict[tuple[int | None, str, datetime], list[int]] = {}
+    for r in records:
+        hour = datetime.fromtimestamp(r.at, UTC).replace(minute=0, second=0, microsecond=0)
+        row = sums.setdefault((r.key_id, r.model, hour), [0, 0, 0, 0, 0, 0])
+        row[0] += 1
+        row[1] += r.failed
+        row[2] += r.prompt_tokens
+        row[3] += r.completion_tokens
+        row[4] += r.latency_ms
+        row[5] += r.ttft_ms
+    ordered = sorted(sums.items(), key=lambda item: (item[0][0] is None, item[0][0] or 0, item[0][1], item[0][2]))
+    return [{"p_key_id": key_id, "p_model": model, "p_hour": hour, "p_requests": n[0], "p_errors": n[1],
+             "p_prompt_tokens": n[2], "p_completion_tokens": n[3], "p_latency_ms_sum": n[4], "p_ttft_ms_sum": n[5]}
+            for (key_id, model, hour), n in ordered]
+
+
+def _upsert_statement() -> Any:
+    # A key deleted since the request was made rolls up with the keyless rows instead of failing the
+    # whole batch on the foreign key: the subquery finds no row and gives NULL.
+    key_id = select(ApiKey.id).where(ApiKey.id == bindparam("p_key_id")).scalar_subquery()
+    stmt = insert(Usage).values(
+        api_key_id=key_id, model=bindparam("p_model"), hour=bindparam("p_hour"),
+        requests=bindparam("p_requests"), errors=bindparam("p_errors"),
+        prompt_tokens=bindparam("p_prompt_tokens"), completion_tokens=bindparam("p_completion_tokens"),
+        latency_ms_sum=bindparam("p_latency_ms_sum"), ttft_ms_sum=bindparam("p_ttft_ms_sum"))
+    added = ("requests", "errors", "prompt_tokens", "completion_tokens", "latency_ms_sum", "ttft_ms_sum")
+    return stmt.on_conflict_do_update(
+        index_elements=[Usage.api_key_id, Usage.model, Usage.hour],
+        set_={name: getattr(Usage, name) + getattr(stmt.excluded, name) for name in added})
+
+
+_UPSERT = _upsert_statement()
+
+
+class UsageRecorder:
+    """Buffers usage records and writes them, rolled up, every `flush_s` seconds.
+
+    The bound: at most `max_buffer` records (Settings.usage_buffer, LMSTACK_USAGE_BUFFER, default 100 000)
+    wait in memory, about 150 bytes each (15 MB at the default). Normally a flush empties the buffer every
+    `flush_s`; it only fills while the database cannot be written. Once it is full, every new record pushes
+    out the oldest one, which is lost and counted in `dropped` (the newest usage is kept). While a batch is
+    being written, new records wait beside it; if that write fails, the batch goes back in front of them
+    and the oldest beyond the bound are dropped. Records still buffered when the process is killed are
+    lost; a clean shutdown flushes once more.
+    """
+
+    def __init__(self, database: Database, *, max_buffer: int, flush_s: float, metrics: Metrics) -> None:
+        self.database = database
+        self.max_buffer = max_buffer
+        self.flush_s = flush_s
+        self.metrics = metrics
+        self._buffer: deque[UsageRecord] = deque()
+        self._flushing = asyncio.Lock()
+        self._in_flight = 0  # records in the batch being written
+        self.dropped = 0  # records pushed out of a full buffer, never written
+        self.written = 0  # records written to the database
+        self.failed_flushes = 0  # flushes that could not write (the records stayed buffered)
+        self.last_error: str | None = None  # why the last flush failed; None once one succeeds
+
+    @property
+    def pending(self) -> int:
+        """Records not written yet: buffered, or in the batch being written."""
+        return len(self._buffer) + self._in_flight
+
+    def record(self, *, key_id: int | None, model: str, replica: str | None, status: int, latency_ms: int,
+               ttft_ms: int = 0, prompt_tokens: int = 0, completion_tokens: int = 0,
+               at: float | None = None) -> None:
+        """Buffer one request's usage. Never blocks, never raises for the database's sake."""
+        self.append(UsageRecord(key_id=key_id, model=model, replica=replica, status=status,
+                                latency_ms=max(latency_ms, 0), ttft_ms=max(ttft_ms, 0),
+                                prompt_tokens=max(prompt_tokens, 0), completion_tokens=max(completion_tokens, 0),
+                                at=time.time() if at is None else at))
+
+    def append(self, record: UsageRecord) -> None:
+        # Every gateway request passes here once, so this is also where the Prometheus series are fed.
+        self.metrics.observe_request(record.model, record.status, record.latency_ms / 1000,
+                                     record.ttft_ms / 1000 if record.ttft_ms else None)
+        if record.prompt_tokens or record.completion_tokens:
+            self.metrics.add_tokens(record.model, record.prompt_tokens, record.completion_tokens)
+        if len(self._buffer) >= self.max_buffer:
+            self._buffer.popleft()
+            self._dropped(1)
+        self._buffer.append(record)
+
+    def _dropped(self, count: int) -> None:
+        self.dropped += count
+        self.metrics.usage_dropped(count)
+
+    async def run(self) -> None:
+        """Flush every `flush_s` until cancelled. A flush in progress finishes even if this is cancelled."""
+        while True:
+            await asyncio.sleep(self.flush_s)
+            await asyncio.shield(self.flush())
+
+    async def flush(self) -> bool:
+        """Write what is buffered; False (records kept for the next flush) when the database failed."""
+        async with self._flushing:
+            if not self._buffer:
+                return True
+            batch = list(self._buffer)
+            self._buffer.clear()
+            self._in_flight = len(batch)
+            try:
+                await asyncio.to_thread(self._write, batch)
+            except SQLAlchemyError as exc:
+                self._requeue(batch)
+                self.failed_flushes += 1
+                if self.last_error is None:
+                    log.warning("cannot write usage to the database; keeping %d records in memory (at most %d): %s",
+                                len(self._buffer), self.max_buffer, " ".join(str(exc).split())[:500])
+                self.last_error = str(exc)
+                return False
+            finally:
+                self._in_flight = 0
+            if self.last_error is not None:
+                log.warning("usage written to the database again (%d records)", len(batch))
+            self.last_error = None
+            self.written += len(batch)
+            return True
+
+    def _write(self, batch: list[UsageRecord]) -> None:
+        rows = rollup(batch)
+        with self.database.engine.begin() as conn:
+            conn.execute(_UPSERT, rows)
+
+    def _requeue(self, batch: list[UsageRecord]) -> None:
+        # Older records go back in front of those recorded during the failed write; over the bound, the
+        # oldest are dropped.
+        self._buffer.extendleft(reversed(batch))
+        while len(self._buffer) > self.max_buffer:
+            self._buffer.popleft()
+            self._dropped(1)
+
+
+# -- reading ---------------------------------------------------------------------------------------------
+
+
+def query_usage(session: Session, *, user: str | None, since: datetime | None = None,
+                until: datetime | None = None, model: str | None = None, key_id: int | None = None,
+                limit: int = 1000) -> list[dict[str, Any]]:
+    """Rolled-up usage, newest hour first. `user`: only that user's keys (None: everything, for admins).
+
+    `since` is inclusive and `until` exclusive, both compared with the hour a row covers.
+    """
+    stmt = (
+        select(Usage, ApiKey.name, User.name)
+        .outerjoin(ApiKey, ApiKey.id == Usage.api_key_id)
+        .outerjoin(User, User.id == ApiKey.user_id)
+        .order_by(Usage.hour.desc(), Usage.model, Usage.api_key_id)
+        .limit(limit)
+    )
+    if user is not None:
+        stmt = stmt.where(User.name == user)
+    if since is not None:
+        stmt = stmt.where(Usage.hour >= _utc(since))
+    if until is not None:
+        stmt = stmt.where(Usage.hour < _utc(until))
+    if model is not None:
+        stmt = stmt.where(Usage.model == model)
+    if key_id is not None:
+        stmt = stmt.where(Usage.api_key_id == key_id)
+    return [{"key_id": row.api_key_id, "key_name": key_name, "user": user_name, "model": row.model,
+             "hour": row.hour.astimezone(UTC).isoformat(), "requests": row.requests, "errors": row.errors,
+             "prompt_tokens": row.prompt_tokens, "completion_tokens": row.completion_tokens,
+             "total_tokens": row.prompt_tokens + row.completion_tokens,
+             "latency_ms_sum": row.latency_ms_sum, "ttft_ms_sum": row.ttft_ms_sum}
+            for row, key_name, user_name in session.execute(stmt).all()]
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment

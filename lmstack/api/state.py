@@ -1,0 +1,28 @@
+"""What one server process holds: built in the app's lifespan, never at import time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import httpx
+
+from lmstack.api.services.keys import KeyCache
+from lmstack.api.services.metrics import Metrics
+from lmstack.api.services.ratelimit import LoginLimiter
+from lmstack.api.services.registry import Registry
+from lmstack.api.services.usage import UsageRecorder
+from lmstack.config import Settings
+from lmstack.state import Database
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    database: Database
+    jwt_secret: str
+    keys: KeyCache
+    logins: LoginLimiter
+    registry: Registry
+    upstream: httpx.AsyncClient  # one pooled client per process for every engine
+    usage: UsageRecorder
+    metrics: Metrics
