@@ -231,6 +231,7 @@ class _Relay:
         self.tokens: tuple[int, int] | None = None
         self.done = False  # `data: [DONE]` seen
         self.completed = False  # the whole stream (or an error event ending it) went to the client
+        self.delivered = False  # `data: [DONE]` went to the client (the engine's end of the body may not have)
         self._finished = False
         self.events = self._events()
 
@@ -244,6 +245,9 @@ class _Relay:
                 out = self._keep(framer.feed(chunk))
                 if out:
                     yield out
+                    # Resumed: the client has it. A client that leaves once it has [DONE] (the openai SDKs
+                    # close the response there) got the whole answer, even if the engine's end is still due.
+                    self.delivered = self.done
                 try:
                     chunk = await anext(rest)
                 except StopAsyncIteration:
@@ -303,7 +307,7 @@ class _Relay:
             await self.answer.response.aclose()
         self.target.load.outstanding -= 1
         status = self.status
-        if not self.completed:
+        if not self.completed and not self.delivered:
             status = CLIENT_CLOSED
             self.registry.counters.client_disconnects += 1
         prompt, completion = self.tokens or (0, 0)
