@@ -1,0 +1,431 @@
+"""What lmstack's gateway costs a real model: tokens/s and time to first token (TTFT) of streamed chat
+completions, direct to a llama.cpp replica vs through `lmstack serve`, at 1 and 4 concurrent streams.
+
+    .venv/bin/python bench/real_model.py                       # as root, like the test bed
+    .venv/bin/python bench/real_model.py --runs 9 --max-tokens 128 --concurrency 1 2 4
+
+Brings up everything itself and removes it at the end (also on Ctrl-C or SIGTERM):
+  - a multi-host test bed (tests/testbed) of its own, under names that do not clash with the tests' bed
+    (prefix lmsrmb, bridge lmsrmbbr0, subnet 10.215.0.0/24, /var/tmp/lmstack-realmodel-bench), so it runs
+    beside a test session instead of waiting for its lock;
+  - llama.cpp's llama-server and SmolLM2-135M-Instruct from the test assets (scripts/prepare_test_assets.sh,
+    env LMSTACK_TEST_ASSETS), the image loaded on the bed's host and the model in its model cache;
+  - a throwaway PostgreSQL database (admin URL: LMSTACK_TEST_POSTGRES, default postgres@127.0.0.1:5432),
+    dropped at the end;
+  - a commit with a `llamacpp` deployment applied with `apply_source` (as `lmstack apply` does): ONE replica,
+    so that "through the gateway" and "direct" reach the same engine (with two, the gateway would spread 4
+    streams over two engines and beat "direct" for reasons that are not the gateway's);
+  - the gateway: exactly `lmstack serve` in its own process, on that database (a user and an API key).
+
+Measured: each run sends C streams at once (the same prompt, greedy, `ignore_eos`, exactly --max-tokens
+tokens each, `stream_options.include_usage`), from threads of this process with the same plain HTTP client
+for both targets. tokens/s is the run's aggregate decoding rate: the tokens after each stream's first, summed
+over the C streams, / time from the first token of any stream to the last of all (so TTFT is not in it).
+TTFT is per stream, from sending the request to the first chunk with content. Runs alternate between
+direct and the gateway (which goes first alternates too) after a warm-up run of each; the table gives
+medians. The engine caches the prompt, so TTFT is mostly one decoding step.
+
+The API key is verified from the gateway's key cache, which trusts a key for LMSTACK_KEY_CACHE_S (1 s by
+default, at most 5): a client quieter than that pays a database lookup on its next request, and here a
+gateway run starts over a second after the last one. --key-cache-s 5 keeps the key cached throughout.
+
+Figures only, no assertions; the targets are printed beside them: through the gateway >= 98% of direct
+tokens/s, and < 2 ms added to the first token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import os
+import secrets
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "tests"))  # the test bed (tests/testbed)
+
+DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+MODEL = "smollm2"
+PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
+TARGET_RATIO = 0.98  # gateway tokens/s over direct
+TARGET_ADDED_TTFT_MS = 2.0
+
+
+# -- the client ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StreamResult:
+    ttft_s: float  # from sending the request to the first chunk with content
+    end_s: float  # from sending the request to the last chunk with content
+    tokens: int  # completion tokens (the engine's usage)
+
+
+def one_stream(base: str, key: str | None, max_tokens: int, start_at: float) -> StreamResult:
+    host, port = base.removeprefix("http://").split(":")
+    body = json.dumps({"model": MODEL, "messages": PROMPT, "max_tokens": max_tokens, "temperature": 0,
+                       "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}})
+    headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    connection = http.client.HTTPConnection(host, int(port), timeout=300)
+    try:
+        connection.connect()
+        while time.monotonic() < start_at:  # all C streams leave together
+            time.sleep(0.0005)
+        started = time.monotonic()
+        connection.request("POST", "/v1/chat/completions", body, headers)
+        answer = connection.getresponse()
+        if answer.status != 200:
+            raise RuntimeError(f"{base} answered {answer.status}: {answer.read()[:300]!r}")
+        first = last = None
+        tokens = 0
+        for raw in answer:
+            if not raw.startswith(b"data: {"):
+                continue
+            chunk = json.loads(raw[6:])
+            if chunk.get("error"):
+                raise RuntimeError(f"{base}: error in the stream: {chunk['error']}")
+            if chunk.get("usage"):
+                tokens = int(chunk["usage"]["completion_tokens"])
+            if any((choice.get("delta") or {}).get("content") for choice in chunk.get("choices", [])):
+                last = time.monotonic() - started
+                first = last if first is None else first
+        if first is None or last is None or tokens == 0:
+            raise RuntimeError(f"{base}: a stream without content or usage")
+        return StreamResult(first, last, tokens)
+    finally:
+        connection.close()
+
+
+@dataclass
+class Run:
+    tokens_per_s: float  # aggregate over the run's streams, from the first token to the last
+    ttfts_ms: list[float]
+    gateway_cpu_ms: float | None = None  # CPU time the gateway process used during the run
+    wall_s: float = 0.0  # the run's duration
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds `pid` has used (its threads included), from /proc."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_once(base: str, key: str | None, concurrency: int, max_tokens: int, cpu_of: int | None = None) -> Run:
+    results: list[StreamResult | BaseException] = []
+    lock = threading.Lock()
+    start_at = time.monotonic() + 0.05
+
+    def worker() -> None:
+        try:
+            result: StreamResult | BaseException = one_stream(base, key, max_tokens, start_at)
+        except BaseException as exc:  # reported below
+            result = exc
+        with lock:
+            results.append(result)
+
+    cpu_before = cpu_s(cpu_of) if cpu_of else 0.0
+    began = time.monotonic()
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall_s = time.monotonic() - began
+    cpu_ms = (cpu_s(cpu_of) - cpu_before) * 1000 if cpu_of else None
+    failures = [r for r in results if isinstance(r, BaseException)]
+    if failures:
+        raise RuntimeError(f"{len(failures)} of {concurrency} streams failed: {failures[0]}")
+    done = [r for r in results if isinstance(r, StreamResult)]
+    # The streams started together (to within a thread switch): their times share one origin.
+    span = max(r.end_s for r in done) - min(r.ttft_s for r in done)
+    return Run(sum(r.tokens - 1 for r in done) / span, [r.ttft_s * 1000 for r in done], cpu_ms, wall_s)
+
+
+# -- bringing things up ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    """Everything started, for the clean-up."""
+
+    workdir: Path
+    bed: Any = None
+    admin_url: str = DEFAULT_ADMIN_URL
+    database_name: str | None = None
+    gateway: subprocess.Popen[bytes] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def database_url(self) -> str:
+        from sqlalchemy.engine import make_url
+
+        url = make_url(self.admin_url).set(drivername="postgresql", database=self.database_name)
+        return url.render_as_string(hide_password=False)
+
+    def _admin(self) -> Any:
+        import psycopg
+        from sqlalchemy.engine import make_url
+
+        url = make_url(self.admin_url).set(drivername="postgresql")
+        return psycopg.connect(url.render_as_string(hide_password=False), autocommit=True, connect_timeout=5)
+
+    def create_database(self) -> str:
+        from psycopg import sql
+
+        name = f"lmstack_bench_{secrets.token_hex(4)}"
+        with self._admin() as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        self.database_name = name
+        return self.database_url()
+
+    def clean_up(self) -> None:
+        if self.gateway is not None and self.gateway.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.gateway.pid, signal.SIGTERM)
+            try:
+                self.gateway.wait(15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.gateway.pid, signal.SIGKILL)
+                self.gateway.wait(10)
+        if self.bed is not None:
+            problems = self.bed.close()  # containers, daemons, namespaces, the model caches under its folder
+            if problems:
+                print("warning: the test bed was not removed completely: " + "; ".join(problems), file=sys.stderr)
+        if self.database_name is not None:
+            from psycopg import sql
+
+            try:
+                with self._admin() as conn:
+                    conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                        sql.Identifier(self.database_name)))
+            except Exception as exc:
+                print(f"warning: could not drop database {self.database_name}: {exc}", file=sys.stderr)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def wait_until(what: str, ready: Any, timeout: float, proc: subprocess.Popen[bytes] | None = None,
+               log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
+            raise RuntimeError(f"{what}: the process exited ({proc.returncode})\n{tail}")
+        with contextlib.suppress(OSError):
+            if ready():
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def get(url: str, key: str | None = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as answer:
+            return answer.status, answer.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def bring_up(setup: Setup, args: argparse.Namespace) -> tuple[str, str, str]:
+    """The bed, the replica and the gateway. Returns (the replica's endpoint, the gateway's URL, an API key)."""
+    import testbed as tb
+    from sqlalchemy import select
+    from testbed.llamacpp import SMOLLM2_MODEL, build_llamacpp_archive, find_assets, place_model
+
+    from lmstack.api.services.keys import create_key
+    from lmstack.api.services.users import create_user
+    from lmstack.config import Settings
+    from lmstack.gitsource import init_repository, load_source
+    from lmstack.reconcile.apply import apply_source
+    from lmstack.state import Replica, open_database
+
+    assets = find_assets()
+    if isinstance(assets, str):
+        raise RuntimeError(assets)
+    tb.preflight()
+    config = tb.BedConfig(hosts=1, prefix="lmsrmb", bridge="lmsrmbbr0", subnet="10.215.0",
+                          state_dir=Path("/var/tmp/lmstack-realmodel-bench"))
+    t0 = time.monotonic()
+    setup.bed = bed = tb.TestBed.start(config)
+    archive = build_llamacpp_archive(config.state_dir / "llamacpp-image.tar", assets.server)
+    bed.load_image(archive.path)
+    (host,) = bed.hosts
+    cache = config.state_dir / "models" / host.name  # removed with the bed
+    place_model(assets.model, cache)
+    print(f"test bed up with {archive.name} loaded ({time.monotonic() - t0:.1f} s)", flush=True)
+
+    database_url = setup.create_database()
+    repo = setup.workdir / "fleet"
+    (repo / "inventory").mkdir(parents=True)
+    (repo / "manifests").mkdir()
+    (repo / "inventory" / "hosts.ini").write_text(bed.inventory_ini())
+    (repo / "manifests" / "workers.yaml").write_text(
+        f"apiVersion: lmstack.dev/v1\nkind: Worker\nmetadata: {{name: {host.name}}}\n"
+        f"spec: {{host: {host.name}, modelCache: {cache}}}\n")
+    engine_args = json.dumps(["--threads", str(args.threads)])
+    (repo / "manifests" / f"{MODEL}.yaml").write_text(
+        f"apiVersion: lmstack.dev/v1\nkind: Deployment\nmetadata: {{name: {MODEL}}}\nspec:\n"
+        f"  backend: llamacpp\n  model: {SMOLLM2_MODEL}\n  image: {archive.name}\n  replicas: 1\n"
+        f"  resources: {{gpus: 0}}\n  health: {{startupTimeout: 180s}}\n  args: {engine_args}\n")
+    init_repository(repo, f"{MODEL}, one replica, for the real-model bench")
+    source = load_source(repo=str(repo), ref="HEAD", directory=None,
+                         settings=Settings(home=setup.workdir / "home"))
+    database = open_database(Settings(database_url=database_url))
+    try:
+        t0 = time.monotonic()
+        _, report = apply_source(source, database, ssh_key=bed.ssh_key, known_hosts=bed.known_hosts)
+        if report is None or not report.ok:
+            raise RuntimeError(f"apply failed: {[r.message for r in report.failed] if report else 'declined'}")
+        with database.session() as session:
+            endpoint = str(session.scalars(select(Replica.endpoint)).one())
+            create_user(session, name="bench", password=secrets.token_urlsafe(24), role="viewer")
+            key = create_key(session, user="bench", name="real-model-bench").token
+        print(f"applied: replica {MODEL}/0 ready at {endpoint} ({time.monotonic() - t0:.1f} s)", flush=True)
+    finally:
+        database.close()
+
+    # The gateway: exactly `lmstack serve`, its own process (and process group), default settings.
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = setup.workdir / "lmstack-serve.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LMSTACK_")}
+    env.update({"LMSTACK_DATABASE_URL": database_url, "LMSTACK_JWT_SECRET": secrets.token_hex(32),
+                "LMSTACK_HOME": str(setup.workdir / "home"), "PYTHONUNBUFFERED": "1"})
+    if args.key_cache_s is not None:
+        env["LMSTACK_KEY_CACHE_S"] = str(args.key_cache_s)
+    with log.open("ab") as out:
+        setup.gateway = subprocess.Popen(
+            [sys.executable, "-c", "import sys; sys.argv[0] = 'lmstack'; from lmstack.cli.main import run; run()",
+             "serve", "--host", "127.0.0.1", "--port", str(port)],
+            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT, start_new_session=True)
+    gateway = f"http://127.0.0.1:{port}"
+    wait_until("lmstack serve to list the model",
+               lambda: MODEL.encode() in get(f"{gateway}/v1/models", key)[1], 60, setup.gateway, log)
+    return endpoint, gateway, key
+
+
+# -- the table -------------------------------------------------------------------------------------------
+
+
+def measure(endpoint: str, gateway: str, key: str, gateway_pid: int,
+            args: argparse.Namespace) -> dict[tuple[int, str], list[Run]]:
+    targets = {"direct": (endpoint, None), "gateway": (gateway, key)}
+    runs: dict[tuple[int, str], list[Run]] = {}
+    before, began = cpu_s(gateway_pid), time.monotonic()
+    time.sleep(3)  # idle: what the gateway spends with no requests (registry refresh, usage flush)
+    args.idle_cpu_ms_per_s = (cpu_s(gateway_pid) - before) * 1000 / (time.monotonic() - began)
+    for concurrency in args.concurrency:
+        for base, token in targets.values():  # warm-up: connections, the prompt cache
+            run_once(base, token, concurrency, args.max_tokens)
+        for i in range(args.runs):
+            order = list(targets) if i % 2 == 0 else list(reversed(targets))
+            for name in order:
+                base, token = targets[name]
+                run = run_once(base, token, concurrency, args.max_tokens,
+                               cpu_of=gateway_pid if name == "gateway" else None)
+                runs.setdefault((concurrency, name), []).append(run)
+            print(f"  c={concurrency} run {i + 1}/{args.runs}: " + ", ".join(
+                f"{name} {runs[concurrency, name][-1].tokens_per_s:.1f} tok/s "
+                f"TTFT {statistics.median(runs[concurrency, name][-1].ttfts_ms):.1f} ms" for name in targets),
+                flush=True)
+    return runs
+
+
+def print_table(runs: dict[tuple[int, str], list[Run]], args: argparse.Namespace) -> None:
+    print(f"\nMedians of {args.runs} runs; {args.max_tokens} tokens a stream; llama-server --threads {args.threads}, "
+          f"SmolLM2-135M Q4_1 on CPU")
+    header = (f"{'streams':>7}  {'direct tok/s':>12}  {'gateway tok/s':>13}  {'ratio':>6}  {'target':>7}  "
+              f"{'direct TTFT':>11}  {'gateway TTFT':>12}  {'added':>9}  {'target':>7}  {'gateway CPU/token':>17}")
+    print(header)
+    print("-" * len(header))
+    for concurrency in args.concurrency:
+        direct, through = runs[concurrency, "direct"], runs[concurrency, "gateway"]
+        direct_tps = statistics.median(r.tokens_per_s for r in direct)
+        through_tps = statistics.median(r.tokens_per_s for r in through)
+        direct_ttft = statistics.median(t for r in direct for t in r.ttfts_ms)
+        through_ttft = statistics.median(t for r in through for t in r.ttfts_ms)
+        ratio, added = through_tps / direct_tps, through_ttft - direct_ttft
+        ratio_ok = "met" if ratio >= TARGET_RATIO else "MISSED"
+        added_ok = "met" if added < TARGET_ADDED_TTFT_MS else "MISSED"
+        cpu_per_token_us = statistics.median(
+            ((r.gateway_cpu_ms or 0.0) - args.idle_cpu_ms_per_s * r.wall_s) * 1000 / (concurrency * args.max_tokens)
+            for r in through)
+        print(f"{concurrency:>7}  {direct_tps:>12.1f}  {through_tps:>13.1f}  {ratio:>6.1%}  {ratio_ok:>7}  "
+              f"{direct_ttft:>8.1f} ms  {through_ttft:>9.1f} ms  {added:>+6.1f} ms  {added_ok:>7}  "
+              f"{cpu_per_token_us:>14.0f} us")
+    spread = {name: [r.tokens_per_s for (_, n), rs in runs.items() if n == name for r in rs]
+              for name in ("direct", "gateway")}
+    print(f"\nTargets: gateway tokens/s >= {TARGET_RATIO:.0%} of direct; added TTFT < {TARGET_ADDED_TTFT_MS:g} ms "
+          "(median gateway TTFT minus median direct TTFT).")
+    print("Gateway CPU/token: the `lmstack serve` process's CPU time during a run, less what it uses idle "
+          f"({args.idle_cpu_ms_per_s:.1f} ms a second: registry refresh, usage flush), over the tokens it relayed. "
+          "Where cores are short, the engine cannot have that CPU.")
+    print("Run-to-run range of tokens/s: " + "; ".join(
+        f"{name} {min(values):.1f}..{max(values):.1f}" for name, values in spread.items()))
+    print(f"Load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs "
+          "(the engine, the gateway and this client share them).")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=7, help="measured runs per row (default 7)")
+    parser.add_argument("--max-tokens", type=int, default=64, help="tokens per stream (default 64)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4], help="streams at once (default 1 4)")
+    parser.add_argument("--threads", type=int, default=1, help="llama-server --threads (default 1)")
+    parser.add_argument("--key-cache-s", type=float, metavar="S",
+                        help="LMSTACK_KEY_CACHE_S for the gateway (default: its own, 1 s; at most 5)")
+    args = parser.parse_args()
+    if max(args.concurrency) > 4:
+        print("note: the deployment has 4 slots (llama-server -np 4): more streams than that queue", file=sys.stderr)
+
+    def interrupted(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupted)
+    setup = Setup(workdir=Path(tempfile.mkdtemp(prefix="lmstack-real-model-bench-")),
+                  admin_url=os.environ.get("LMSTACK_TEST_POSTGRES", DEFAULT_ADMIN_URL))
+    started = time.monotonic()
+    try:
+        endpoint, gateway, key = bring_up(setup, args)
+        print(f"measuring: direct {endpoint} vs gateway {gateway} (runs alternate)", flush=True)
+        assert setup.gateway is not None
+        runs = measure(endpoint, gateway, key, setup.gateway.pid, args)
+        print_table(runs, args)
+        print(f"Wall time {time.monotonic() - started:.0f} s")
+        return 0
+    except KeyboardInterrupt:
+        print("\ninterrupted: removing the test bed and dropping the database", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not stop the clean-up
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        setup.clean_up()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
