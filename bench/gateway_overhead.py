@@ -24,11 +24,13 @@ Processes, each on its own (and all stopped at the end, also on Ctrl-C or SIGTER
     client, requests written as bytes and answers parsed by httptools (so the client is cheap, and the same
     for every target). A closed loop: each of C clients sends its next request when the last one ends.
 
-Each row: `--warmup` seconds not counted, then `--duration` seconds measured. Rows run interleaved (for each
-mode and concurrency: direct, lmstack, LiteLLM) so a change in the machine's load hits them alike. Latency is
-to the end of the answer; for streams also to the first chunk of the body (TTFB). "added" is through minus
+Each row: a warm-up not counted (at least `--warmup` seconds, and until every client has had an answer, so
+a slow target is measured in its steady state), then `--duration` seconds measured: the answers that end in
+that window count, requests still in flight when it closes are abandoned. Rows run interleaved (for each mode
+and concurrency: direct, lmstack, LiteLLM) so a change in the machine's load hits them alike. Latency is to
+the end of the answer; for streams also to the first chunk of the body (TTFB). "added" is through minus
 direct at the same percentile, mode and concurrency (the difference of the percentiles). "cpu/req" is the
-CPU time the proxy (or, in direct rows, the upstream) used during the row divided by the requests it served.
+CPU time the proxy's processes (in direct rows, the upstream's) used in the window per answer counted.
 
 Profiling (`--profile cprofile|py-spy`, or LMSTACK_BENCH_PROFILE=...): after the table, the gateway is run
 again under load (`--profile-load`, default plain:1 and plain:256) and what its event loop spends time on is
@@ -44,6 +46,7 @@ import argparse
 import asyncio
 import contextlib
 import http.client
+import itertools
 import json
 import os
 import platform
@@ -70,6 +73,7 @@ PIECES = ["Hello", " there,", " dear", " benchmark", " reader."]
 TARGET_ADDED_P50_MS = 1.0  # at concurrency 1
 TARGET_THROUGHPUT = 0.90  # of direct, at concurrency 256
 SETUP_TIMEOUT_S = 90.0
+MAX_EXTRA_WARMUP_S = 30.0  # a row's warm-up waits this much longer at most for every client's first answer
 
 
 # ============================================================================================================
@@ -233,69 +237,105 @@ def _request_bytes(spec: dict[str, Any]) -> bytes:
 
 
 async def _loadgen(spec: dict[str, Any]) -> dict[str, Any]:
+    """Closed loop: `concurrency` clients, each sending its next request when its last one ends.
+
+    Warm-up: at least `warmup_s`, and until every client has had an answer (so a slow target is measured in
+    its steady state, not while its first requests queue), at most `warmup_s + MAX_EXTRA_WARMUP_S`. Then
+    `duration_s` measured: the requests that end in that window count; those still in flight when it ends
+    are abandoned. The CPU time of the process tree `spec["pid"]` is read at both ends of the window.
+    """
     loop = asyncio.get_running_loop()
     data = _request_bytes(spec)
     stream = spec["stream"]
-    start = time.perf_counter()
-    measure_from = start + spec["warmup_s"]
-    end_at = measure_from + spec["duration_s"]
-    latencies: list[int] = []  # microseconds, requests started in the measured window
-    firsts: list[int] = []
+    done: list[tuple[float, float, float]] = []  # (began, first body chunk, ended) of good answers
     errors: Counter[str] = Counter()
-    served = [0]  # every answered request, warm-up included (for CPU per request)
+    answered = [0] * spec["concurrency"]
+    stopping = [False]
 
     async def connect() -> _Connection:
         _, conn = await loop.create_connection(lambda: _Connection(loop), spec["host"], spec["port"])
         return conn
 
-    async def client() -> None:
+    async def client(index: int) -> None:
         conn: _Connection | None = None
-        while True:
-            began = time.perf_counter()
-            if began >= end_at:
-                break
-            try:
-                if conn is None or conn.closed:
-                    conn = await asyncio.wait_for(connect(), 10)
-                ended = await asyncio.wait_for(conn.request(data), 30)
-            except (OSError, TimeoutError, asyncio.TimeoutError) as exc:
-                errors[type(exc).__name__] += 1
-                if conn is not None and conn.transport is not None:
-                    conn.transport.close()
-                conn = None
-                await asyncio.sleep(0.01)
-                continue
-            except Exception as exc:
-                errors[f"{type(exc).__name__}: {exc}"[:80]] += 1
-                if conn is not None and conn.transport is not None:
-                    conn.transport.close()
-                conn = None
-                continue
-            served[0] += 1
-            body = b"".join(conn.body)
-            if conn.status != 200:
-                errors[f"HTTP {conn.status}: {body[:120].decode(errors='replace')}"] += 1
-            elif stream and not body.rstrip().endswith(b"data: [DONE]"):
-                errors["stream without data: [DONE]"] += 1
-            elif not stream and b'"choices"' not in body:
-                errors["answer without choices"] += 1
-            elif began >= measure_from:
-                latencies.append(int((ended - began) * 1e6))
-                firsts.append(int((conn.first - began) * 1e6))
-            if not conn.keep_alive:
-                conn.transport.close()  # type: ignore[union-attr]
-                conn = None
+        try:
+            # The flag, not only cancel(): on 3.11 asyncio.wait_for swallows a cancel that arrives as the
+            # awaited answer completes, and the client would go on for ever.
+            while not stopping[0]:
+                began = time.perf_counter()
+                try:
+                    if conn is None or conn.closed:
+                        async with asyncio.timeout(10):
+                            conn = await connect()
+                    async with asyncio.timeout(60):
+                        ended = await conn.request(data)
+                except (OSError, TimeoutError) as exc:
+                    errors[type(exc).__name__] += 1
+                    answered[index] += 1
+                    if conn is not None and conn.transport is not None:
+                        conn.transport.close()
+                    conn = None
+                    await asyncio.sleep(0.01)
+                    continue
+                except Exception as exc:  # the answer could not be parsed
+                    errors[f"{type(exc).__name__}: {exc}"[:80]] += 1
+                    answered[index] += 1
+                    if conn is not None and conn.transport is not None:
+                        conn.transport.close()
+                    conn = None
+                    continue
+                answered[index] += 1
+                body = b"".join(conn.body)
+                if conn.status != 200:
+                    errors[f"HTTP {conn.status}: {body[:120].decode(errors='replace')}"] += 1
+                elif stream and not body.rstrip().endswith(b"data: [DONE]"):
+                    errors["stream without data: [DONE]"] += 1
+                elif not stream and b'"choices"' not in body:
+                    errors["answer without choices"] += 1
+                else:
+                    done.append((began, conn.first, ended))
+                if not conn.keep_alive:
+                    conn.transport.close()  # type: ignore[union-attr]
+                    conn = None
+        finally:
+            if conn is not None and conn.transport is not None:
+                conn.transport.close()
 
-    await asyncio.gather(*(client() for _ in range(spec["concurrency"])))
-    return {"latency_us": latencies, "first_us": firsts if stream else [], "served": served[0],
-            "errors": dict(errors), "window_s": spec["duration_s"]}
+    clients = [asyncio.ensure_future(client(i)) for i in range(spec["concurrency"])]
+    started = time.perf_counter()
+    await asyncio.sleep(spec["warmup_s"])
+    while not all(answered) and time.perf_counter() - started < spec["warmup_s"] + MAX_EXTRA_WARMUP_S:
+        await asyncio.sleep(0.05)
+    cpu_before = tree_cpu_s(spec["pid"])
+    Path(spec["out"] + ".measuring").touch()  # for a profiler to start now
+    measure_from = time.perf_counter()
+    errors_before = sum(errors.values())
+    await asyncio.sleep(spec["duration_s"])
+    end_at = time.perf_counter()
+    cpu = tree_cpu_s(spec["pid"]) - cpu_before
+    window_errors = sum(errors.values()) - errors_before
+    stopping[0] = True
+    for task in clients:
+        task.cancel()
+    await asyncio.wait(clients, timeout=10)
+    counted = [d for d in done if measure_from <= d[2] < end_at]
+    # The longest time in the window without any answer ending: a stall shows here.
+    ends = [measure_from, *sorted(d[2] for d in counted), end_at]
+    gap = max(b - a for a, b in itertools.pairwise(ends))
+    timeline = Counter(int((d[2] - started) * 2) for d in done)  # answers per half second, warm-up included
+    return {"latency_us": [int((e - b) * 1e6) for b, _, e in counted],
+            "first_us": [int((f - b) * 1e6) for b, f, _ in counted] if stream else [],
+            "errors": dict(errors), "window_errors": window_errors, "window_s": end_at - measure_from,
+            "warmup_s": measure_from - started, "cpu_s": cpu, "max_gap_s": gap,
+            "timeline": [timeline.get(i, 0) for i in range(int((end_at - started) * 2) + 1)]}
 
 
 def run_loadgen(spec: dict[str, Any]) -> None:
     import uvloop
 
     result = uvloop.run(_loadgen(spec))
-    sys.stdout.write(json.dumps(result) + "\n")
+    # To a file, not stdout: a pipe left non-blocking would cut a big answer at 64 KiB.
+    Path(spec["out"]).write_text(json.dumps(result))
 
 
 # ============================================================================================================
@@ -560,9 +600,13 @@ class Row:
     rps: float
     latency_us: list[int]
     first_us: list[int]
-    errors: dict[str, int]
+    errors: dict[str, int]  # the whole row, warm-up included
+    window_errors: int  # in the measured window
     cpu_us_per_req: float | None
     load1: float
+    warmup_s: float
+    max_gap_s: float  # longest time in the window without an answer ending
+    timeline: list[int]  # answers ending per half second from the start, warm-up included
 
     def pct(self, which: str, q: float) -> float:
         values = self.latency_us if which == "total" else self.first_us
@@ -578,29 +622,35 @@ def percentile(values: list[int], q: float) -> float:
 
 
 def run_row(procs: Procs, target: Target, *, mode: str, concurrency: int, warmup_s: float, duration_s: float,
-            on_measuring: Any = None) -> Row:
+            workdir: Path, on_measuring: Any = None) -> Row:
+    out = workdir / f"loadgen-{secrets.token_hex(6)}.json"
     spec = {"host": "127.0.0.1", "port": target.port, "path": target.path, "key": target.key, "model": MODEL,
             "stream": mode == "stream", "concurrency": concurrency, "warmup_s": warmup_s,
-            "duration_s": duration_s}
+            "duration_s": duration_s, "pid": target.proc.pid, "out": str(out)}
     load1 = os.getloadavg()[0]
-    cpu_before = tree_cpu_s(target.proc.pid)
     proc = procs.start("loadgen", [sys.executable, str(Path(__file__).resolve()), "--role", "loadgen",
-                                   "--spec", json.dumps(spec)], stdout=subprocess.PIPE)
+                                   "--spec", json.dumps(spec)])
     try:
         if on_measuring is not None:
-            on_measuring(proc, warmup_s + 0.3)  # the load generator's own start-up: about 0.2 s
-        out, _ = proc.communicate(timeout=warmup_s + duration_s + 90)
+            mark = Path(str(out) + ".measuring")
+            wait_until("the load generator's measured window", mark.exists, proc, None,
+                       timeout=warmup_s + MAX_EXTRA_WARMUP_S + 30)
+            on_measuring()
+        proc.wait(timeout=warmup_s + MAX_EXTRA_WARMUP_S + duration_s + 60)
+        if proc.returncode != 0:
+            raise RuntimeError(f"the load generator failed ({proc.returncode}) on {target.name} {mode} "
+                               f"c={concurrency}")
+        result = json.loads(out.read_text())
     finally:
         procs.stop(proc)
-    cpu = tree_cpu_s(target.proc.pid) - cpu_before
-    if proc.returncode != 0:
-        raise RuntimeError(f"the load generator failed ({proc.returncode}) on {target.name} {mode} c={concurrency}")
-    result = json.loads(out.decode().strip().splitlines()[-1])
-    served = result["served"]
-    return Row(mode=mode, concurrency=concurrency, target=target.name,
-               rps=len(result["latency_us"]) / result["window_s"], latency_us=result["latency_us"],
-               first_us=result["first_us"], errors=result["errors"],
-               cpu_us_per_req=cpu / served * 1e6 if served else None, load1=load1)
+        out.unlink(missing_ok=True)
+        Path(str(out) + ".measuring").unlink(missing_ok=True)
+    count = len(result["latency_us"])
+    return Row(mode=mode, concurrency=concurrency, target=target.name, rps=count / result["window_s"],
+               latency_us=result["latency_us"], first_us=result["first_us"], errors=result["errors"],
+               window_errors=result["window_errors"],
+               cpu_us_per_req=result["cpu_s"] / count * 1e6 if count else None, load1=load1,
+               warmup_s=result["warmup_s"], max_gap_s=result["max_gap_s"], timeline=result["timeline"])
 
 
 # -- the table -----------------------------------------------------------------------------------------------
@@ -663,7 +713,8 @@ def print_tables(rows: list[Row], targets: list[str]) -> list[str]:
                 print(line.rstrip())
         for row in mode_rows:
             if row.errors:
-                print(f"  errors in {row.target} c={row.concurrency}: {row.errors}")
+                print(f"  errors in {row.target} c={row.concurrency} ({row.window_errors} in the measured window; "
+                      f"all: {row.errors})")
     return verdicts
 
 
@@ -684,9 +735,11 @@ def _targets_for(row: Row, direct: Row | None, litellm: Row | None) -> list[str]
                      f"{'MET' if share >= TARGET_THROUGHPUT else 'MISSED'}")
     if litellm is not None:
         which = "first" if row.mode == "stream" else "total"
-        ahead = row.rps > litellm.rps and row.pct(which, 50) < litellm.pct(which, 50)
-        notes.append(f"vs LiteLLM x{row.rps / litellm.rps:.2f} req/s, p50 "
-                     f"{row.pct(which, 50):.2f} vs {litellm.pct(which, 50):.2f}ms: {'ahead' if ahead else 'BEHIND'}")
+        mine, theirs = row.pct(which, 50), litellm.pct(which, 50)
+        ahead = row.rps > litellm.rps and (theirs != theirs or mine < theirs)  # NaN: LiteLLM answered none
+        ratio = f"x{row.rps / litellm.rps:.2f}" if litellm.rps else "(LiteLLM: none in the window)"
+        notes.append(f"vs LiteLLM {ratio} req/s, p50 {fmt(mine)} vs {fmt(theirs)}ms: "
+                     f"{'ahead' if ahead else 'BEHIND'}")
     return notes
 
 
@@ -782,9 +835,11 @@ def report_pyspy(path: Path, top: int) -> None:
 def profile_phase(procs: Procs, args: argparse.Namespace, *, database_url: str, key: str, workdir: Path,
                   tool: str) -> None:
     py_spy = args.py_spy or shutil.which("py-spy")
-    if tool == "py-spy" and not py_spy:
-        print("\nprofile: py-spy not found (install it, e.g. `pip install py-spy`, or give --py-spy); using cProfile")
-        tool = "cprofile"
+    if not py_spy:
+        if tool == "py-spy":
+            print("\nprofile: py-spy not found (install it, e.g. `pip install py-spy`, or give --py-spy); "
+                  "using cProfile")
+        tool, py_spy = "cprofile", ""
     loads = [(mode, int(conc)) for mode, conc in (item.split(":") for item in args.profile_load.split(","))]
     for mode, conc in loads:
         out = workdir / f"profile-{mode}-{conc}.{'prof' if tool == 'cprofile' else 'txt'}"
@@ -797,9 +852,7 @@ def profile_phase(procs: Procs, args: argparse.Namespace, *, database_url: str, 
         target = Target("lmstack", port, key, gateway)
         spy: list[subprocess.Popen[bytes]] = []
 
-        def measuring(loadgen: subprocess.Popen[bytes], after_s: float, gw: Any = gateway,
-                      spy: Any = spy, out: Path = out) -> None:
-            time.sleep(after_s)
+        def measuring(gw: Any = gateway, spy: Any = spy, out: Path = out) -> None:
             if tool == "cprofile":
                 os.kill(gw.pid, signal.SIGUSR1)
             else:
@@ -809,7 +862,7 @@ def profile_phase(procs: Procs, args: argparse.Namespace, *, database_url: str, 
                                        log=workdir / "py-spy.log"))
 
         row = run_row(procs, target, mode=mode, concurrency=conc, warmup_s=args.warmup, duration_s=args.duration,
-                      on_measuring=measuring)
+                      workdir=workdir, on_measuring=measuring)
         if tool == "cprofile":
             os.kill(gateway.pid, signal.SIGUSR2)
             wait_until("the profile", out.exists, None, None, timeout=30)
@@ -897,6 +950,7 @@ def main() -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGINT, interrupted)  # also when started with SIGINT ignored (a background job)
     procs = Procs()
     database = ThrowawayDatabase(os.environ.get("LMSTACK_TEST_POSTGRES", DEFAULT_ADMIN_URL))
     workdir = Path(tempfile.mkdtemp(prefix="lmstack-gateway-bench-"))
@@ -912,7 +966,7 @@ def main() -> int:
             else:
                 print("note: no LiteLLM rows. To add them, create a separate venv and pass its Python:\n"
                       "  python3 -m venv /tmp/litellm && /tmp/litellm/bin/pip install 'litellm[proxy]'\n"
-                      f"  {Path(sys.executable).name} bench/gateway_overhead.py --litellm-python /tmp/litellm/bin/python")
+                      "  .venv/bin/python bench/gateway_overhead.py --litellm-python /tmp/litellm/bin/python")
         try:
             database.create()
         except Exception as exc:
@@ -965,21 +1019,27 @@ def main() -> int:
             print("  " + note)
         print(f"  upstream stand-in: bare ASGI app under uvicorn (uvloop, httptools, no access log), one process; "
               f"stream = {len(PIECES) + 2} chunks + [DONE], token delay {args.token_delay_ms:g} ms")
-        print(f"  rows: {args.warmup:g} s warm-up + {args.duration:g} s measured, closed loop, one keep-alive "
-              "connection per client; load generator: asyncio/uvloop + httptools, its own process")
+        print(f"  rows: >= {args.warmup:g} s warm-up (until every client has had an answer, at most "
+              f"{MAX_EXTRA_WARMUP_S:g} s more) + {args.duration:g} s measured (answers ending in it count); closed "
+              "loop, one keep-alive connection per client; load generator: asyncio/uvloop + httptools, its own "
+              "process")
         names = [t.name for t in targets]
         rows: list[Row] = []
         for mode in args.modes:
             for conc in args.concurrency:
                 for target in targets:
                     row = run_row(procs, target, mode=mode, concurrency=conc, warmup_s=args.warmup,
-                                  duration_s=args.duration)
+                                  duration_s=args.duration, workdir=workdir)
                     rows.append(row)
                     print(f"  ran {mode:<6} c={conc:<3} {target.name:<8} {row.rps:8.0f} req/s  "
-                          f"p50 {row.pct('total', 50):.2f} ms  load1 {row.load1:.2f}", flush=True)
+                          f"p50 {row.pct('total', 50):8.2f} ms  load1 {row.load1:.2f}  warm-up {row.warmup_s:.1f} s  "
+                          f"longest gap {row.max_gap_s * 1000:.0f} ms", flush=True)
+                    if row.max_gap_s > 0.5:
+                        print(f"    answers per 0.5 s: {row.timeline}", flush=True)
 
         verdicts = print_tables(rows, names)
-        print("\ncpu/req: CPU time of the proxy process (direct rows: of the upstream) per request it served.")
+        print("\ncpu/req: CPU time of the proxy's processes (direct rows: the upstream's) in the measured window, per "
+              "answer counted in it. load1: load average when the row started.")
         print("+p50/+p99: through the proxy minus direct, same mode and concurrency (difference of percentiles).")
         print(f"Load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
               f"wall time {time.monotonic() - started:.0f} s")

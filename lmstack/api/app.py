@@ -7,7 +7,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import httpx
+import httpx2
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
@@ -34,10 +34,10 @@ def create_app(settings: Settings, *, database: Database | None = None) -> FastA
         secret = (settings.jwt_secret.get_secret_value() if settings.jwt_secret is not None
                   else load_or_create_secret(settings.jwt_secret_file))
         metrics_ = Metrics()
-        upstream = httpx.AsyncClient(
-            timeout=httpx.Timeout(connect=settings.upstream_connect_timeout_s,
+        upstream = httpx2.AsyncClient(
+            timeout=httpx2.Timeout(connect=settings.upstream_connect_timeout_s,
                                   read=settings.upstream_read_timeout_s, write=60.0, pool=30.0),
-            limits=httpx.Limits(max_connections=2000, max_keepalive_connections=500),
+            limits=httpx2.Limits(max_connections=2000, max_keepalive_connections=500),
             follow_redirects=False,
             trust_env=False,  # engine traffic never goes through an HTTP_PROXY meant for something else
         )

@@ -15,7 +15,8 @@ from lmstack.api.services.keys import CredentialsUnavailable, KeyInfo
 from lmstack.api.state import AppState
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
+    # async: a plain `def` dependency would be run in the thread pool on every request.
     state: AppState = request.app.state.lmstack
     return state
 

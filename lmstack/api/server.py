@@ -45,15 +45,16 @@ def configure_logging(level: int = logging.INFO) -> None:
             logger.addFilter(RedactTokens())
 
 
-def run_server(settings: Settings, *, host: str, port: int) -> bool:
+def run_server(settings: Settings, *, host: str, port: int, access_log: bool = False) -> bool:
     """Serve until interrupted (SIGINT/SIGTERM). False when the server could not start (port taken, startup
-    failed); raises DatabaseError when the database cannot be used."""
+    failed); raises DatabaseError when the database cannot be used. No access line per request unless asked:
+    on the gateway's hot path it costs more than the proxying (usage and /metrics record every request)."""
     configure_logging()
     database = open_database(settings)
     try:
         log.info("state database: %s", database.url)
         config = uvicorn.Config(create_app(settings, database=database), host=host, port=port, log_config=None,
-                                ws_ping_interval=20.0, ws_ping_timeout=20.0)
+                                access_log=access_log, ws_ping_interval=20.0, ws_ping_timeout=20.0)
         server = uvicorn.Server(config)
         shown = f"[{host}]" if ":" in host else host
         log.info("lmstack API starting on http://%s:%d (gateway /v1, status /api, /metrics, /healthz, docs /docs)",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import httpx
+import httpx2
 
 from lmstack.api.services.keys import KeyCache
 from lmstack.api.services.metrics import Metrics
@@ -23,6 +23,6 @@ class AppState:
     keys: KeyCache
     logins: LoginLimiter
     registry: Registry
-    upstream: httpx.AsyncClient  # one pooled client per process for every engine
+    upstream: httpx2.AsyncClient  # one pooled client per process for every engine
     usage: UsageRecorder
     metrics: Metrics

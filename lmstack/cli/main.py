@@ -312,6 +312,9 @@ def serve(
         "--host", help="Address to listen on (default: LMSTACK_HOST, else 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option(
         "--port", min=1, max=65535, help="Port to listen on (default: LMSTACK_PORT, else 8080).")] = None,
+    access_log: Annotated[bool, typer.Option(
+        "--access-log", help="Log a line per HTTP request (off by default: it costs more than the proxying).")]
+        = False,
 ) -> None:
     """Run the API server: the OpenAI-compatible gateway (/v1), the read-only status API (/api), live logs,
     /metrics and /healthz, /readyz. Logging in needs a user: create one first with
@@ -323,7 +326,8 @@ def serve(
 
     settings = Settings()
     try:
-        started = run_server(settings, host=host or settings.host, port=port or settings.port)
+        started = run_server(settings, host=host or settings.host, port=port or settings.port,
+                             access_log=access_log)
     except DatabaseError as exc:
         _fail(str(exc))
     raise typer.Exit(0 if started else 1)

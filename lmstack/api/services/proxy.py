@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import anyio
-import httpx
+import httpx2
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Message, Receive, Scope, Send
 
@@ -108,14 +108,14 @@ class _Failure(Exception):
 class _Answer:
     """What a replica answered, read up to the point where the gateway commits to it."""
 
-    response: httpx.Response
+    response: httpx2.Response
     ttft_ms: int
     content: bytes | None = None  # a whole (non-streamed) answer
     first: bytes = b""  # a stream: its first chunk ...
     rest: AsyncIterator[bytes] | None = None  # ... and the rest
 
 
-async def forward(call: Call, *, client: httpx.AsyncClient, registry: Registry, usage: UsageRecorder,
+async def forward(call: Call, *, client: httpx2.AsyncClient, registry: Registry, usage: UsageRecorder,
                   receive: Receive | None = None) -> Response:
     """Send `call` to a Ready replica of its model (one retry on another replica) and relay the answer.
 
@@ -169,13 +169,13 @@ async def forward(call: Call, *, client: httpx.AsyncClient, registry: Registry, 
     raise error
 
 
-async def _ask(client: httpx.AsyncClient, target: Target, call: Call) -> _Answer:
+async def _ask(client: httpx2.AsyncClient, target: Target, call: Call) -> _Answer:
     """Send the request and read the answer's status (and first chunk, for a stream); _Failure if it fails."""
     request = client.build_request("POST", target.endpoint + call.path,
                                    content=upstream_body(call, target.upstream_model),
                                    headers=_SSE_HEADERS if call.stream else _JSON_HEADERS)
     where = f"replica {target.name} of {target.served_name!r} ({target.endpoint})"
-    response: httpx.Response | None = None
+    response: httpx2.Response | None = None
     try:
         response = await client.send(request, stream=True)
         if response.status_code >= 500:
@@ -194,11 +194,11 @@ async def _ask(client: httpx.AsyncClient, target: Target, call: Call) -> _Answer
             return _Answer(response, ttft_ms=call.elapsed_ms(), first=first, rest=rest)
         ttft_ms = call.elapsed_ms()
         return _Answer(response, ttft_ms=ttft_ms, content=await response.aread())
-    except httpx.TimeoutException as exc:
+    except httpx2.TimeoutException as exc:
         await _close(response)
         raise _Failure("timeout", ApiError(504, f"{where} did not answer in time ({_describe(exc)})",
                                            code="upstream_timeout")) from None
-    except httpx.HTTPError as exc:
+    except httpx2.HTTPError as exc:
         await _close(response)
         raise _Failure("connect", ApiError(502, f"{where} failed: {_describe(exc)}",
                                            code="upstream_error")) from None
@@ -259,7 +259,7 @@ class _Relay:
                     yield out
             if not self.done:
                 raise _Truncated
-        except (httpx.HTTPError, _Truncated) as exc:
+        except (httpx2.HTTPError, _Truncated) as exc:
             yield self._fail(exc)
         self.completed = True
 
@@ -283,7 +283,7 @@ class _Relay:
 
     def _fail(self, exc: Exception) -> bytes:
         where = f"replica {self.target.name} of {self.target.served_name!r}"
-        if isinstance(exc, httpx.TimeoutException):
+        if isinstance(exc, httpx2.TimeoutException):
             self.status, kind, code = 504, "timeout", "upstream_timeout"
             message = f"{where} stopped sending in the middle of the stream ({_describe(exc)})"
         elif isinstance(exc, _Truncated):
@@ -422,7 +422,7 @@ def _describe(exc: Exception) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-async def _close(response: httpx.Response | None) -> None:
+async def _close(response: httpx2.Response | None) -> None:
     if response is not None:
         with anyio.CancelScope(shield=True):
             await response.aclose()
