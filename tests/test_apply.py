@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from lmstack.config import Settings
 from lmstack.gitsource import Source, init_repository, load_source
@@ -238,3 +238,18 @@ def test_cli_apply_asks_shows_the_plan_and_exits_nonzero_on_failure(fleet: Fleet
     assert "3 created" in done.stdout
     again = subprocess.run([*command, "--yes"], env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "No changes." in again.stdout
+
+
+def test_a_replica_recorded_as_failed_is_recreated_even_if_its_container_runs(fleet: Fleet) -> None:
+    _, report = fleet.apply()
+    assert report is not None and report.ok
+    before = _ids(fleet.containers())
+    # As after a readiness timeout: the container runs (restart policy) but the replica never became ready.
+    with fleet.database.session() as session:
+        session.execute(update(Replica).where(Replica.deployment_name == "embed").values(status="failed"))
+    prepared, report = fleet.apply()
+    assert {a.replica_name: a.kind.value for a in prepared.plan.changes} == {"embed/0": "recreate"}
+    assert report is not None and report.ok
+    after = _ids(fleet.containers())
+    assert after["embed/0"] != before["embed/0"] and after["chat/0"] == before["chat/0"]
+    assert fleet.replicas()["embed/0"].status == "ready"

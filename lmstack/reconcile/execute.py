@@ -19,7 +19,7 @@ from lmstack.backends.container import LABEL_DEPLOYMENT, LABEL_REPLICA
 from lmstack.manifests.quantity import parse_duration
 from lmstack.nodes.docker import DockerPool, ManagedContainer, NodeError
 from lmstack.nodes.http import request
-from lmstack.reconcile.model import Action, ActionKind, Placement
+from lmstack.reconcile.model import Action, ActionKind
 from lmstack.reconcile.records import add_event, delete_replica, set_replica_status, upsert_replica
 from lmstack.reconcile.secrets import SecretError, resolve_env
 from lmstack.state import Database
@@ -296,5 +296,3 @@ def _port_of(container: ManagedContainer | None) -> int | None:
 def _startup_timeout(spec: Mapping[str, Any]) -> int:
     return parse_duration(spec.get("health", {}).get("startupTimeout", "20m"))
 
-
-__all__ = ["ActionResult", "Executor", "Placement", "WorkerTarget"]

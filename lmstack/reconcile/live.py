@@ -68,9 +68,9 @@ def observe_live(stored: Observed, pool: DockerPool, workers: Iterable[str], *, 
             continue
         claimed.add(match.id)
         current[(replica.deployment, replica.ordinal)] = match
+        # A running container keeps its recorded status: one recorded as failed (e.g. never became ready)
+        # is recreated by the next pass, not taken for healthy because Docker restarted it.
         status = replica.status if match.state == "running" else "failed"
-        if match.state == "running" and replica.status in ("missing", "failed"):
-            status = "starting"  # it came back (restart policy): readiness decides
         replicas.append(replace(replica, status=status))
 
     orphans = [
