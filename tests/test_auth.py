@@ -563,6 +563,69 @@ def test_last_used_is_written_at_most_once_a_minute(db: Database) -> None:
     asyncio.run(scenario())
 
 
+def test_keys_in_use_stay_warm_and_revocation_still_lands_within_the_cache_time(db: Database) -> None:
+    add_user(db, "alice")
+    token = add_key(db, "alice")
+    cache = KeyCache(db, ttl_s=0.2)
+
+    async def scenario() -> None:
+        refresher = asyncio.create_task(cache.run())
+        try:
+            info = await cache.verify(token)
+            assert info is not None and cache.lookups == 1
+            await asyncio.sleep(1.0)  # five cache times without a request
+            with count_statements(db) as statements:
+                assert await cache.verify(token) == info
+            assert statements == [] and cache.lookups == 1  # still warm: no database on the request path
+            assert cache.rechecks >= 4  # ... because it was re-read in the background (about every 0.1 s)
+            with db.session() as session:
+                revoke_key(session, key_id=info.id)
+            revoked_at = time.monotonic()
+            while await cache.verify(token) is not None:
+                await asyncio.sleep(0.01)
+            assert time.monotonic() - revoked_at < 0.2
+            assert cache.lookups == 1  # the re-check saw the revocation, not a request's own lookup
+        finally:
+            refresher.cancel()
+
+    asyncio.run(scenario())
+
+
+def test_the_recheck_sees_a_disabled_user_and_writes_last_used(db: Database) -> None:
+    add_user(db, "alice")
+    token = add_key(db, "alice")
+    cache = KeyCache(db, ttl_s=0.2)
+
+    def last_used() -> datetime | None:
+        with db.session() as session:
+            return session.scalar(select(ApiKey.last_used_at))
+
+    async def scenario() -> None:
+        assert await cache.verify(token) is not None
+        assert await cache.user_role("alice") == "viewer"
+        with db.session() as session:
+            session.execute(update(ApiKey).values(last_used_at=datetime.now(UTC) - timedelta(minutes=2)))
+        assert await cache.verify(token) is not None  # cached, and used since the last re-check
+        with count_statements(db) as statements:
+            await cache.refresh()
+        assert len([s for s in statements if _is("SELECT")(s)]) == 2  # every key, then every user
+        assert len([s for s in statements if _is("UPDATE")(s)]) == 1
+        written = last_used()
+        assert written is not None and datetime.now(UTC) - written < timedelta(seconds=5)
+        with count_statements(db) as statements:
+            await cache.refresh()  # not used since: last_used_at is not written again
+        assert not any(map(_is("UPDATE"), statements))
+        with db.session() as session:
+            set_disabled(session, name="alice", disabled=True)
+        await cache.refresh()
+        with count_statements(db) as statements:
+            assert await cache.verify(token) is None
+            assert await cache.user_role("alice") is None
+        assert statements == []
+
+    asyncio.run(scenario())
+
+
 def test_key_rate_limit_is_a_sliding_minute() -> None:
     now = [0.0]
     limiter = KeyRateLimiter(clock=lambda: now[0])

@@ -53,7 +53,8 @@ def create_app(settings: Settings, *, database: Database | None = None) -> FastA
         )
         app.state.lmstack = state
         await state.registry.refresh()
-        tasks = [asyncio.create_task(state.registry.run()), asyncio.create_task(state.usage.run())]
+        tasks = [asyncio.create_task(state.registry.run()), asyncio.create_task(state.usage.run()),
+                 asyncio.create_task(state.keys.run())]
         try:
             yield
         finally:

@@ -7,21 +7,29 @@ characters in clear (to find the row) and a SHA-256 digest (to check it), never 
 and invalid keys alike: a hot key costs no database round-trip per request, and a revoked or expired
 key, or one whose user was disabled, is refused within `ttl_s` on every server without any message
 between servers (the entry simply expires). Lookups run in the thread pool, off the event loop, and
-concurrent lookups of one key share a single query. `last_used_at` is written at most once a minute
-per key, by the lookup that finds it older than that (so not per request, and not per server).
+concurrent lookups of one key share a single query.
+
+`KeyCache.run()` keeps the keys and users asked for in the last `WARM_FOR_S` warm: every `ttl_s / 2` it
+re-reads all of them in one query and renews their entries from the time that read started. So a key in
+use never waits on the database, not even for its first request after a pause, and a revocation still
+lands within `ttl_s` (an entry is never trusted longer than `ttl_s` after the read it came from).
+
+`last_used_at` is written at most once a minute per key, by the lookup or re-check that finds it older
+than that (so not per request, and not per server).
 `KeyCache.check_rate(info)` applies the key's requests-per-minute limit (see services/ratelimit.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Literal
+from typing import Any, Literal, Unpack
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import ColumnElement, Row, Update, func, or_, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session
@@ -31,7 +39,11 @@ from lmstack.api.security import KEY_PREFIX, digests_match, key_digest, key_look
 from lmstack.api.services.ratelimit import Clock, KeyRateLimiter
 from lmstack.state import ROLES, ApiKey, Database, Role, User
 
+log = logging.getLogger(__name__)
+
 LAST_USED_EVERY = timedelta(seconds=60)
+# Keys and users asked for within this long are re-checked in the background (one query per ttl_s / 2).
+WARM_FOR_S = 300.0
 MAX_NAME_LENGTH = 100
 _MAX_TOKEN_LENGTH = 128  # keys are 48 characters; anything much longer is not worth hashing
 # Compared against when no row has the key's prefix, so a miss costs what a wrong key costs.
@@ -190,10 +202,11 @@ def revoke_key(session: Session, *, key_id: int, owner: str | None = None) -> Ke
 # -- verification on the request path ---------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Entry:
     value: object
-    until: float  # monotonic
+    until: float  # monotonic: trusted until then
+    used: float  # monotonic: when a request last asked for it
 
 
 class KeyCache:
@@ -205,10 +218,12 @@ class KeyCache:
         self.ttl_s = ttl_s
         self.rates = KeyRateLimiter(window_s=rate_window_s, clock=clock)
         self.lookups = 0  # database lookups made: a figure for metrics and tests
+        self.rechecks = 0  # background re-checks made (each one query for every key in use)
         self._clock = clock
         self._entries: dict[tuple[str, str], _Entry] = {}
         self._loading: dict[tuple[str, str], asyncio.Task[object]] = {}
         self._next_purge = clock() + ttl_s
+        self._last_refresh = clock()
 
     async def verify(self, token: str) -> KeyInfo | None:
         """The key's info when `token` is a valid, unexpired, unrevoked key of an enabled user; else None."""
@@ -237,8 +252,11 @@ class KeyCache:
 
     async def _get(self, key: tuple[str, str], load: Callable[[], Awaitable[object]]) -> object:
         entry = self._entries.get(key)
-        if entry is not None and entry.until > self._clock():
-            return entry.value
+        if entry is not None:
+            now = self._clock()
+            if entry.until > now:
+                entry.used = now
+                return entry.value
         task = self._loading.get(key)
         if task is None:
             task = asyncio.create_task(self._load(key, load))
@@ -265,36 +283,98 @@ class KeyCache:
             self._next_purge = now + self.ttl_s
             for stale in [k for k, e in self._entries.items() if e.until <= now]:
                 del self._entries[stale]
-        self._entries[key] = _Entry(value, until)
+        self._entries[key] = _Entry(value, until, used=now)
+
+    # -- keeping keys in use warm ------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Re-check the keys and users in use every `ttl_s / 2` until cancelled (see the module docstring)."""
+        failing = False
+        while True:
+            await asyncio.sleep(self.ttl_s / 2)
+            try:
+                await self.refresh()
+            except CredentialsUnavailable as exc:
+                if not failing:  # once per outage: entries then expire and requests see the 503 themselves
+                    log.warning("cannot re-check API keys in use: %s", exc.__cause__ or exc)
+                failing = True
+            else:
+                failing = False
+
+    async def refresh(self) -> None:
+        """Re-read every valid key and enabled user asked for within WARM_FOR_S, in one query, and renew
+        their entries (a key revoked, expired or gone, or a user disabled, is cached as refused)."""
+        now = self._clock()
+        keys: dict[int, tuple[str, str]] = {}
+        users: dict[str, tuple[str, str]] = {}
+        used_lately: set[int] = set()  # keys asked for since the last re-check: their last_used_at may be due
+        for cache_key, entry in self._entries.items():
+            if entry.used < now - WARM_FOR_S or entry.until <= now:
+                continue  # not in use, or expired (the next request reads it again itself)
+            if isinstance(entry.value, KeyInfo):
+                keys[entry.value.id] = cache_key
+                if entry.used >= self._last_refresh:
+                    used_lately.add(entry.value.id)
+            elif cache_key[0] == "user" and entry.value is not None:
+                users[cache_key[1]] = cache_key
+        if not keys and not users:
+            return
+        self._last_refresh = started = self._clock()
+        infos, roles = await run_in_threadpool(self._recheck, list(keys), list(users), used_lately)
+        until = started + self.ttl_s
+        for key_id, cache_key in keys.items():
+            self._renew(cache_key, infos.get(key_id), until)
+        for name, cache_key in users.items():
+            self._renew(cache_key, roles.get(name), until)
+
+    def _renew(self, cache_key: tuple[str, str], value: object, until: float) -> None:
+        entry = self._entries.get(cache_key)
+        if entry is None:
+            return  # purged meanwhile: the next request reads it itself
+        if entry.until < until:  # unless a lookup started after this re-check stored something newer
+            entry.value, entry.until = value, until
+
+    def _recheck(self, key_ids: list[int], user_names: list[str],
+                 used_lately: set[int]) -> tuple[dict[int, KeyInfo], dict[str, Role]]:
+        self.rechecks += 1
+        infos: dict[int, KeyInfo] = {}
+        roles: dict[str, Role] = {}
+        now = datetime.now(UTC)
+        try:
+            with self.database.engine.begin() as conn:
+                if key_ids:
+                    due: list[int] = []
+                    for row in conn.execute(_KEY_COLUMNS.where(ApiKey.id.in_(key_ids))):
+                        if _usable(row, now):
+                            infos[row.id] = _key_info(row)
+                            if row.id in used_lately and (row.last_used_at is None
+                                                          or row.last_used_at < now - LAST_USED_EVERY):
+                                due.append(row.id)
+                    if due:
+                        conn.execute(_touch(ApiKey.id.in_(due)))
+                if user_names:
+                    query = select(User.name, User.role, User.disabled).where(User.name.in_(user_names))
+                    for name, role, disabled in conn.execute(query):
+                        if not disabled:
+                            roles[name] = role
+        except (DBAPIError, PoolTimeoutError) as exc:
+            raise CredentialsUnavailable("the database does not answer") from exc
+        return infos, roles
 
     def _lookup_key(self, token: str) -> KeyInfo | None:
         self.lookups += 1
-        query = (select(ApiKey.id, ApiKey.name, ApiKey.prefix, ApiKey.key_hash, ApiKey.models, ApiKey.rpm_limit,
-                        ApiKey.expires_at, ApiKey.revoked_at, ApiKey.last_used_at,
-                        User.name.label("user"), User.role, User.disabled)
-                 .join(User, User.id == ApiKey.user_id)
-                 .where(ApiKey.prefix == key_lookup(token)))
         try:
             with self.database.engine.begin() as conn:
-                row = conn.execute(query).one_or_none()
+                row = conn.execute(_KEY_COLUMNS.where(ApiKey.prefix == key_lookup(token))).one_or_none()
                 match = digests_match(row.key_hash if row is not None else _NO_DIGEST, token)
-                if row is None or not match or row.revoked_at is not None or row.disabled:
-                    return None
                 now = datetime.now(UTC)
-                if row.expires_at is not None and row.expires_at <= now:
+                if row is None or not match or not _usable(row, now):
                     return None
                 if row.last_used_at is None or row.last_used_at < now - LAST_USED_EVERY:
-                    # Conditional: of several servers finding it due at once, usually only one writes.
-                    conn.execute(update(ApiKey)
-                                 .where(ApiKey.id == row.id,
-                                        or_(ApiKey.last_used_at.is_(None),
-                                            ApiKey.last_used_at < func.now() - LAST_USED_EVERY))
-                                 .values(last_used_at=func.now()))
+                    conn.execute(_touch(ApiKey.id == row.id))
         except (DBAPIError, PoolTimeoutError) as exc:
             raise CredentialsUnavailable("cannot check the API key now: the database does not answer") from exc
-        return KeyInfo(id=row.id, name=row.name, user=row.user, role=row.role,
-                       models=tuple(row.models) if row.models is not None else None, rpm_limit=row.rpm_limit,
-                       expires_at=row.expires_at, prefix=KEY_PREFIX + row.prefix)
+        return _key_info(row)
 
     def _lookup_user(self, name: str) -> Role | None:
         self.lookups += 1
@@ -307,3 +387,28 @@ class KeyCache:
             return None
         role: Role = row.role
         return role
+
+
+_KEY_COLUMNS = (select(ApiKey.id, ApiKey.name, ApiKey.prefix, ApiKey.key_hash, ApiKey.models, ApiKey.rpm_limit,
+                       ApiKey.expires_at, ApiKey.revoked_at, ApiKey.last_used_at,
+                       User.name.label("user"), User.role, User.disabled)
+                .join(User, User.id == ApiKey.user_id))
+
+
+def _usable(row: Row[Unpack[tuple[Any, ...]]], now: datetime) -> bool:
+    """Not revoked, not expired, and its user enabled."""
+    return row.revoked_at is None and not row.disabled and (row.expires_at is None or row.expires_at > now)
+
+
+def _key_info(row: Row[Unpack[tuple[Any, ...]]]) -> KeyInfo:
+    return KeyInfo(id=row.id, name=row.name, user=row.user, role=row.role,
+                   models=tuple(row.models) if row.models is not None else None, rpm_limit=row.rpm_limit,
+                   expires_at=row.expires_at, prefix=KEY_PREFIX + row.prefix)
+
+
+def _touch(which: ColumnElement[bool]) -> Update:
+    """Set last_used_at to now where it is due. Conditional: of several servers finding it due at once,
+    usually only one writes."""
+    return (update(ApiKey)
+            .where(which, or_(ApiKey.last_used_at.is_(None), ApiKey.last_used_at < func.now() - LAST_USED_EVERY))
+            .values(last_used_at=func.now()))
