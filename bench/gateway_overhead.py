@@ -746,7 +746,7 @@ def _targets_for(row: Row, direct: Row | None, litellm: Row | None) -> list[str]
 # -- profiling -----------------------------------------------------------------------------------------------
 
 _BUCKETS = [  # (label, substring of the file path); first match wins
-    ("lmstack", "/lmstack/"), ("httpx", "/httpx/"), ("httpcore", "/httpcore/"), ("h11", "/h11/"),
+    ("lmstack", "/lmstack/"), ("aiohttp", "/aiohttp/"), ("yarl", "/yarl/"), ("multidict", "/multidict/"),
     ("fastapi", "/fastapi/"), ("starlette", "/starlette/"), ("pydantic", "/pydantic"),
     ("uvicorn", "/uvicorn/"), ("anyio", "/anyio/"), ("sniffio", "/sniffio/"), ("uvloop", "uvloop"),
     ("httptools", "httptools"), ("logging", "/logging/"), ("asyncio", "/asyncio/"), ("json", "/json/"),
@@ -780,7 +780,7 @@ def report_cprofile(path: Path, top: int) -> None:
     for (filename, line, func), (_, calls, tottime, cumtime, _) in ranked:
         short = "/".join(Path(filename).parts[-2:]) if filename.startswith("/") else filename
         print(f"    {tottime / total:6.1%} own {cumtime / total:6.1%} cum {calls:>8} calls  {func} ({short}:{line})")
-    interesting = ("lmstack/", "starlette/", "fastapi/", "httpx/", "httpcore/", "uvicorn/", "logging/")
+    interesting = ("lmstack/", "starlette/", "fastapi/", "aiohttp/", "uvicorn/", "logging/")
     print(f"  top {top} functions by cumulative time (lmstack, FastAPI/Starlette, httpx, uvicorn, logging):")
     ranked = sorted(((k, v) for k, v in raw.items() if any(i in k[0] for i in interesting)),
                     key=lambda item: item[1][3], reverse=True)[:top]
@@ -826,7 +826,7 @@ def report_pyspy(path: Path, top: int) -> None:
     for name, count in own.most_common(top):
         print(f"    {count / total:6.1%}  {name}")
     print(f"  top {top} functions by inclusive time (lmstack, FastAPI/Starlette, httpx, uvicorn, logging):")
-    interesting = ("lmstack/", "starlette/", "fastapi/", "httpx/", "httpcore/", "uvicorn/", "logging/")
+    interesting = ("lmstack/", "starlette/", "fastapi/", "aiohttp/", "uvicorn/", "logging/")
     ranked = [(n, c) for n, c in inclusive.most_common() if any(i in n for i in interesting)][:top]
     for name, count in ranked:
         print(f"    {count / total:6.1%}  {name}")

@@ -7,7 +7,6 @@ import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import httpx2
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
@@ -17,6 +16,7 @@ from lmstack.api.routes import auth, gateway, health, keys, logs, metrics, statu
 from lmstack.api.security import load_or_create_secret
 from lmstack.api.services.keys import KeyCache
 from lmstack.api.services.metrics import Metrics
+from lmstack.api.services.proxy import open_upstream_client
 from lmstack.api.services.ratelimit import LoginLimiter
 from lmstack.api.services.registry import Registry
 from lmstack.api.services.usage import UsageRecorder
@@ -34,13 +34,7 @@ def create_app(settings: Settings, *, database: Database | None = None) -> FastA
         secret = (settings.jwt_secret.get_secret_value() if settings.jwt_secret is not None
                   else load_or_create_secret(settings.jwt_secret_file))
         metrics_ = Metrics()
-        upstream = httpx2.AsyncClient(
-            timeout=httpx2.Timeout(connect=settings.upstream_connect_timeout_s,
-                                  read=settings.upstream_read_timeout_s, write=60.0, pool=30.0),
-            limits=httpx2.Limits(max_connections=2000, max_keepalive_connections=500),
-            follow_redirects=False,
-            trust_env=False,  # engine traffic never goes through an HTTP_PROXY meant for something else
-        )
+        upstream = open_upstream_client(settings)
         state = AppState(
             settings=settings, database=db, jwt_secret=secret,
             keys=KeyCache(db, ttl_s=settings.key_cache_s),
@@ -64,7 +58,7 @@ def create_app(settings: Settings, *, database: Database | None = None) -> FastA
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await state.usage.flush()
-            await upstream.aclose()
+            await upstream.close()
             if database is None:
                 db.close()
 

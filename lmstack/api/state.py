@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import httpx2
-
 from lmstack.api.services.keys import KeyCache
 from lmstack.api.services.metrics import Metrics
+from lmstack.api.services.proxy import UpstreamClient
 from lmstack.api.services.ratelimit import LoginLimiter
 from lmstack.api.services.registry import Registry
 from lmstack.api.services.usage import UsageRecorder
@@ -23,6 +22,6 @@ class AppState:
     keys: KeyCache
     logins: LoginLimiter
     registry: Registry
-    upstream: httpx2.AsyncClient  # one pooled client per process for every engine
+    upstream: UpstreamClient  # one pooled client per process for every engine
     usage: UsageRecorder
     metrics: Metrics

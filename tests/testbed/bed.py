@@ -40,6 +40,7 @@ from pathlib import Path
 from .image import STANDIN_IMAGE, ImageArchive, build_standin_archive
 
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+PRIVSEP_DIR = Path("/run/sshd")
 REQUIRED_TOOLS = {  # tool -> Debian package
     "ip": "iproute2", "nsenter": "util-linux", "unshare": "util-linux", "ssh-keygen": "openssh-client",
     "ssh": "openssh-client", "sshd": "openssh-server", "dockerd": "docker.io", "docker": "docker.io",
@@ -789,6 +790,9 @@ class TestBed:
         h = self.host(host)
         if self.sshd_running(h):
             return
+        # sshd's privilege separation directory: Debian's service units create it, so where sshd was installed
+        # but never started as a service it is missing and sshd refuses to start.
+        PRIVSEP_DIR.mkdir(mode=0o755, exist_ok=True)
         self._spawn(h, "sshd", ["/usr/sbin/sshd", "-D", "-e", "-f", str(h.sshd_config)])
         if wait:
             _wait_for(f"sshd on {h.name}", lambda: _ssh_banner(h.address, h.ssh_port), 10, h.dir / "sshd.log")

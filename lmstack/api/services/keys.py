@@ -27,7 +27,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal, Unpack
+from typing import Any, Literal
 
 from sqlalchemy import ColumnElement, Row, Update, func, or_, select, update
 from sqlalchemy.exc import DBAPIError
@@ -395,12 +395,12 @@ _KEY_COLUMNS = (select(ApiKey.id, ApiKey.name, ApiKey.prefix, ApiKey.key_hash, A
                 .join(User, User.id == ApiKey.user_id))
 
 
-def _usable(row: Row[Unpack[tuple[Any, ...]]], now: datetime) -> bool:
+def _usable(row: Row[*tuple[Any, ...]], now: datetime) -> bool:
     """Not revoked, not expired, and its user enabled."""
     return row.revoked_at is None and not row.disabled and (row.expires_at is None or row.expires_at > now)
 
 
-def _key_info(row: Row[Unpack[tuple[Any, ...]]]) -> KeyInfo:
+def _key_info(row: Row[*tuple[Any, ...]]) -> KeyInfo:
     return KeyInfo(id=row.id, name=row.name, user=row.user, role=row.role,
                    models=tuple(row.models) if row.models is not None else None, rpm_limit=row.rpm_limit,
                    expires_at=row.expires_at, prefix=KEY_PREFIX + row.prefix)
