@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     login_attempts: int = Field(default=5, ge=1, description="failed logins allowed per user and IP a minute")
     upstream_connect_timeout_s: float = Field(default=3.0, gt=0)
     upstream_read_timeout_s: float = Field(default=600.0, gt=0, description="longest silence from an engine")
+    max_request_mb: float = Field(default=32.0, gt=0, description="largest request body the gateway accepts "
+                                                                  "(MiB; larger ones get 413)")
     registry_refresh_s: float = Field(default=1.0, gt=0, description="how often Ready replicas are re-read")
     usage_buffer: int = Field(
         default=100_000, ge=100, description="usage records held in memory while the database is unreachable; "

@@ -69,6 +69,7 @@ def create_app(settings: Settings, *, database: Database | None = None) -> FastA
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    app.add_middleware(gateway.GatewayFastPath)
     for module in (health, auth, keys, gateway, status, metrics, logs):
         app.include_router(module.router)
     return app

@@ -49,7 +49,11 @@ _CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 
 async def authenticate(request: Request, state: StateDep) -> Principal:
-    header = request.headers.get("authorization", "")
+    return await principal_for(request.headers.get("authorization", ""), state)
+
+
+async def principal_for(header: str, state: AppState) -> Principal:
+    """Who an `Authorization` header value names; ApiError 401 (or 503 when credentials cannot be checked)."""
     scheme, _, token = header.partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:

@@ -17,10 +17,10 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
-from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from lmstack.api.deps import CurrentPrincipal, Principal, SessionDep, StateDep
-from lmstack.api.errors import ApiError
+from lmstack.api.deps import CurrentPrincipal, Principal, SessionDep, StateDep, principal_for
+from lmstack.api.errors import ApiError, error_response
 from lmstack.api.services.proxy import CLIENT_CLOSED, Call, forward
 from lmstack.api.services.usage import query_usage
 from lmstack.api.state import AppState
@@ -52,6 +52,10 @@ async def get_model(model: str, principal: CurrentPrincipal, state: StateDep) ->
                    param="model")
 
 
+# The three POST routes are served by GatewayFastPath (below) before FastAPI's router sees them; these
+# declarations are what the OpenAPI document shows, and what answers if the fast path is not installed.
+
+
 @router.post("/v1/chat/completions", tags=["gateway"])
 async def chat_completions(request: Request, principal: CurrentPrincipal, state: StateDep) -> Response:
     return await _proxy(request, principal, state, "/v1/chat/completions")
@@ -64,16 +68,22 @@ async def completions(request: Request, principal: CurrentPrincipal, state: Stat
 
 @router.post("/v1/embeddings", tags=["gateway"])
 async def embeddings(request: Request, principal: CurrentPrincipal, state: StateDep) -> Response:
-    return await _proxy(request, principal, state, "/v1/embeddings", streamable=False)
+    return await _proxy(request, principal, state, "/v1/embeddings")
 
 
-async def _proxy(request: Request, principal: CurrentPrincipal, state: AppState, path: str, *,
-                 streamable: bool = True) -> Response:
-    started, at = time.perf_counter(), time.time()  # latency counts from here (after authentication)
-    try:
-        raw = await request.body()  # read once: forwarded as is unless the model name or stream options change
-    except ClientDisconnect:
-        return Response(status_code=CLIENT_CLOSED)  # gone while sending its request: nobody to answer
+async def _proxy(request: Request, principal: Principal, state: AppState, path: str) -> Response:
+    started, at = time.perf_counter(), time.time()
+    raw = await _read_body(request.receive, limit=_limit(state))
+    if raw is None:
+        return Response(status_code=CLIENT_CLOSED)
+    return await proxy_request(state, principal, path, raw, receive=request.receive, started=started, at=at)
+
+
+async def proxy_request(state: AppState, principal: Principal, path: str, raw: bytes, *, receive: Receive,
+                        started: float, at: float) -> Response:
+    """Check one gateway request (body, model allowlist, model known, rate limit) and forward it.
+
+    `started`/`at`: when the request's latency starts counting (after authentication)."""
     body = _parse(raw)
     model: str = body["model"]
     if not _allowed(principal, model):
@@ -82,7 +92,7 @@ async def _proxy(request: Request, principal: CurrentPrincipal, state: AppState,
         raise ApiError(404, f"The model {model!r} does not exist", code="model_not_found", param="model")
     key = principal.key
     call = Call(path=path, model=model, body=body, raw=raw, key_id=key.id if key else None,
-                streamable=streamable, started=started, at=at)
+                streamable=_ROUTES[path], started=started, at=at)
     if key is not None:
         wait_s = state.keys.check_rate(key)  # counts the request when within the limit
         if wait_s is not None:
@@ -90,8 +100,76 @@ async def _proxy(request: Request, principal: CurrentPrincipal, state: AppState,
                                at=call.at)
             raise ApiError(429, f"this API key is over its limit of {key.rpm_limit} requests a minute",
                            code="rate_limit_exceeded", headers={"Retry-After": str(max(1, math.ceil(wait_s)))})
-    return await forward(call, client=state.upstream, registry=state.registry, usage=state.usage,
-                         receive=request.receive)
+    return await forward(call, client=state.upstream, registry=state.registry, usage=state.usage, receive=receive)
+
+
+_ROUTES = {"/v1/chat/completions": True, "/v1/completions": True, "/v1/embeddings": False}  # path: streamable
+
+
+class GatewayFastPath:
+    """ASGI middleware answering the gateway's POSTs itself, without FastAPI's routing and dependency
+    machinery, which cost more CPU per request than the proxying (bench/gateway_overhead.py --profile).
+
+    Same behaviour as the routes above: authentication (principal_for), then the body, then proxy_request;
+    ApiErrors become OpenAI-shaped answers; anything unexpected goes on to the app's 500 handler (this runs
+    inside Starlette's ServerErrorMiddleware). Every other request goes to the app unchanged.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or _route_path(scope) not in _ROUTES:
+            await self.app(scope, receive, send)
+            return
+        state: AppState = scope["app"].state.lmstack
+        response: Response
+        try:
+            principal = await principal_for(_header(scope, b"authorization"), state)
+            started, at = time.perf_counter(), time.time()
+            raw = await _read_body(receive, limit=_limit(state))
+            if raw is None:
+                return  # gone while sending its request: nobody to answer
+            response = await proxy_request(state, principal, _route_path(scope), raw, receive=receive,
+                                           started=started, at=at)
+        except ApiError as exc:
+            response = error_response(exc)
+        await response(scope, receive, send)
+
+
+def _route_path(scope: Scope) -> str:
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
+
+
+def _header(scope: Scope, name: bytes) -> str:
+    for key, value in scope["headers"]:
+        if key.lower() == name:
+            return bytes(value).decode("latin-1")
+    return ""
+
+
+def _limit(state: AppState) -> int:
+    return int(state.settings.max_request_mb * 1024 * 1024)
+
+
+async def _read_body(receive: Receive, *, limit: int) -> bytes | None:
+    """The whole request body (None when the client went away first); 413 beyond `limit` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk: bytes = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"the request body is larger than {limit // (1024 * 1024)} MiB "
+                                f"(LMSTACK_MAX_REQUEST_MB)", code="request_too_large")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _parse(raw: bytes) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -442,22 +442,35 @@ def _close(response: aiohttp.ClientResponse | None) -> None:
         response.close()
 
 
-async def _unless_gone(work: Awaitable[T], receive: Receive | None) -> T:
-    """Await `work`, abandoning it (ClientGone) if the client disconnects first."""
+async def _unless_gone(work: Coroutine[Any, Any, T], receive: Receive | None) -> T:
+    """Await `work`, abandoning it (ClientGone) if the client disconnects first.
+
+    `work` runs in this task and a watcher task cancels it on a disconnect: one task per request rather than
+    two and an asyncio.wait (this is on every request's path)."""
     if receive is None:
         return await work
-    task = asyncio.ensure_future(work)
-    watch = asyncio.ensure_future(_disconnected(receive))
-    try:
-        await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watch.cancel()
-        if not task.done():
+    task = asyncio.current_task()
+    assert task is not None
+    watching, gone = True, False
+
+    def on_watch_done(watch: asyncio.Task[None]) -> None:
+        nonlocal gone
+        # `watching`: a disconnect seen after `work` ended must not cancel whatever this task does next.
+        if watching and not watch.cancelled() and watch.exception() is None:
+            gone = True
             task.cancel()
-    if task.done() and not task.cancelled():
-        return task.result()
-    await asyncio.gather(task, return_exceptions=True)  # let it close what it opened
-    raise ClientGone
+
+    watch = asyncio.ensure_future(_disconnected(receive))
+    watch.add_done_callback(on_watch_done)
+    try:
+        return await work  # cancelled, it closes what it opened (see _ask)
+    except asyncio.CancelledError:
+        if gone and task.uncancel() == 0:  # our cancellation, not someone else's
+            raise ClientGone from None
+        raise
+    finally:
+        watching = False
+        watch.cancel()
 
 
 async def _disconnected(receive: Callable[[], Awaitable[Message]]) -> None:
