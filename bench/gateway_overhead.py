@@ -15,9 +15,8 @@ Processes, each on its own (and all stopped at the end, also on Ctrl-C or SIGTER
   - the upstream: a small, fast stand-in engine (a bare ASGI app under uvicorn with uvloop and httptools)
     answering POST /v1/chat/completions (JSON, or a stream of a few SSE chunks ending in `data: [DONE]`, with
     the usage chunk when `stream_options.include_usage` asks for it, as vLLM does) and GET /v1/models;
-  - lmstack: exactly `lmstack serve` (uvicorn, its logging at INFO: one access-log line per request, here to
-    a file) on the throwaway database holding a user, an API key and one Ready replica row pointing at the
-    upstream; default settings otherwise;
+  - lmstack: exactly `lmstack serve` (uvicorn; no access log, its default) on the throwaway database holding a
+    user, an API key and one Ready replica row pointing at the upstream; default settings otherwise;
   - LiteLLM (optional): `litellm --config` with one model_list entry `openai/<model>` whose api_base is the
     upstream, a master key and no database;
   - the load generator, one process per row: asyncio on uvloop, one keep-alive connection per concurrent
@@ -135,6 +134,8 @@ def _upstream_app(model: str, token_delay_s: float) -> Any:
             await reply(send, 400, b'{"error":{"message":"invalid JSON"}}')
             return
         if request.get("stream") is not True:
+            if token_delay_s:  # a whole answer comes once all its tokens are generated
+                await asyncio.sleep(token_delay_s * len(events))
             await reply(send, 200, whole)
             return
         options = request.get("stream_options")
@@ -781,7 +782,7 @@ def report_cprofile(path: Path, top: int) -> None:
         short = "/".join(Path(filename).parts[-2:]) if filename.startswith("/") else filename
         print(f"    {tottime / total:6.1%} own {cumtime / total:6.1%} cum {calls:>8} calls  {func} ({short}:{line})")
     interesting = ("lmstack/", "starlette/", "fastapi/", "aiohttp/", "uvicorn/", "logging/")
-    print(f"  top {top} functions by cumulative time (lmstack, FastAPI/Starlette, httpx, uvicorn, logging):")
+    print(f"  top {top} functions by cumulative time (lmstack, FastAPI/Starlette, aiohttp, uvicorn, logging):")
     ranked = sorted(((k, v) for k, v in raw.items() if any(i in k[0] for i in interesting)),
                     key=lambda item: item[1][3], reverse=True)[:top]
     for (filename, line, func), (_, calls, tottime, cumtime, _) in ranked:
@@ -825,7 +826,7 @@ def report_pyspy(path: Path, top: int) -> None:
     print(f"  top {top} functions by own time:")
     for name, count in own.most_common(top):
         print(f"    {count / total:6.1%}  {name}")
-    print(f"  top {top} functions by inclusive time (lmstack, FastAPI/Starlette, httpx, uvicorn, logging):")
+    print(f"  top {top} functions by inclusive time (lmstack, FastAPI/Starlette, aiohttp, uvicorn, logging):")
     interesting = ("lmstack/", "starlette/", "fastapi/", "aiohttp/", "uvicorn/", "logging/")
     ranked = [(n, c) for n, c in inclusive.most_common() if any(i in n for i in interesting)][:top]
     for name, count in ranked:
@@ -885,8 +886,8 @@ def profile_phase(procs: Procs, args: argparse.Namespace, *, database_url: str, 
 
 
 def environment_notes(admin: ThrowawayDatabase, litellm_version: str | None) -> list[str]:
+    import aiohttp
     import fastapi
-    import httpx
     import starlette
     import uvicorn
 
@@ -905,10 +906,10 @@ def environment_notes(admin: ThrowawayDatabase, litellm_version: str | None) -> 
         f"load average at start {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
         "(other work on this machine shares these CPUs with all four processes)",
         f"python {platform.python_version()}; lmstack serve: uvicorn {uvicorn.__version__} (uvloop + httptools "
-        f"when installed), FastAPI {fastapi.__version__}, Starlette {starlette.__version__}, httpx "
-        f"{httpx.__version__} to the upstream; PostgreSQL {pg}",
-        "lmstack serve logs one access line per request at INFO (to a file here) and uses its default settings "
-        "(registry refresh 1 s, usage flush 1 s, key cache 1 s); the API key is verified from its cache",
+        f"when installed), FastAPI {fastapi.__version__}, Starlette {starlette.__version__}, aiohttp "
+        f"{aiohttp.__version__} to the upstream; PostgreSQL {pg}",
+        "lmstack serve runs with its default settings (no access log, registry refresh 1 s, usage flush 1 s, key "
+        "cache 1 s, keys in use re-checked in the background); the API key is verified from its cache",
         f"LiteLLM: {litellm_version or 'not run'}" + (" (its CLI defaults, 1 worker, no database, master key)"
                                                       if litellm_version else ""),
     ]
@@ -927,7 +928,9 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds per row not measured (default 1)")
     parser.add_argument("--duration", type=float, default=3.0, help="seconds measured per row (default 3)")
     parser.add_argument("--token-delay-ms", type=float, default=0.0,
-                        help="the upstream's pause between stream chunks (default 0: pure overhead)")
+                        help="the upstream's time per chunk: between stream chunks, and (times the chunks) "
+                             "before a whole answer; default 0: pure overhead. 20 is an engine decoding 50 "
+                             "tokens/s a stream"),
     parser.add_argument("--litellm-python", metavar="PATH",
                         help="a Python that can import litellm[proxy]: adds LiteLLM rows")
     parser.add_argument("--profile", choices=["cprofile", "py-spy"],
@@ -1018,7 +1021,8 @@ def main() -> int:
         for note in notes:
             print("  " + note)
         print(f"  upstream stand-in: bare ASGI app under uvicorn (uvloop, httptools, no access log), one process; "
-              f"stream = {len(PIECES) + 2} chunks + [DONE], token delay {args.token_delay_ms:g} ms")
+              f"stream = {len(PIECES) + 2} chunks + [DONE], token delay {args.token_delay_ms:g} ms"
+              + (f" (a whole answer after {len(PIECES) + 2} of them)" if args.token_delay_ms else ""))
         print(f"  rows: >= {args.warmup:g} s warm-up (until every client has had an answer, at most "
               f"{MAX_EXTRA_WARMUP_S:g} s more) + {args.duration:g} s measured (answers ending in it count); closed "
               "loop, one keep-alive connection per client; load generator: asyncio/uvloop + httptools, its own "

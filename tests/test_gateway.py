@@ -355,6 +355,26 @@ def test_request_errors_in_openai_shape(db, standins, start_gateway):
     assert engine_says.value.param == "messages" and engine.requests() == before + 1
 
 
+def test_a_body_over_the_limit_is_413_and_other_methods_are_405(db, standins, start_gateway):
+    engine = standins("m")
+    serve_model(db, [engine])
+    key, _ = add_key(db)
+    gateway = start_gateway(max_request_mb=0.01)  # 10 KiB
+    before = engine.requests()
+    with httpx.Client(base_url=gateway.url, headers={"authorization": f"Bearer {key}"}) as http:
+        big = {"model": "m", "messages": [{"role": "user", "content": "x" * 20_000}]}
+        answer = http.post("/v1/chat/completions", json=big)
+        assert answer.status_code == 413, answer.text
+        assert answer.json()["error"]["code"] == "request_too_large" and "LMSTACK_MAX_REQUEST_MB" in answer.text
+        assert http.post("/v1/chat/completions", json={"model": "m", "messages": MESSAGES}).status_code == 200
+        wrong_method = http.get("/v1/chat/completions")
+        assert wrong_method.status_code == 405 and wrong_method.json()["error"]["type"] == "invalid_request_error"
+        # Unauthenticated: refused before the body is even read.
+        anonymous = httpx.post(f"{gateway.url}/v1/embeddings", json={"model": "m", "input": "x"})
+        assert anonymous.status_code == 401 and anonymous.json()["error"]["code"] == "missing_api_key"
+    assert engine.requests() == before + 1
+
+
 def test_a_dead_replica_is_retried_on_the_other(db, standins, start_gateway):
     alive, dead = standins("m"), standins("m")
     serve_model(db, [alive, dead])

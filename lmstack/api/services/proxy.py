@@ -334,9 +334,8 @@ class _Relay:
 class RelayResponse(StreamingResponse):
     """A StreamingResponse that always closes its upstream when it ends, however it ends.
 
-    Starlette stops iterating when the client disconnects (it cancels the sending task); the generator may
-    then be left suspended, so the upstream response is closed here rather than left to the garbage
-    collector.
+    A client disconnect stops the relay at once (_CancelOnDisconnect); the generator may then be left
+    suspended, so the upstream response is closed here rather than left to the garbage collector.
     """
 
     def __init__(self, relay: _Relay) -> None:
@@ -348,7 +347,13 @@ class RelayResponse(StreamingResponse):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await super().__call__(scope, receive, send)
+            async with _CancelOnDisconnect(receive):
+                await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+                async for chunk in self.relay.events:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except ClientGone:
+            pass  # finish() records it
         finally:
             await self.relay.finish()
 
@@ -443,34 +448,45 @@ def _close(response: aiohttp.ClientResponse | None) -> None:
 
 
 async def _unless_gone(work: Coroutine[Any, Any, T], receive: Receive | None) -> T:
-    """Await `work`, abandoning it (ClientGone) if the client disconnects first.
-
-    `work` runs in this task and a watcher task cancels it on a disconnect: one task per request rather than
-    two and an asyncio.wait (this is on every request's path)."""
+    """Await `work`, abandoning it (ClientGone) if the client disconnects first."""
     if receive is None:
         return await work
-    task = asyncio.current_task()
-    assert task is not None
-    watching, gone = True, False
-
-    def on_watch_done(watch: asyncio.Task[None]) -> None:
-        nonlocal gone
-        # `watching`: a disconnect seen after `work` ended must not cancel whatever this task does next.
-        if watching and not watch.cancelled() and watch.exception() is None:
-            gone = True
-            task.cancel()
-
-    watch = asyncio.ensure_future(_disconnected(receive))
-    watch.add_done_callback(on_watch_done)
-    try:
+    async with _CancelOnDisconnect(receive):
         return await work  # cancelled, it closes what it opened (see _ask)
-    except asyncio.CancelledError:
-        if gone and task.uncancel() == 0:  # our cancellation, not someone else's
+
+
+class _CancelOnDisconnect:
+    """While entered, a client disconnect cancels the current task; leaving then raises ClientGone.
+
+    One watcher task per request, instead of running the work in a task of its own beside the watcher (or
+    Starlette's task group for streams): this is on every request's path."""
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self._watching = False
+        self._gone = False
+
+    async def __aenter__(self) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+
+        def on_watch_done(watch: asyncio.Task[None]) -> None:
+            # `_watching`: a disconnect seen after leaving must not cancel whatever this task does next.
+            if self._watching and not watch.cancelled() and watch.exception() is None:
+                self._gone = True
+                task.cancel()
+
+        self._task = task
+        self._watching = True
+        self._watch = asyncio.ensure_future(_disconnected(self._receive))
+        self._watch.add_done_callback(on_watch_done)
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        self._watching = False
+        self._watch.cancel()
+        if kind is not None and issubclass(kind, asyncio.CancelledError) and self._gone \
+                and self._task.uncancel() == 0:  # our cancellation, not someone else's
             raise ClientGone from None
-        raise
-    finally:
-        watching = False
-        watch.cancel()
 
 
 async def _disconnected(receive: Callable[[], Awaitable[Message]]) -> None:
