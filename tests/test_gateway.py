@@ -375,6 +375,23 @@ def test_a_body_over_the_limit_is_413_and_other_methods_are_405(db, standins, st
     assert engine.requests() == before + 1
 
 
+def test_an_unexpected_failure_is_a_logged_500_in_openai_shape(db, standins, start_gateway, caplog):
+    engine = standins("m")
+    serve_model(db, [engine])
+    key, _ = add_key(db)
+    gateway = start_gateway()
+
+    def broken_registry(model: str) -> bool:
+        raise RuntimeError("registry bug")
+
+    gateway.state.registry.knows = broken_registry  # type: ignore[method-assign]
+    with caplog.at_level("ERROR", logger="lmstack.api"), pytest.raises(openai.InternalServerError) as failed:
+        chat(gateway.sdk(key))
+    assert failed.value.status_code == 500 and "server log" in failed.value.message
+    assert any("unhandled error on POST /v1/chat/completions" in r.getMessage() and r.exc_info for r in caplog.records)
+    assert "registry bug" not in failed.value.response.text  # details stay in the log
+
+
 def test_a_dead_replica_is_retried_on_the_other(db, standins, start_gateway):
     alive, dead = standins("m"), standins("m")
     serve_model(db, [alive, dead])

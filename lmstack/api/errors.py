@@ -72,5 +72,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(ApiError(500, "internal server error; the server log has the details"))
+        return internal_error(request.method, request.url.path)
+
+
+def internal_error(method: str, path: str) -> JSONResponse:
+    """The answer to an unexpected exception (call it in the `except`: the traceback goes to the log)."""
+    log.exception("unhandled error on %s %s", method, path)
+    return error_response(ApiError(500, "internal server error; the server log has the details"))

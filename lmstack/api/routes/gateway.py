@@ -17,10 +17,10 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from lmstack.api.deps import CurrentPrincipal, Principal, SessionDep, StateDep, principal_for
-from lmstack.api.errors import ApiError, error_response
+from lmstack.api.errors import ApiError, error_response, internal_error
 from lmstack.api.services.proxy import CLIENT_CLOSED, Call, forward
 from lmstack.api.services.usage import query_usage
 from lmstack.api.state import AppState
@@ -52,8 +52,8 @@ async def get_model(model: str, principal: CurrentPrincipal, state: StateDep) ->
                    param="model")
 
 
-# The three POST routes are served by GatewayFastPath (below) before FastAPI's router sees them; these
-# declarations are what the OpenAPI document shows, and what answers if the fast path is not installed.
+# The three POST routes are answered by answer_fast (below) before FastAPI sees them (see app.py); these
+# declarations are what the OpenAPI document shows.
 
 
 @router.post("/v1/chat/completions", tags=["gateway"])
@@ -106,35 +106,35 @@ async def proxy_request(state: AppState, principal: Principal, path: str, raw: b
 _ROUTES = {"/v1/chat/completions": True, "/v1/completions": True, "/v1/embeddings": False}  # path: streamable
 
 
-class GatewayFastPath:
-    """ASGI middleware answering the gateway's POSTs itself, without FastAPI's routing and dependency
-    machinery, which cost more CPU per request than the proxying (bench/gateway_overhead.py --profile).
+def fast_path(scope: Scope) -> str | None:
+    """The gateway route a request is for when the app should answer it with `answer_fast` (a POST to one
+    of the three proxied paths); None for everything else."""
+    if scope["type"] != "http" or scope["method"] != "POST":
+        return None
+    path = _route_path(scope)
+    return path if path in _ROUTES else None
+
+
+async def answer_fast(state: AppState, path: str, scope: Scope, receive: Receive, send: Send) -> None:
+    """Answer a gateway POST without FastAPI's routing, dependency and middleware machinery, which cost more
+    CPU per request than the proxying itself (bench/gateway_overhead.py --profile).
 
     Same behaviour as the routes above: authentication (principal_for), then the body, then proxy_request;
-    ApiErrors become OpenAI-shaped answers; anything unexpected goes on to the app's 500 handler (this runs
-    inside Starlette's ServerErrorMiddleware). Every other request goes to the app unchanged.
+    ApiErrors become OpenAI-shaped answers, anything unexpected before the answer starts a logged 500.
     """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or _route_path(scope) not in _ROUTES:
-            await self.app(scope, receive, send)
-            return
-        state: AppState = scope["app"].state.lmstack
-        response: Response
-        try:
-            principal = await principal_for(_header(scope, b"authorization"), state)
-            started, at = time.perf_counter(), time.time()
-            raw = await _read_body(receive, limit=_limit(state))
-            if raw is None:
-                return  # gone while sending its request: nobody to answer
-            response = await proxy_request(state, principal, _route_path(scope), raw, receive=receive,
-                                           started=started, at=at)
-        except ApiError as exc:
-            response = error_response(exc)
-        await response(scope, receive, send)
+    response: Response
+    try:
+        principal = await principal_for(_header(scope, b"authorization"), state)
+        started, at = time.perf_counter(), time.time()
+        raw = await _read_body(receive, limit=_limit(state))
+        if raw is None:
+            return  # gone while sending its request: nobody to answer
+        response = await proxy_request(state, principal, path, raw, receive=receive, started=started, at=at)
+    except ApiError as exc:
+        response = error_response(exc)
+    except Exception:
+        response = internal_error(scope["method"], scope["path"])
+    await response(scope, receive, send)
 
 
 def _route_path(scope: Scope) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import get_args
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -60,21 +61,37 @@ class Metrics:
             "database was unreachable.", registry=self.registry)
         self._log_streams = Counter(
             "lmstack_log_streams", "Live log streams opened over the WebSocket.", registry=self.registry)
+        self._requests_by_status: dict[tuple[str, int | str], Counter] = {}
+        self._by_model: dict[str, _ModelSeries] = {}
 
     # -- for the gateway ---------------------------------------------------------------------------------------
 
     def observe_request(self, model: str, status: int | str, seconds: float, ttft_s: float | None = None) -> None:
         """One answered request: its status, how long it took and, for generations, the time to first token."""
-        self._requests.labels(model=model, status=str(status)).inc()
-        self._latency.labels(model=model).observe(max(seconds, 0.0))
+        requests = self._requests_by_status.get((model, status))
+        if requests is None:  # labels() costs more than the update itself: looked up once per series
+            requests = self._requests_by_status[(model, status)] = self._requests.labels(model=model,
+                                                                                        status=str(status))
+        requests.inc()
+        series = self._model_series(model)
+        series.latency.observe(max(seconds, 0.0))
         if ttft_s is not None:
-            self._ttft.labels(model=model).observe(max(ttft_s, 0.0))
+            series.ttft.observe(max(ttft_s, 0.0))
 
     def add_tokens(self, model: str, prompt: int, completion: int) -> None:
+        series = self._model_series(model)
         if prompt > 0:
-            self._tokens.labels(model=model, kind="prompt").inc(prompt)
+            series.prompt.inc(prompt)
         if completion > 0:
-            self._tokens.labels(model=model, kind="completion").inc(completion)
+            series.completion.inc(completion)
+
+    def _model_series(self, model: str) -> _ModelSeries:
+        series = self._by_model.get(model)
+        if series is None:
+            series = self._by_model[model] = _ModelSeries(
+                self._latency.labels(model=model), self._ttft.labels(model=model),
+                self._tokens.labels(model=model, kind="prompt"), self._tokens.labels(model=model, kind="completion"))
+        return series
 
     def upstream_failed(self, model: str, reason: str) -> None:
         """A call to a replica failed (connect, timeout, 5xx ...); `reason` is one of a few fixed words."""
@@ -93,6 +110,16 @@ class Metrics:
         """The Prometheus text: this process's metrics and, read from `database` now, replicas by
         deployment and state. Blocking (a query): run it in a thread."""
         return generate_latest(_Scrape(self.registry, database))
+
+
+@dataclass(frozen=True, slots=True)
+class _ModelSeries:
+    """One model's labelled series, looked up once."""
+
+    latency: Histogram
+    ttft: Histogram
+    prompt: Counter
+    completion: Counter
 
 
 class _Scrape:
