@@ -298,6 +298,8 @@ class KeyCache:
                 if not failing:  # once per outage: entries then expire and requests see the 503 themselves
                     log.warning("cannot re-check API keys in use: %s", exc.__cause__ or exc)
                 failing = True
+            except Exception:  # a bug must not end the re-checks: keys would then only expire
+                log.exception("re-checking API keys in use failed")
             else:
                 failing = False
 
