@@ -5,6 +5,7 @@ client. One test runs the engines in containers on the multi-host test bed.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import signal
@@ -25,6 +26,8 @@ import httpx
 import openai
 import pytest
 import uvicorn
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lmstack.api.app import create_app
 from lmstack.api.security import hash_password, issue_token, new_api_key
@@ -489,6 +492,25 @@ def test_sse_framing_survives_any_split():
         framer = _SseFramer()
         events = [e for i in range(0, len(stream), size) for e in framer.feed(stream[i:i + size])]
         assert events == whole and framer.tail() == b""
+
+
+@settings(max_examples=300, deadline=None)
+@given(stream=st.binary(max_size=60).map(lambda b: bytes(b"ab\n\r:"[x % 5] for x in b)),
+       cuts=st.lists(st.integers(min_value=0, max_value=60), max_size=6))
+def test_sse_framing_is_the_same_however_the_bytes_arrive(stream: bytes, cuts: list[int]) -> None:
+    """Whatever the line ends (LF, CRLF, CR, mixed) and wherever the chunks split, the events are the ones a
+    plain scan for the three blank-line terminators finds, and no byte is lost or added."""
+    from lmstack.api.services.proxy import _SseFramer
+
+    ends = [m.end() for m in re.finditer(rb"\r\n\r\n|\n\n|\r\r", stream)]
+    expected = [stream[a:b] for a, b in zip([0, *ends], ends, strict=False)]
+    framer = _SseFramer()
+    bounds = sorted({0, len(stream), *(c for c in cuts if c <= len(stream))})
+    events = [e for a, b in itertools.pairwise(bounds) for e in framer.feed(stream[a:b])]
+    if bounds == [0]:
+        events = framer.feed(b"")
+    tail = framer.tail()
+    assert events == expected and b"".join(events) + tail == stream
 
 
 class _Broken(BaseHTTPRequestHandler):

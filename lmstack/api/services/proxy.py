@@ -283,7 +283,7 @@ class _Relay:
         for event in events:
             if len(event) < 32 and b"[DONE]" in event:
                 self.done = True
-            elif _USAGE.search(event):
+            elif b'"usage"' in event and _USAGE.search(event):  # the substring test first: most events have none
                 data = _event_json(event)
                 if isinstance(data, dict):
                     tokens = _tokens(data.get("usage"))
@@ -294,7 +294,7 @@ class _Relay:
             elif _ERROR_EVENT.match(event):
                 self.status = 502  # the engine reported an error in the stream
             kept.append(event)
-        return b"".join(kept)
+        return kept[0] if len(kept) == 1 else b"".join(kept)
 
     def _fail(self, exc: Exception) -> bytes:
         where = f"replica {self.target.name} of {self.target.served_name!r}"
@@ -370,6 +370,12 @@ class _SseFramer:
 
     def feed(self, data: bytes) -> list[bytes]:
         buffer = self._pending + data if self._pending else data
+        if b"\r" not in buffer:
+            # The usual case, LF line ends: without CR the only terminator is LF LF, and split cuts exactly
+            # where the regex's finditer would, at a fraction of the cost.
+            pieces = buffer.split(b"\n\n")
+            self._pending = pieces.pop()
+            return [piece + b"\n\n" for piece in pieces]
         events: list[bytes] = []
         start = 0
         for end in _EVENT_END.finditer(buffer):
