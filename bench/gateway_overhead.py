@@ -17,6 +17,8 @@ Processes, each on its own (and all stopped at the end, also on Ctrl-C or SIGTER
     the usage chunk when `stream_options.include_usage` asks for it, as vLLM does) and GET /v1/models;
   - lmstack: exactly `lmstack serve` (uvicorn; no access log, its default) on the throwaway database holding a
     user, an API key and one Ready replica row pointing at the upstream; default settings otherwise;
+  - the floor: a bare pass-through on lmstack's own stack (uvicorn with uvloop and httptools, aiohttp to the
+    upstream) doing nothing else, so "%direct" can be read against what the stack itself allows here;
   - LiteLLM (optional): `litellm --config` with one model_list entry `openai/<model>` whose api_base is the
     upstream, a master key and no database;
   - the load generator, one process per row: asyncio on uvloop, one keep-alive connection per concurrent
@@ -157,6 +159,50 @@ def run_upstream(port: int, model: str, token_delay_ms: float) -> None:
     config = uvicorn.Config(_upstream_app(model, token_delay_ms / 1000), host="127.0.0.1", port=port,
                             loop="uvloop", http="httptools", lifespan="off", access_log=False,
                             log_level="warning", backlog=4096)
+    uvicorn.Server(config).run()
+
+
+# ============================================================================================================
+# The floor (run as `gateway_overhead.py --role floor --port P --upstream-port U`)
+# ============================================================================================================
+
+
+def run_floor(port: int, upstream_port: int) -> None:
+    """A bare pass-through on lmstack's stack (uvicorn with uvloop and httptools, aiohttp to the upstream, the
+    same garbage-collector settings as `lmstack serve`) and nothing else: no auth, routing, usage, metrics or
+    failover. What any gateway built on this stack could do at most, on this machine."""
+    import gc
+
+    import aiohttp
+    import uvicorn
+
+    upstream = f"http://127.0.0.1:{upstream_port}"
+    session: list[aiohttp.ClientSession] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        if not session:
+            session.append(aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=2000, limit_per_host=0),
+                                                 auto_decompress=False))
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        headers = {"content-type": "application/json", "accept-encoding": "identity"}
+        async with session[0].request(scope["method"], upstream + scope["path"], data=body,
+                                      headers=headers) as answer:
+            await send({"type": "http.response.start", "status": answer.status,
+                        "headers": [(b"content-type", answer.headers.get("content-type", "").encode())]})
+            async for chunk in answer.content.iter_any():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, loop="uvloop", http="httptools", lifespan="off",
+                            access_log=False, log_level="warning", backlog=4096)
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 100)
     uvicorn.Server(config).run()
 
 
@@ -523,7 +569,7 @@ def seed(database_url: str, upstream: str) -> str:
 
 @dataclass
 class Target:
-    name: str  # direct | lmstack | litellm
+    name: str  # direct | floor | lmstack | litellm
     port: int
     key: str
     proc: subprocess.Popen[bytes]  # whose CPU is counted (the upstream for direct)
@@ -697,8 +743,8 @@ def print_tables(rows: list[Row], targets: list[str]) -> list[str]:
                 share = row.rps / direct.rps * 100 if direct and direct.rps else None
                 notes = []
                 if name == "lmstack":
-                    notes = _targets_for(row, direct, by.get((mode, conc, "litellm")))
-                    verdicts += [f"{mode:<6} c={conc:<3} {note}" for note in notes]
+                    notes = _targets_for(row, direct, by.get((mode, conc, "litellm")), by.get((mode, conc, "floor")))
+                    verdicts += [f"{mode:<6} c={conc:<3} {note}" for note in notes if "floor" not in note]
                 cpu = f"{row.cpu_us_per_req:.0f}us" if row.cpu_us_per_req is not None else "-"
                 errors = sum(row.errors.values())
                 line = f"{conc:>4}  {name:<8} {row.rps:>8.0f} {fmt(share, 1):>7} "
@@ -725,8 +771,10 @@ def _added(row: Row, direct: Row | None, which: str, q: float) -> str:
     return signed(row.pct(which, q) - direct.pct(which, q))
 
 
-def _targets_for(row: Row, direct: Row | None, litellm: Row | None) -> list[str]:
+def _targets_for(row: Row, direct: Row | None, litellm: Row | None, floor: Row | None) -> list[str]:
     notes = []
+    if floor is not None and floor.rps:
+        notes.append(f"{row.rps / floor.rps:.0%} of the floor's req/s")
     if row.concurrency == 1 and direct is not None:
         added = row.pct("total", 50) - direct.pct("total", 50)
         notes.append(f"+p50 {added:.2f}ms vs <{TARGET_ADDED_P50_MS:g}ms: {'MET' if added < 1 else 'MISSED'}")
@@ -918,13 +966,16 @@ def environment_notes(admin: ThrowawayDatabase, litellm_version: str | None) -> 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--role", choices=["bench", "upstream", "loadgen"], default="bench", help=argparse.SUPPRESS)
+    parser.add_argument("--role", choices=["bench", "upstream", "loadgen", "floor"], default="bench",
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--upstream-port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32, 256])
     parser.add_argument("--modes", nargs="+", choices=["plain", "stream"], default=["plain", "stream"])
-    parser.add_argument("--targets", nargs="+", choices=["direct", "lmstack", "litellm"],
-                        default=["direct", "lmstack", "litellm"])
+    parser.add_argument("--targets", nargs="+", choices=["direct", "floor", "lmstack", "litellm"],
+                        default=["direct", "floor", "lmstack", "litellm"],
+                        help="floor: a bare uvicorn + aiohttp pass-through, the most this stack allows")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds per row not measured (default 1)")
     parser.add_argument("--duration", type=float, default=3.0, help="seconds measured per row (default 3)")
     parser.add_argument("--token-delay-ms", type=float, default=0.0,
@@ -947,6 +998,9 @@ def main() -> int:
         return 0
     if args.role == "loadgen":
         run_loadgen(json.loads(args.spec))
+        return 0
+    if args.role == "floor":
+        run_floor(args.port, args.upstream_port)
         return 0
 
     def interrupted(signum: int, _frame: Any) -> None:
@@ -989,6 +1043,15 @@ def main() -> int:
         targets: list[Target] = []
         if "direct" in args.targets:
             targets.append(Target("direct", up_port, "none", upstream_proc))
+
+        if "floor" in args.targets:
+            floor_port = free_port()
+            floor_log = workdir / "floor.log"
+            floor = procs.start("floor", [sys.executable, str(Path(__file__).resolve()), "--role", "floor", "--port",
+                                          str(floor_port), "--upstream-port", str(up_port)], log=floor_log)
+            wait_until("the floor pass-through", lambda: http_get(f"http://127.0.0.1:{floor_port}/health")[0] == 200,
+                       floor, floor_log)
+            targets.append(Target("floor", floor_port, "none", floor))
 
         key = seed(database.url, upstream)
         if "lmstack" in args.targets:
