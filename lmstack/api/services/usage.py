@@ -54,10 +54,9 @@ Rollup = dict[str, Any]  # one row's worth of counts: the bind parameters of the
 
 def rollup(records: Iterable[UsageRecord]) -> list[Rollup]:
     """Records summed per (key, model, hour), sorted by that key (a fixed lock order across servers)."""
-    sums: dict[tuple[int | None, str, datetime], list[int]] = {}
+    sums: dict[tuple[int | None, str, int], list[int]] = {}
     for r in records:
-        hour = datetime.fromtimestamp(r.at, UTC).replace(minute=0, second=0, microsecond=0)
-        row = sums.setdefault((r.key_id, r.model, hour), [0, 0, 0, 0, 0, 0])
+        row = sums.setdefault((r.key_id, r.model, int(r.at // 3600)), [0, 0, 0, 0, 0, 0])  # hours since 1970
         row[0] += 1
         row[1] += r.failed
         row[2] += r.prompt_tokens
@@ -65,7 +64,8 @@ def rollup(records: Iterable[UsageRecord]) -> list[Rollup]:
         row[4] += r.latency_ms
         row[5] += r.ttft_ms
     ordered = sorted(sums.items(), key=lambda item: (item[0][0] is None, item[0][0] or 0, item[0][1], item[0][2]))
-    return [{"p_key_id": key_id, "p_model": model, "p_hour": hour, "p_requests": n[0], "p_errors": n[1],
+    return [{"p_key_id": key_id, "p_model": model, "p_hour": datetime.fromtimestamp(hour * 3600, UTC),
+             "p_requests": n[0], "p_errors": n[1],
              "p_prompt_tokens": n[2], "p_completion_tokens": n[3], "p_latency_ms_sum": n[4], "p_ttft_ms_sum": n[5]}
             for (key_id, model, hour), n in ordered]
 
