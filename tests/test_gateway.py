@@ -535,7 +535,8 @@ def test_sse_framing_is_the_same_however_the_bytes_arrive(stream: bytes, cuts: l
 
 
 class _Broken(BaseHTTPRequestHandler):
-    """An engine that fails: 500 for every request, or (path /hang) never answers."""
+    """An engine that fails: 500 for every request, or (by mode) never answers, ends its stream at once, or
+    redirects."""
 
     protocol_version = "HTTP/1.1"
     mode = "500"
@@ -548,6 +549,12 @@ class _Broken(BaseHTTPRequestHandler):
         self.server.hits += 1  # type: ignore[attr-defined]
         if self.mode == "hang":
             time.sleep(3)
+            return
+        if self.mode == "redirect":
+            self.send_response(307)
+            self.send_header("Location", "/elsewhere")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
             return
         if self.mode == "empty-stream":
             self.send_response(200)
@@ -580,6 +587,18 @@ def broken() -> Iterator[Callable[[str], tuple[str, ThreadingHTTPServer]]]:
     for server in servers:
         server.shutdown()
         server.server_close()
+
+
+def test_an_engine_redirect_is_relayed_not_followed(db, start_gateway, broken):
+    redirecting, server = broken("redirect")
+    spec = add_deployment(db, "m")
+    add_replica(db, "m", 0, redirecting, spec)
+    key, _ = add_key(db)
+    gateway = start_gateway()
+    answer = httpx.post(f"{gateway.url}/v1/chat/completions", json={"model": "m", "messages": MESSAGES},
+                        headers={"authorization": f"Bearer {key}"}, follow_redirects=False)
+    assert answer.status_code == 307
+    assert server.hits == 1  # type: ignore[attr-defined]  # the body was not sent on to /elsewhere
 
 
 @pytest.mark.parametrize("mode", ["500", "empty-stream"])

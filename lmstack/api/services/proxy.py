@@ -192,8 +192,10 @@ async def _ask(client: UpstreamClient, target: Target, call: Call) -> _Answer:
     where = f"replica {target.name} of {target.served_name!r} ({target.endpoint})"
     response: aiohttp.ClientResponse | None = None
     try:
+        # allow_redirects off: an engine's redirect is relayed as it is, never followed (aiohttp follows by
+        # default, and would resend the body elsewhere).
         response = await client.post(target.endpoint + call.path, data=upstream_body(call, target.upstream_model),
-                                     headers=_SSE_HEADERS if call.stream else _JSON_HEADERS)
+                                     headers=_SSE_HEADERS if call.stream else _JSON_HEADERS, allow_redirects=False)
         if response.status >= 500:
             detail = _error_message(await response.read())
             raise _Failure("status", ApiError(
