@@ -444,6 +444,12 @@ def test_expired_and_disabled_users_keys_are_refused(db: Database, client: TestC
 # -- verification and its cache --------------------------------------------------------------------
 
 
+def last_used(db: Database) -> datetime | None:
+    """The (only) key's last_used_at."""
+    with db.session() as session:
+        return session.scalar(select(ApiKey.last_used_at))
+
+
 def test_a_cached_key_costs_no_database_round_trip(db: Database) -> None:
     add_user(db, "alice")
     token = add_key(db, "alice")
@@ -541,10 +547,6 @@ def test_last_used_is_written_at_most_once_a_minute(db: Database) -> None:
     token = add_key(db, "alice")
     cache = KeyCache(db, ttl_s=0.01)
 
-    def last_used() -> datetime | None:
-        with db.session() as session:
-            return session.scalar(select(ApiKey.last_used_at))
-
     async def scenario() -> None:
         with count_statements(db) as statements:
             for _ in range(5):  # each one a database lookup: the cache time has passed
@@ -552,12 +554,12 @@ def test_last_used_is_written_at_most_once_a_minute(db: Database) -> None:
                 await asyncio.sleep(0.02)
         assert len([s for s in statements if _is("SELECT")(s)]) == 5
         assert len([s for s in statements if _is("UPDATE")(s)]) == 1
-        first = last_used()
+        first = last_used(db)
         assert first is not None and datetime.now(UTC) - first < timedelta(seconds=5)
         with db.session() as session:
             session.execute(update(ApiKey).values(last_used_at=datetime.now(UTC) - timedelta(minutes=2)))
         assert await cache.verify(token) is not None
-        later = last_used()
+        later = last_used(db)
         assert later is not None and datetime.now(UTC) - later < timedelta(seconds=5)
 
     asyncio.run(scenario())
@@ -596,10 +598,6 @@ def test_the_recheck_sees_a_disabled_user_and_writes_last_used(db: Database) -> 
     token = add_key(db, "alice")
     cache = KeyCache(db, ttl_s=0.2)
 
-    def last_used() -> datetime | None:
-        with db.session() as session:
-            return session.scalar(select(ApiKey.last_used_at))
-
     async def scenario() -> None:
         assert await cache.verify(token) is not None
         assert await cache.user_role("alice") == "viewer"
@@ -610,7 +608,7 @@ def test_the_recheck_sees_a_disabled_user_and_writes_last_used(db: Database) -> 
             await cache.refresh()
         assert len([s for s in statements if _is("SELECT")(s)]) == 2  # every key, then every user
         assert len([s for s in statements if _is("UPDATE")(s)]) == 1
-        written = last_used()
+        written = last_used(db)
         assert written is not None and datetime.now(UTC) - written < timedelta(seconds=5)
         with count_statements(db) as statements:
             await cache.refresh()  # not used since: last_used_at is not written again
