@@ -35,7 +35,6 @@ class _App(FastAPI):
         if path is None:
             await super().__call__(scope, receive, send)
             return
-        scope["app"] = self
         await gateway.answer_fast(self.state.lmstack, path, scope, receive, send)
 
 
