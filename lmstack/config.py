@@ -44,6 +44,9 @@ class Settings(BaseSettings):
         default=None, description="the fleet's Git repository (path or URL) the server plans from and checks "
                                   "sync against; unset: /api/plan answers 503 and the sync state is Unknown")
     ref: str = Field(default="HEAD", description="branch, tag or commit SHA of `repo`")
+    repo_refresh_s: float = Field(
+        default=5.0, gt=0, description="how long the server reuses what it read of `repo` (a fetch, for a URL) "
+                                       "for /api/sync, /api/plan and logs")
     ssh_key: Path | None = Field(
         default=None, description="private key for SSH to the workers (live logs) [default: ~/.ssh/id_ed25519, "
                                   "else ~/.ssh/id_rsa]")

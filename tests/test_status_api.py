@@ -18,6 +18,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -30,12 +31,14 @@ from sqlalchemy import create_engine
 from starlette.websockets import WebSocketDisconnect
 
 from lmstack.api.app import create_app
+from lmstack.api.services import repo as repo_service
 from lmstack.api.services.logs import End, LineReader, LogSession, LogTarget, _lines
 from lmstack.api.services.metrics import Metrics
+from lmstack.api.services.repo import NoRepository, RepoView
 from lmstack.api.services.status import ReplicaLocation
 from lmstack.cli.scaffold import scaffold
 from lmstack.config import Settings
-from lmstack.gitsource import init_repository
+from lmstack.gitsource import SourceError, init_repository
 from lmstack.reconcile.apply import apply_source
 from lmstack.reconcile.records import condition
 from lmstack.state import Database, Deployment, Event, Replica, SyncRun, Worker, open_database
@@ -227,7 +230,8 @@ def test_sync_state_compares_the_last_applied_revision_with_the_repository(tmp_p
         sync = client.get("/api/sync", headers=bearer(admin)).json()
         assert sync["state"] == "Unknown" and "LMSTACK_REPO" in sync["message"] and sync["head"] is None
 
-    with TestClient(create_app(_settings(tmp_path / "home", repo=str(repo)), database=db)) as client:
+    settings = _settings(tmp_path / "home", repo=str(repo), repo_refresh_s=0.3)
+    with TestClient(create_app(settings, database=db)) as client:
         def sync_state() -> dict[str, Any]:
             answer = client.get("/api/sync", headers=bearer(admin))
             assert answer.status_code == 200, answer.text
@@ -244,7 +248,12 @@ def test_sync_state_compares_the_last_applied_revision_with_the_repository(tmp_p
         (repo / "manifests" / "note.txt").write_text("changed\n")
         second = _commit(repo, "second")
         _run(db, second, "failed", error="chat/1: boom")
-        sync = sync_state()
+        # The repository is read at most every LMSTACK_REPO_REFRESH_S: the new commit shows after that.
+        started = time.monotonic()
+        while (sync := sync_state())["head"]["revision"] != second:
+            assert time.monotonic() - started < 5, "the new commit was never seen"
+            time.sleep(0.05)
+        assert time.monotonic() - started > 0.1
         assert sync["state"] == "OutOfSync" and sync["revision"] == first
         assert "chat/1: boom" in sync["message"] and second[:12] in sync["message"]
         assert [(r["revision"], r["status"]) for r in sync["runs"]] == [(second, "failed"), (first, "succeeded")]
@@ -257,6 +266,43 @@ def test_sync_state_compares_the_last_applied_revision_with_the_repository(tmp_p
         assert sync["revision"] == first  # what was applied is still known
 
 
+def test_the_repository_is_read_once_per_refresh_time_and_parsed_once_per_commit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    repo, first = _fleet_repo(tmp_path)
+    remote = f"file://{repo}"  # a URL: every read is a fetch into the server's cache
+    now = [0.0]
+    view = RepoView(_settings(tmp_path / "home", repo=remote), max_age_s=5, clock=lambda: now[0])
+    parses: list[str] = []
+    real_parse = repo_service.parse_snapshot
+
+    def counted(snapshot: Any) -> Any:
+        parses.append(snapshot.revision.sha)
+        return real_parse(snapshot)
+
+    monkeypatch.setattr(repo_service, "parse_snapshot", counted)
+    with ThreadPoolExecutor(16) as pool:  # a burst of requests: one fetch, one parse
+        heads = list(pool.map(lambda _: view.source().revision.sha, range(32)))  # type: ignore[union-attr]
+    assert set(heads) == {first} and view.reads == 1 and parses == [first]
+
+    (repo / "manifests" / "note.txt").write_text("changed\n")
+    second = _commit(repo, "second")
+    assert view.head().revision.sha == first  # type: ignore[union-attr]  # within the refresh time
+    now[0] = 5.0
+    assert view.source().revision.sha == second and view.reads == 2  # type: ignore[union-attr]
+    now[0] = 10.0
+    assert view.source().revision.sha == second and view.reads == 3  # type: ignore[union-attr]
+    assert parses == [first, second]  # the same commit read again is not parsed again
+
+    gone = RepoView(_settings(tmp_path / "home", repo=f"file://{tmp_path}/missing"), max_age_s=5,
+                    clock=lambda: now[0])
+    for _ in range(3):  # a failing remote is not retried on every request either
+        with pytest.raises(SourceError):
+            gone.head()
+    assert gone.reads == 1
+    with pytest.raises(NoRepository):
+        RepoView(_settings(tmp_path / "home"), max_age_s=5).source()
+
+
 def test_plan_from_the_repository_against_the_recorded_state(tmp_path: Path, db: Database, admin: str) -> None:
     repo, sha = _fleet_repo(tmp_path)
     with TestClient(create_app(_settings(tmp_path / "home"), database=db)) as client:
@@ -266,7 +312,8 @@ def test_plan_from_the_repository_against_the_recorded_state(tmp_path: Path, db:
         error = _error(client.get("/api/plan", headers=bearer(admin)), 503)
         assert error["code"] == "repository_unavailable" and "missing" in error["message"]
 
-    with TestClient(create_app(_settings(tmp_path / "home", repo=str(repo)), database=db)) as client:
+    with TestClient(create_app(_settings(tmp_path / "home", repo=str(repo), repo_refresh_s=0.2),
+                               database=db)) as client:
         plan = client.get("/api/plan", headers=bearer(admin)).json()
         assert plan["source"]["revision"] == sha
         # No facts recorded yet: nothing can be placed, and the plan says why.
@@ -290,6 +337,7 @@ def test_plan_from_the_repository_against_the_recorded_state(tmp_path: Path, db:
         (repo / "manifests" / "workers.yaml").write_text(
             (repo / "manifests" / "workers.yaml").read_text().replace("host: gpu-b", "host: gpu-z"))
         _commit(repo, "broken")
+        time.sleep(0.25)  # the repository is read again once LMSTACK_REPO_REFRESH_S has passed
         error = _error(client.get("/api/plan", headers=bearer(admin)), 422)
         assert error["code"] == "invalid_manifests"
         problems = {(p["file"], p["path"]) for p in error["errors"]}

@@ -20,6 +20,7 @@ from lmstack.api.services.metrics import Metrics
 from lmstack.api.services.proxy import open_upstream_client
 from lmstack.api.services.ratelimit import LoginLimiter
 from lmstack.api.services.registry import Registry
+from lmstack.api.services.repo import RepoView
 from lmstack.api.services.usage import UsageRecorder
 from lmstack.api.state import AppState
 from lmstack.config import Settings
@@ -53,6 +54,7 @@ def create_app(settings: Settings, *, database: Database | None = None) -> FastA
             keys=KeyCache(db, ttl_s=settings.key_cache_s),
             logins=LoginLimiter(attempts=settings.login_attempts),
             registry=Registry(db, refresh_s=settings.registry_refresh_s, metrics=metrics_),
+            repo=RepoView(settings, max_age_s=settings.repo_refresh_s),
             upstream=upstream,
             usage=UsageRecorder(db, max_buffer=settings.usage_buffer, flush_s=settings.usage_flush_s,
                                 metrics=metrics_),

@@ -9,6 +9,7 @@ from lmstack.api.services.metrics import Metrics
 from lmstack.api.services.proxy import UpstreamClient
 from lmstack.api.services.ratelimit import LoginLimiter
 from lmstack.api.services.registry import Registry
+from lmstack.api.services.repo import RepoView
 from lmstack.api.services.usage import UsageRecorder
 from lmstack.config import Settings
 from lmstack.state import Database
@@ -22,6 +23,7 @@ class AppState:
     keys: KeyCache
     logins: LoginLimiter
     registry: Registry
+    repo: RepoView  # the configured repository, read at most every LMSTACK_REPO_REFRESH_S
     upstream: UpstreamClient  # one pooled client per process for every engine
     usage: UsageRecorder
     metrics: Metrics

@@ -9,7 +9,7 @@ from lmstack.gitsource.repo import (
     read_commit,
     read_directory,
 )
-from lmstack.gitsource.source import Source, load_source
+from lmstack.gitsource.source import Source, load_source, parse_snapshot
 
 __all__ = [
     "Inventory",
@@ -21,6 +21,7 @@ __all__ = [
     "init_repository",
     "load_source",
     "parse_inventory",
+    "parse_snapshot",
     "read_commit",
     "read_directory",
 ]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from lmstack.config import Settings
 from lmstack.gitsource.inventory import Inventory, parse_inventory
-from lmstack.gitsource.repo import MANIFESTS_DIR, Revision, read_commit, read_directory
+from lmstack.gitsource.repo import MANIFESTS_DIR, Revision, Snapshot, read_commit, read_directory
 from lmstack.manifests.errors import ManifestError, ManifestValidationError
 from lmstack.manifests.loader import DesiredState, load_manifests
 
@@ -34,7 +34,11 @@ def load_source(*, repo: str | None, ref: str, directory: Path | None, settings:
     else:
         assert directory is not None
         snapshot = read_directory(directory)
+    return parse_snapshot(snapshot)
 
+
+def parse_snapshot(snapshot: Snapshot) -> Source:
+    """Parse and validate files already read; raises ManifestValidationError with every error."""
     errors: list[ManifestError] = []
     inventory: Inventory | None = None
     try:

@@ -68,8 +68,8 @@ async def deployment_logs(
     await websocket.accept()
     try:
         await _ws_admin(websocket, token)
-        target = await run_in_threadpool(resolve, database=state.database, settings=state.settings,
-                                         deployment=name, ordinal=replica)
+        target = await run_in_threadpool(resolve, database=state.database, repo=state.repo, deployment=name,
+                                         ordinal=replica)
         session = await run_in_threadpool(open_stream, target=target, settings=state.settings, tail=tail)
     except WebSocketException as exc:
         await websocket.close(exc.code, exc.reason)

@@ -55,7 +55,7 @@ def sync_status(state: StateDep,
                 limit: Annotated[int, Query(ge=1, le=100, description="how many runs to list")] = 10,
                 ) -> schemas.SyncStatus:
     """The revision last applied, whether it is the repository's current commit, and the latest sync runs."""
-    return status.sync_status(database=state.database, settings=state.settings, limit=limit)
+    return status.sync_status(database=state.database, repo=state.repo, limit=limit)
 
 
 @router.get("/events", response_model=schemas.EventList, responses=BAD_PARAMETER)
@@ -78,7 +78,7 @@ def current_plan(state: StateDep) -> schemas.PlanResponse | JSONResponse:
     """What the controller would do now: the configured commit (LMSTACK_REPO at LMSTACK_REF) planned against
     the recorded state. Nothing is changed."""
     try:
-        return status.current_plan(database=state.database, settings=state.settings)
+        return status.current_plan(database=state.database, repo=state.repo)
     except status.PlanUnavailable as exc:
         raise ApiError(503, str(exc), code="repository_unavailable") from exc
     except ManifestValidationError as exc:

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, cast
 
+from lmstack.api.services.repo import NoRepository, RepoView
 from lmstack.api.services.status import ReplicaLocation, deployment_exists, find_replica
 from lmstack.config import Settings
-from lmstack.gitsource import SourceError, load_source
+from lmstack.gitsource import SourceError
 from lmstack.manifests import ManifestValidationError
 from lmstack.nodes.docker import DockerPool, DockerSetupError, DockerTarget, NodeError
 from lmstack.reconcile.targets import worker_targets
@@ -54,7 +55,7 @@ class LogTarget:
     docker_url: str
 
 
-def resolve(*, database: Database, settings: Settings, deployment: str, ordinal: int | None) -> LogTarget:
+def resolve(*, database: Database, repo: RepoView, deployment: str, ordinal: int | None) -> LogTarget:
     """Where the replica's container runs. The worker's address comes from the configured repository's
     inventory (the database keeps only the inventory host's name). Blocking. Raises LogsError."""
     with database.session() as session:
@@ -66,11 +67,11 @@ def resolve(*, database: Database, settings: Settings, deployment: str, ordinal:
                         else f"no deployment {deployment!r}")
     if not replica.container_id:
         raise LogsError(404, f"replica {deployment}/{replica.ordinal} has no container (yet)")
-    if settings.repo is None:
-        raise LogsError(503, "the server has no repository configured (LMSTACK_REPO): it needs the inventory "
-                             "to reach the workers")
     try:
-        source = load_source(repo=settings.repo, ref=settings.ref, directory=None, settings=settings)
+        source = repo.source()
+    except NoRepository:
+        raise LogsError(503, "the server has no repository configured (LMSTACK_REPO): it needs the inventory "
+                             "to reach the workers") from None
     except (SourceError, ManifestValidationError) as exc:
         raise LogsError(503, f"cannot read the repository for the workers' addresses: {exc}") from exc
     with database.session() as session:

@@ -15,8 +15,8 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from lmstack.api import schemas
-from lmstack.config import Settings
-from lmstack.gitsource import SourceError, load_source, read_commit
+from lmstack.api.services.repo import NoRepository, RepoView
+from lmstack.gitsource import SourceError
 from lmstack.reconcile.observe import load_observed
 from lmstack.reconcile.planner import plan as make_plan
 from lmstack.state import Database
@@ -132,7 +132,7 @@ def _is_condition(value: object) -> bool:
 # -- sync -------------------------------------------------------------------------------------------------------
 
 
-def sync_status(*, database: Database, settings: Settings, limit: int) -> schemas.SyncStatus:
+def sync_status(*, database: Database, repo: RepoView, limit: int) -> schemas.SyncStatus:
     """Runs from the database; Synced when the last succeeded run applied the repository's current commit.
 
     Reading the commit fetches a remote repository, so it happens after the database session is closed.
@@ -143,7 +143,7 @@ def sync_status(*, database: Database, settings: Settings, limit: int) -> schema
                                   .order_by(SyncRun.id.desc()).limit(1)).one_or_none()
     revision = applied.revision if applied is not None else None
     synced_at = applied.finished_at if applied is not None else None
-    head, problem = _head(settings)
+    head, problem = _head(repo)
     state: SyncState
     if head is None:
         state, message = "Unknown", problem
@@ -153,17 +153,17 @@ def sync_status(*, database: Database, settings: Settings, limit: int) -> schema
                               runs=runs)
 
 
-def _head(settings: Settings) -> tuple[schemas.RepoHead | None, str]:
+def _head(repo: RepoView) -> tuple[schemas.RepoHead | None, str]:
     """The configured repository's current commit, or None and why not."""
-    if settings.repo is None:
-        return None, NO_REPO
     try:
-        snapshot = read_commit(settings.repo, settings.ref, cache_dir=settings.repo_cache_dir)
+        snapshot = repo.head()
+    except NoRepository:
+        return None, NO_REPO
     except SourceError as exc:
         return None, f"cannot read the repository: {exc}"
     if snapshot.revision is None:
         return None, f"{snapshot.origin} is not a commit"
-    return schemas.RepoHead(origin=snapshot.origin, ref=settings.ref, revision=snapshot.revision.sha,
+    return schemas.RepoHead(origin=snapshot.origin, ref=repo.settings.ref, revision=snapshot.revision.sha,
                             subject=snapshot.revision.subject), ""
 
 
@@ -210,15 +210,15 @@ def list_events(*, session: Session, limit: int, object_ref: str | None = None,
 # -- plan -------------------------------------------------------------------------------------------------------
 
 
-def current_plan(*, database: Database, settings: Settings) -> schemas.PlanResponse:
+def current_plan(*, database: Database, repo: RepoView) -> schemas.PlanResponse:
     """What the controller would do now: the configured commit planned against the recorded state.
 
     Raises PlanUnavailable (no repository, or it cannot be read) and ManifestValidationError (every error
     in the commit's manifests and inventory)."""
-    if settings.repo is None:
-        raise PlanUnavailable(NO_REPO)
     try:
-        source = load_source(repo=settings.repo, ref=settings.ref, directory=None, settings=settings)
+        source = repo.source()
+    except NoRepository:
+        raise PlanUnavailable(NO_REPO) from None
     except SourceError as exc:
         raise PlanUnavailable(f"cannot read the repository: {exc}") from exc
     with database.session() as session:
