@@ -26,7 +26,7 @@ from sqlalchemy import select
 
 from lmstack.gitsource import parse_inventory
 from lmstack.nodes.ansible import PLAYBOOKS_DIR, HostError, HostFacts, run_facts, run_playbook
-from lmstack.reconcile.facts import inventory_json, worker_facts
+from lmstack.reconcile.facts import runner_inventory, worker_facts
 from lmstack.state import Database, Worker
 
 LMSTACK = [sys.executable, "-m", "lmstack"]
@@ -65,16 +65,33 @@ def test_worker_facts_shape_for_the_planner() -> None:
     assert json.loads(json.dumps(stored)) == stored  # plain JSON for the JSONB column
 
 
-def test_inventory_json_keeps_hosts_groups_and_resolved_vars() -> None:
+def test_the_runner_inventory_keeps_hosts_groups_and_vars_and_renders_nothing_from_git(tmp_path: Path) -> None:
     inventory = parse_inventory({
-        "inventory/hosts.ini": b"[gpu]\ngpu-a ansible_host=10.0.0.1 ansible_port=2222\n[gpu:vars]\nrack=r1\n"
-                               b"ansible_python_interpreter=/usr/bin/python3\n[all:vars]\nansible_ssh_pass=x\n",
+        "inventory/hosts.ini": b"[gpu]\ngpu-a ansible_host='{{ inventory_hostname }}.lan' ansible_port=2222\n"
+                               b"[gpu:vars]\nrack=r1\nansible_python_interpreter=/usr/bin/python3\n"
+                               b"note=\"{{ lookup('pipe', 'touch " + str(tmp_path / "ran").encode() + b"') }}\"\n"
+                               b"[all:vars]\nansible_ssh_pass=x\n",
     })
-    document = json.loads(inventory_json(inventory))
-    host = document["all"]["hosts"]["gpu-a"]
-    assert host["ansible_host"] == "10.0.0.1" and host["ansible_port"] == 2222 and host["rack"] == "r1"
-    assert "ansible_ssh_pass" not in host  # secrets never leave gitsource
-    assert document["all"]["children"] == {"gpu": {"hosts": {"gpu-a": {}}}}
+    text = runner_inventory(inventory)
+    # Read back the way ansible-playbook reads it, and every variable rendered as a play would render it.
+    from ansible.inventory.manager import InventoryManager
+    from ansible.parsing.dataloader import DataLoader
+    from ansible.template import Templar
+    from ansible.vars.manager import VariableManager
+
+    (tmp_path / "lmstack.yml").write_text(text)
+    loader = DataLoader()
+    manager = InventoryManager(loader=loader, sources=[str(tmp_path / "lmstack.yml")])
+    host = manager.get_host("gpu-a")
+    variables = VariableManager(loader=loader, inventory=manager).get_vars(host=host, include_hostvars=False)
+    rendered = {key: Templar(loader=loader, variables=variables).template(variables[key])
+                for key in ("ansible_host", "ansible_port", "rack", "ansible_python_interpreter", "note")}
+    assert rendered["ansible_host"] == "gpu-a.lan" and int(rendered["ansible_port"]) == 2222
+    assert rendered["rack"] == "r1" and rendered["ansible_python_interpreter"] == "/usr/bin/python3"
+    assert rendered["note"].startswith("{{ lookup(")  # taken as written ...
+    assert not (tmp_path / "ran").exists()  # ... and never run
+    assert "ansible_ssh_pass" not in variables  # secrets never leave gitsource
+    assert [str(g) for g in host.get_groups() if g.name != "all"] == ["gpu"]
 
 
 # --- the hosts -------------------------------------------------------------------------------------------

@@ -162,6 +162,39 @@ def test_host_errors_are_reported_beside_bad_files() -> None:
     assert "host gpu-b: ansible_host" in errors[0][2] and "nope" in errors[0][2]
 
 
+def test_connection_templates_render_in_a_sandbox_and_never_run_code(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    inventory = parse({"hosts.yml": b"all:\n  vars:\n    net: '10.1'\n    base: '{{ net }}.0'\n  hosts:\n"
+                                    b"    gpu-a:\n      ansible_host: '{{ base }}.11'\n"
+                                    b"      ansible_port: '{{ 2200 + 2 }}'\n"
+                                    b"    gpu-b:\n"
+                                    b"      ansible_host: '{{ inventory_hostname }}.{{ group_names | length }}'\n"})
+    assert (inventory.hosts["gpu-a"].address, inventory.hosts["gpu-a"].port) == ("10.1.0.11", 2202)
+    assert inventory.hosts["gpu-b"].address == "gpu-b.0"
+
+    lookup = f"{{{{ lookup('pipe', 'touch {marker}') }}}}".encode()
+    errors = errors_of({"hosts.yml": b"all:\n  hosts:\n    gpu-a:\n      ansible_host: \"" + lookup + b"\"\n"})
+    assert errors == [("inventory/", 0, "host gpu-a: ansible_host: 'lookup' is undefined; lmstack renders "
+                                        "connection variables without Ansible's lookups and filters")]
+    escape = b"{{ ''.__class__.__mro__[1].__subclasses__() }}"
+    [(_, _, message)] = errors_of({"hosts.yml": b"all:\n  hosts:\n    gpu-a:\n      ansible_port: \"" + escape
+                                   + b"\"\n"})
+    assert "host gpu-a: ansible_port:" in message and "unsafe" in message
+    assert not marker.exists()
+
+
+def test_inventory_plugins_are_not_run(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    constructed = (b"plugin: ansible.builtin.constructed\ncompose:\n  x: lookup('pipe', 'touch "
+                   + str(marker).encode() + b"')\n")
+    errors = errors_of({"hosts.ini": b"gpu-a\n", "dynamic.yml": constructed})
+    assert [(file, line) for file, line, _ in errors] == [("inventory/dynamic.yml", 0)]
+    assert "does not run inventory plugins" in errors[0][2]
+    script = b"#!/bin/sh\ntouch " + str(marker).encode() + b"\necho '{}'\n"
+    assert errors_of({"hosts.ini": b"gpu-a\n", "dynamic.sh": script})  # not a static inventory either
+    assert not marker.exists()
+
+
 def test_missing_inventory_folder() -> None:
     with pytest.raises(ManifestValidationError) as error:
         parse_inventory({"manifests/workers.yaml": b""})

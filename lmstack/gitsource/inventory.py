@@ -7,6 +7,11 @@ paths, not bytes.
 
 ansible keeps process-wide state (its Display singleton, constants, path caches in the
 host_group_vars plugin), so parses run one at a time under a lock and undo what they change.
+
+Reading an inventory never runs code from the repository: only the static formats are enabled (INI,
+YAML, TOML; not `auto`, which would load any plugin a YAML file names, nor `script`), and the connection
+variables that may be templates ("{{ inventory_hostname }}.lan") are rendered in a sandboxed Jinja
+environment without Ansible's lookups (`lookup('pipe', ...)` would run a command here).
 """
 
 from __future__ import annotations
@@ -27,12 +32,16 @@ from pathlib import Path, PurePosixPath
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
+import jinja2
+import jinja2.sandbox
+
 from lmstack.manifests.errors import ManifestError, ManifestValidationError
 
 log = logging.getLogger(__name__)
 
 INVENTORY_DIR = "inventory"
 DEFAULT_PORT = 22
+STATIC_INVENTORY_PLUGINS = ("ini", "yaml", "toml")
 
 # Connection secrets never leave this module: the inventory is data shown in plans and the dashboard.
 _SECRET = re.compile(r"^ansible_\w*(pass|secret)", re.IGNORECASE)
@@ -170,15 +179,14 @@ def _build(api: _Ansible, root: Path, paths: _PathNames, capture: _Capture) -> I
     loader = api.DataLoader()
     # The "playbook dir" is an empty folder: group_vars/ in the current directory must not leak in.
     loader.set_basedir(str(root.parent))
-    manager = api.InventoryManager(loader=loader, sources=[str(root)])
+    manager = api.StaticInventoryManager(loader=loader, sources=[str(root)])
     variables = api.VariableManager(loader=loader, inventory=manager)
     hosts: dict[str, InventoryHost] = {}
     errors: list[ManifestError] = []
     for host in manager.get_hosts():
         name = str(host.name)
         raw = variables.get_vars(host=host, include_hostvars=False)
-        templar = api.Templar(loader=loader, variables=raw)
-        built = _host(name, raw, templar, host, capture, api)
+        built = _host(name, raw, host, capture)
         if isinstance(built, InventoryHost):
             hosts[name] = built
         else:
@@ -192,21 +200,22 @@ def _build(api: _Ansible, root: Path, paths: _PathNames, capture: _Capture) -> I
     return Inventory(hosts=MappingProxyType(dict(sorted(hosts.items()))), warnings=warnings)
 
 
-def _host(
-    name: str, raw: Mapping[str, Any], templar: Any, host: Any, capture: _Capture, api: _Ansible
-) -> InventoryHost | list[ManifestError]:
+def _host(name: str, raw: Mapping[str, Any], host: Any, capture: _Capture) -> InventoryHost | list[ManifestError]:
     errors: list[ManifestError] = []
     where = f"{INVENTORY_DIR}/"
+    groups = tuple(sorted(str(group.name) for group in host.get_groups() if group.name != "all"))
 
     def connection(*keys: str) -> object:
-        # The connection variables may be templates ("{{ inventory_hostname }}.lan"); render them
-        # as ansible would. Other variables are returned as written.
+        # The connection variables may be templates ("{{ inventory_hostname }}.lan"): rendered, without
+        # lookups (see the module docstring). Other variables are returned as written.
         for key in keys:
             if key in raw and raw[key] is not None:
                 try:
-                    return _plain(templar.template(raw[key]))
-                except (api.AnsibleError, _Unrepresentable) as error:
-                    errors.append(_error(where, 0, f"host {name}: {key}: {error}"))
+                    return _render(raw[key], raw, name=name, groups=groups)
+                except (jinja2.TemplateError, _Unrepresentable) as error:
+                    hint = ("; lmstack renders connection variables without Ansible's lookups and filters"
+                            if isinstance(error, jinja2.UndefinedError | jinja2.TemplateAssertionError) else "")
+                    errors.append(_error(where, 0, f"host {name}: {key}: {error}{hint}"))
                     return None
         return None
 
@@ -233,7 +242,6 @@ def _host(
             host_vars[key] = _plain(value)
         except _Unrepresentable:
             capture.omitted.add(key)
-    groups = tuple(sorted(str(group.name) for group in host.get_groups() if group.name != "all"))
     return InventoryHost(
         name=name,
         address=str(address) if address not in (None, "") else name,
@@ -246,6 +254,33 @@ def _host(
 
 class _Unrepresentable(Exception):
     pass
+
+
+_SANDBOX = jinja2.sandbox.ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False)
+_MAX_RENDER_DEPTH = 10  # a variable naming a variable naming ... (and no endless self-reference)
+
+
+def _render(value: object, raw: Mapping[str, Any], *, name: str, groups: tuple[str, ...]) -> object:
+    """`value` with its Jinja templates rendered against the host's variables, in a sandbox: no lookups,
+    no Ansible filters, no attribute access to Python internals. Templates in the variables it uses are
+    rendered too. Raises jinja2.TemplateError."""
+    value = _plain(value)
+    if not isinstance(value, str) or ("{{" not in value and "{%" not in value):
+        return value
+    context: dict[str, object] = {}
+    for key, item in raw.items():
+        try:
+            context[str(key)] = _plain(item)
+        except _Unrepresentable:
+            continue  # e.g. vault-encrypted: cannot be used in a connection variable either
+    context.update(inventory_hostname=name, inventory_hostname_short=name.split(".")[0],
+                   group_names=[group for group in groups if group != "ungrouped"])
+    rendered: str = value
+    for _ in range(_MAX_RENDER_DEPTH):
+        rendered = _SANDBOX.from_string(rendered).render(context)
+        if "{{" not in rendered and "{%" not in rendered:
+            return rendered
+    raise jinja2.TemplateError(f"{value!r} still has templates after {_MAX_RENDER_DEPTH} renderings")
 
 
 def _plain(value: object) -> object:
@@ -337,8 +372,12 @@ def _format_of(plugin: str) -> str:
 
 
 def _reason(error: BaseException | str) -> str:
+    message = _message(error)
+    if "Plugin configuration YAML file" in message:  # a `plugin:` file, which `auto` would have run
+        return ("it configures an inventory plugin, and lmstack does not run inventory plugins (only static "
+                "INI, YAML and TOML inventories are read)")
     # the ini plugin wraps its reason in "Failed to parse inventory: ..."; we already say that
-    return re.sub(r"^Failed to parse inventory:\s*", "", _message(error))
+    return re.sub(r"^Failed to parse inventory:\s*", "", message)
 
 
 def _chain(error: BaseException | str) -> Iterator[BaseException | str]:
@@ -487,9 +526,8 @@ class _Ansible:
     C: Any
     AnsibleError: type[Exception]
     DataLoader: Any
-    InventoryManager: Any
+    StaticInventoryManager: Any  # ansible's InventoryManager with only the static formats enabled
     VariableManager: Any
-    Templar: Any
     Display: Any
 
 
@@ -507,18 +545,24 @@ def _ansible() -> _Ansible:
         from ansible.errors import AnsibleError
         from ansible.inventory.manager import InventoryManager
         from ansible.parsing.dataloader import DataLoader
-        from ansible.template import Templar
+        from ansible.plugins.loader import inventory_loader
         from ansible.utils.display import Display
         from ansible.vars.manager import VariableManager
     finally:
         if override:
             del os.environ["ANSIBLE_LOCAL_TEMP"]
+
+    class StaticInventoryManager(InventoryManager):  # type: ignore[misc]
+        def _fetch_inventory_plugins(self) -> list[Any]:
+            # Not ansible's default list (which has `auto` and `script`): files from Git are data.
+            plugins = [inventory_loader.get(name) for name in STATIC_INVENTORY_PLUGINS]
+            return [plugin for plugin in plugins if plugin]
+
     return _Ansible(
         C=constants,
         AnsibleError=AnsibleError,
         DataLoader=DataLoader,
-        InventoryManager=InventoryManager,
+        StaticInventoryManager=StaticInventoryManager,
         VariableManager=VariableManager,
-        Templar=Templar,
         Display=Display,
     )

@@ -7,7 +7,6 @@ treats it as NotReady with that reason, so a machine that went away stops receiv
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import yaml
 from sqlalchemy import func
 from sqlalchemy.dialects.postgresql import insert
 
@@ -22,7 +22,7 @@ from lmstack.gitsource import Inventory, Source
 from lmstack.nodes.ansible import PLAYBOOKS_DIR, AnsibleSetupError, HostError, run_facts
 from lmstack.state import Database, Worker
 
-INVENTORY_FILE = "lmstack.json"
+INVENTORY_FILE = "lmstack.yml"
 
 
 class FactsError(Exception):
@@ -94,7 +94,7 @@ def gather_facts(
     started = time.monotonic()
     try:
         gathered = run_facts(
-            {INVENTORY_FILE: inventory_json(source.inventory).encode()},
+            {INVENTORY_FILE: runner_inventory(source.inventory).encode()},
             sorted(set(host_of.values())),
             ssh_key=ssh_key,
             known_hosts=known_hosts,
@@ -185,21 +185,53 @@ def _int_or_none(value: object) -> int | None:
     return None
 
 
-def inventory_json(inventory: Inventory) -> str:
-    """The validated inventory as a YAML (JSON) inventory for ansible-playbook: each host with the
-    variables gitsource resolved (group_vars and host_vars applied), in the same groups.
+_CONNECTION_KEYS = frozenset({"ansible_host", "ansible_ssh_host", "ansible_port", "ansible_ssh_port", "ansible_user",
+                              "ansible_ssh_user"})
+
+
+def runner_inventory(inventory: Inventory) -> str:
+    """The validated inventory as a YAML inventory for ansible-playbook: each host with the variables
+    gitsource resolved (group_vars and host_vars applied), in the same groups.
 
     Built from the parsed inventory rather than the repository's files so the run uses exactly the
-    snapshot that was validated. Connection secrets were removed by gitsource: lmstack connects with
-    its own SSH key.
+    snapshot that was validated, with the connection variables as gitsource rendered them (sandboxed, no
+    lookups) and every other string marked `!unsafe`: ansible takes it as written and never renders a
+    template from Git on this machine. Connection secrets were removed by gitsource: lmstack connects
+    with its own SSH key.
     """
     groups: dict[str, dict[str, Any]] = {}
     hosts: dict[str, dict[str, Any]] = {}
     for name, host in inventory.hosts.items():
-        hosts[name] = dict(host.vars)
+        values = {key: value for key, value in host.vars.items() if key not in _CONNECTION_KEYS}
+        values.update(ansible_host=host.address, ansible_port=host.port)
+        if host.user is not None:
+            values["ansible_user"] = host.user
+        hosts[name] = {key: _unsafe(value) for key, value in values.items()}
         for group in host.groups:
             if group == "ungrouped":  # ansible's own, implied
                 continue
             groups.setdefault(group, {"hosts": {}})["hosts"][name] = {}
     document = {"all": {"hosts": hosts, "children": dict(sorted(groups.items()))}}
-    return json.dumps(document, indent=1, sort_keys=True, default=str)
+    return yaml.dump(document, Dumper=_InventoryDumper, sort_keys=True, default_flow_style=False, allow_unicode=True)
+
+
+class _Unsafe(str):
+    """A string ansible must not render: written with the `!unsafe` tag."""
+
+
+class _InventoryDumper(yaml.SafeDumper):
+    pass
+
+
+_InventoryDumper.add_representer(_Unsafe, lambda dumper, value: dumper.represent_scalar("!unsafe", str(value)))
+
+
+def _unsafe(value: object) -> object:
+    """`value` with every string in it (not the keys) marked unsafe."""
+    if isinstance(value, str):
+        return _Unsafe(value)
+    if isinstance(value, Mapping):
+        return {str(key): _unsafe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_unsafe(item) for item in value]
+    return value

@@ -23,7 +23,7 @@ from lmstack.gitsource import Source
 from lmstack.manifests import DesiredState
 from lmstack.manifests.schema import Deployment, Worker
 from lmstack.nodes.ansible import PLAYBOOKS_DIR, AnsibleSetupError, HostRun, run_playbook
-from lmstack.reconcile.facts import INVENTORY_FILE, inventory_json
+from lmstack.reconcile.facts import INVENTORY_FILE, runner_inventory
 
 PREPARE_PLAYBOOK = "prepare.yml"
 PREPARE_MODULE = "lmstack_prepare"
@@ -280,7 +280,7 @@ def prepare_workers(
     try:
         run = run_playbook(
             PREPARE_PLAYBOOK,
-            inventory={INVENTORY_FILE: inventory_json(source.inventory).encode()},
+            inventory={INVENTORY_FILE: runner_inventory(source.inventory).encode()},
             hosts=sorted(set(host_of.values())),
             ssh_key=ssh_key,
             known_hosts=known_hosts,
