@@ -171,10 +171,10 @@ def run_floor(port: int, upstream_port: int) -> None:
     """A bare pass-through on lmstack's stack (uvicorn with uvloop and httptools, aiohttp to the upstream, the
     same garbage-collector settings as `lmstack serve`) and nothing else: no auth, routing, usage, metrics or
     failover. What any gateway built on this stack could do at most, on this machine."""
-    import gc
-
     import aiohttp
     import uvicorn
+
+    from lmstack.api.server import tune_gc
 
     upstream = f"http://127.0.0.1:{upstream_port}"
     session: list[aiohttp.ClientSession] = []
@@ -201,8 +201,7 @@ def run_floor(port: int, upstream_port: int) -> None:
 
     config = uvicorn.Config(app, host="127.0.0.1", port=port, loop="uvloop", http="httptools", lifespan="off",
                             access_log=False, log_level="warning", backlog=4096)
-    gc.freeze()
-    gc.set_threshold(20_000, 50, 100)
+    tune_gc()
     uvicorn.Server(config).run()
 
 

@@ -248,12 +248,13 @@ def bring_up(setup: Setup, args: argparse.Namespace) -> tuple[str, str, str]:
     """The bed, the replica and the gateway. Returns (the replica's endpoint, the gateway's URL, an API key)."""
     import testbed as tb
     from sqlalchemy import select
+    from testbed.fleet import workers_yaml, write_fleet
     from testbed.llamacpp import SMOLLM2_MODEL, build_llamacpp_archive, find_assets, place_model
 
     from lmstack.api.services.keys import create_key
     from lmstack.api.services.users import create_user
     from lmstack.config import Settings
-    from lmstack.gitsource import init_repository, load_source
+    from lmstack.gitsource import load_source
     from lmstack.reconcile.apply import apply_source
     from lmstack.state import Replica, open_database
 
@@ -273,19 +274,13 @@ def bring_up(setup: Setup, args: argparse.Namespace) -> tuple[str, str, str]:
     print(f"test bed up with {archive.name} loaded ({time.monotonic() - t0:.1f} s)", flush=True)
 
     database_url = setup.create_database()
-    repo = setup.workdir / "fleet"
-    (repo / "inventory").mkdir(parents=True)
-    (repo / "manifests").mkdir()
-    (repo / "inventory" / "hosts.ini").write_text(bed.inventory_ini())
-    (repo / "manifests" / "workers.yaml").write_text(
-        f"apiVersion: lmstack.dev/v1\nkind: Worker\nmetadata: {{name: {host.name}}}\n"
-        f"spec: {{host: {host.name}, modelCache: {cache}}}\n")
     engine_args = json.dumps(["--threads", str(args.threads)])
-    (repo / "manifests" / f"{MODEL}.yaml").write_text(
+    repo = write_fleet(setup.workdir / "fleet", bed, {f"{MODEL}.yaml": (
         f"apiVersion: lmstack.dev/v1\nkind: Deployment\nmetadata: {{name: {MODEL}}}\nspec:\n"
         f"  backend: llamacpp\n  model: {SMOLLM2_MODEL}\n  image: {archive.name}\n  replicas: 1\n"
-        f"  resources: {{gpus: 0}}\n  health: {{startupTimeout: 180s}}\n  args: {engine_args}\n")
-    init_repository(repo, f"{MODEL}, one replica, for the real-model bench")
+        f"  resources: {{gpus: 0}}\n  health: {{startupTimeout: 180s}}\n  args: {engine_args}\n")},
+        workers=workers_yaml([host], model_cache=lambda _: cache),
+        message=f"{MODEL}, one replica, for the real-model bench")
     source = load_source(repo=str(repo), ref="HEAD", directory=None,
                          settings=Settings(home=setup.workdir / "home"))
     database = open_database(Settings(database_url=database_url))

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import select, update
+from testbed.fleet import workers_yaml, write_fleet
 
 from lmstack.config import Settings
 from lmstack.gitsource import Source, init_repository, load_source
@@ -28,13 +29,6 @@ pytestmark = pytest.mark.testbed
 
 GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
-
-
-def _workers(bed: Any) -> str:
-    return "".join(
-        f"---\napiVersion: lmstack.dev/v1\nkind: Worker\nmetadata: {{name: {h.name}}}\n"
-        f"spec: {{host: {h.name}, modelCache: /tmp/lmstack-test-models/{h.name}}}\n"
-        for h in bed.hosts)
 
 
 def _deployment(name: str, *, replicas: int, image: str, args: list[str] | None = None,
@@ -54,10 +48,8 @@ class Fleet:
         self.image = image
         self.database = database
         self.home = root / "home"
-        (self.repo / "inventory").mkdir(parents=True)
-        (self.repo / "manifests").mkdir()
-        (self.repo / "inventory" / "hosts.ini").write_text(bed.inventory_ini())
-        (self.repo / "manifests" / "workers.yaml").write_text(_workers(bed))
+        write_fleet(self.repo, bed, {}, workers=workers_yaml(
+            bed.hosts, model_cache=lambda host: f"/tmp/lmstack-test-models/{host.name}"))
         self.write("chat", replicas=2)
         self.write("embed", replicas=1, placement="{workers: [node3]}")
         init_repository(self.repo, "two deployments")

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import select
+from testbed.fleet import workers_yaml, write_fleet
 
 from lmstack.gitsource import parse_inventory
 from lmstack.nodes.ansible import PLAYBOOKS_DIR, HostError, HostFacts, run_facts, run_playbook
@@ -448,16 +449,9 @@ def test_gpu_memory_of_lmstack_containers_is_not_unmanaged(bed: Any, ssh: Ssh) -
 
 
 def _repository(root: Path, bed: Any) -> Path:
-    repo = root / "fleet"
-    (repo / "inventory").mkdir(parents=True)
-    (repo / "manifests").mkdir()
-    (repo / "inventory" / "hosts.ini").write_text(bed.inventory_ini())
-    workers = "".join(
-        f"---\napiVersion: lmstack.dev/v1\nkind: Worker\n"
-        f"metadata: {{name: w-{h.name}, labels: {{n: '{i}'}}}}\nspec: {{host: {h.name}}}\n"
-        for i, h in enumerate(bed.hosts))
-    (repo / "manifests" / "workers.yaml").write_text(workers)
-    (repo / "manifests" / "qwen.yaml").write_text(textwrap.dedent("""\
+    workers = workers_yaml(bed.hosts, name=lambda host: f"w-{host.name}",
+                           labels=lambda host: {"n": str(bed.hosts.index(host))})
+    return write_fleet(root / "fleet", bed, {"qwen.yaml": textwrap.dedent("""\
         apiVersion: lmstack.dev/v1
         kind: Deployment
         metadata: {name: qwen-7b}
@@ -466,8 +460,7 @@ def _repository(root: Path, bed: Any) -> Path:
           model: Qwen/Qwen2.5-7B-Instruct
           replicas: 2
           resources: {gpus: 1, gpuMemory: 24Gi}
-        """))
-    return repo
+        """)}, workers=workers)
 
 
 def _lmstack(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

@@ -3,7 +3,6 @@ module file run as a real process (`python lmstack_facts.py args.json`) with a f
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -11,23 +10,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
 
+import playbook_modules
 import pytest
 
-MODULE_PATH = Path(__file__).resolve().parent.parent / "playbooks" / "library" / "lmstack_facts.py"
+MODULE_PATH = playbook_modules.path("lmstack_facts")
 MIB = 1024 * 1024
 
 
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("lmstack_facts", MODULE_PATH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-facts = _load()
+facts = playbook_modules.load("lmstack_facts")
 
 # `nvidia-smi --query-gpu=index,uuid,name,memory.total,memory.used,utilization.gpu
 #  --format=csv,noheader,nounits` on an 8-GPU box, shortened to four, with the oddities seen in the wild.

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import http.client
 import http.server
-import importlib.util
 import json
 import os
 import re
@@ -24,15 +23,16 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
+import playbook_modules
 import pytest
 from sqlalchemy import select
+from testbed.fleet import workers_yaml, write_fleet
 
 from lmstack.backends import effective_spec
 from lmstack.config import Settings
-from lmstack.gitsource import init_repository, load_source
+from lmstack.gitsource import load_source
 from lmstack.manifests import ManifestValidationError, load_manifests
 from lmstack.manifests.modelref import HfFile, LocalFile, parse_model_file
 from lmstack.nodes.ansible import HostRun, TaskResult
@@ -42,19 +42,11 @@ from lmstack.reconcile.planner import plan
 from lmstack.reconcile.prepare import worker_needs, worker_result
 from lmstack.state import Database, Replica
 
-MODULE_PATH = Path(__file__).resolve().parent.parent / "playbooks" / "library" / "lmstack_prepare.py"
+MODULE_PATH = playbook_modules.path("lmstack_prepare")
 DIGEST = "0123456789abcdef" * 4
 
 
-def _load_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("lmstack_prepare_for_downloads", MODULE_PATH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-mod = _load_module()
+mod = playbook_modules.load("lmstack_prepare", as_name="lmstack_prepare_for_downloads")
 
 
 # --- model file references ----------------------------------------------------------------------------
@@ -388,22 +380,16 @@ GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
 def _fleet_repo(root: Path, bed: Any, image: str, model: str) -> Path:
     from testbed.llamacpp import model_cache
 
-    repo = root / "fleet"
-    (repo / "inventory").mkdir(parents=True)
-    (repo / "manifests").mkdir()
-    (repo / "inventory" / "hosts.ini").write_text(bed.inventory_ini())
-    (repo / "manifests" / "workers.yaml").write_text("".join(
-        f"---\napiVersion: lmstack.dev/v1\nkind: Worker\nmetadata: {{name: {host.name}}}\n"
-        f"spec: {{host: {host.name}, modelCache: {model_cache(host.name)}}}\n" for host in bed.hosts))
-    (repo / "manifests" / "smollm2.yaml").write_text(
+    deployment = (
         "apiVersion: lmstack.dev/v1\nkind: Deployment\nmetadata: {name: smollm2}\nspec:\n"
         f"  backend: llamacpp\n  model: {model}\n  image: {image}\n  replicas: 2\n"
         "  resources: {gpus: 0}\n  placement: {strategy: spread}\n  health: {startupTimeout: 180s}\n"
         # One thread each: two replicas share this machine's 2 cores (with more threads than free cores,
         # llama.cpp's threads wait on each other and throughput swings by 20x).
         '  args: ["--threads", "1"]\n')
-    init_repository(repo, "smollm2 on two workers")
-    return repo
+    return write_fleet(root / "fleet", bed, {"smollm2.yaml": deployment},
+                       workers=workers_yaml(bed.hosts, model_cache=lambda host: model_cache(host.name)),
+                       message="smollm2 on two workers")
 
 
 def _post(endpoint: str, body: dict[str, Any], timeout: float = 120) -> dict[str, Any]:

@@ -7,7 +7,6 @@ keys, real dockerd, no registry reachable).
 from __future__ import annotations
 
 import ast
-import importlib.util
 import json
 import os
 import stat
@@ -17,28 +16,22 @@ import textwrap
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from types import ModuleType
 from typing import Any
+
+import playbook_modules
+from testbed.fleet import workers_yaml, write_fleet
 
 from lmstack.manifests import load_manifests
 from lmstack.nodes.ansible import HostError, HostRun, TaskResult
 from lmstack.reconcile.prepare import worker_needs, worker_result
 
 LMSTACK = [sys.executable, "-m", "lmstack"]
-MODULE_PATH = Path(__file__).resolve().parent.parent / "playbooks" / "library" / "lmstack_prepare.py"
+MODULE_PATH = playbook_modules.path("lmstack_prepare")
 STANDIN = "lmstack-standin:test"
 MISSING_IMAGE = "registry.invalid/lmstack/not-here:1.0"
 
 
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("lmstack_prepare", MODULE_PATH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-mod = _load()
+mod = playbook_modules.load("lmstack_prepare")
 
 
 # --- what each worker needs --------------------------------------------------------------------------------
@@ -322,19 +315,10 @@ def test_module_source_is_python_38_compatible() -> None:
 def _repository(root: Path, bed: Any, deployments: str) -> Path:
     """Workers w-node1.. (label n=<i>, node2 also gpu=yes), each with its own model cache (the bed's hosts
     share this machine's file system), and the given deployments."""
-    repo = root / "fleet"
-    (repo / "inventory").mkdir(parents=True)
-    (repo / "manifests").mkdir()
-    (repo / "inventory" / "hosts.ini").write_text(bed.inventory_ini())
-    gpu_label = ", gpu: 'yes'"
-    workers = "".join(
-        f"---\napiVersion: lmstack.dev/v1\nkind: Worker\n"
-        f"metadata: {{name: w-{h.name}, labels: {{n: '{i}'{gpu_label if h.name == 'node2' else ''}}}}}\n"
-        f"spec: {{host: {h.name}, modelCache: {_cache(root, h.name)}}}\n"
-        for i, h in enumerate(bed.hosts))
-    (repo / "manifests" / "workers.yaml").write_text(workers)
-    (repo / "manifests" / "deployments.yaml").write_text(deployments)
-    return repo
+    workers = workers_yaml(
+        bed.hosts, name=lambda host: f"w-{host.name}", model_cache=lambda host: _cache(root, host.name),
+        labels=lambda host: {"n": str(bed.hosts.index(host)), **({"gpu": "yes"} if host.name == "node2" else {})})
+    return write_fleet(root / "fleet", bed, {"deployments.yaml": deployments}, workers=workers)
 
 
 def _cache(root: Path, host: str) -> str:

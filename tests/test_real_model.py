@@ -28,12 +28,13 @@ import openai
 import pytest
 from apiserver import LiveServer
 from sqlalchemy import select
+from testbed.fleet import workers_yaml, write_fleet
 
 from lmstack.api.app import create_app
 from lmstack.api.services.keys import create_key
 from lmstack.api.services.users import create_user
 from lmstack.config import Settings
-from lmstack.gitsource import init_repository, load_source
+from lmstack.gitsource import load_source
 from lmstack.reconcile.apply import apply_source
 from lmstack.state import Database, Replica, open_database
 
@@ -147,21 +148,15 @@ class Fleet:
 def _fleet_repo(root: Path, bed: Any, hosts: list[Any], image: str, model: str) -> Path:
     from testbed.llamacpp import model_cache
 
-    repo = root / "fleet"
-    (repo / "inventory").mkdir(parents=True)
-    (repo / "manifests").mkdir()
-    (repo / "inventory" / "hosts.ini").write_text(bed.inventory_ini())
-    (repo / "manifests" / "workers.yaml").write_text("".join(
-        f"---\napiVersion: lmstack.dev/v1\nkind: Worker\nmetadata: {{name: {host.name}}}\n"
-        f"spec: {{host: {host.name}, modelCache: {model_cache(host.name)}}}\n" for host in hosts))
-    (repo / "manifests" / f"{MODEL}.yaml").write_text(
+    deployment = (
         "apiVersion: lmstack.dev/v1\nkind: Deployment\nmetadata: {name: " + MODEL + "}\nspec:\n"
         f"  backend: llamacpp\n  model: {model}\n  image: {image}\n  replicas: 2\n"
         "  resources: {gpus: 0}\n  placement: {strategy: spread}\n  health: {startupTimeout: 180s}\n"
         # One thread each (two replicas share this machine's cores); --metrics: the counters read here.
         '  args: ["--threads", "1", "--metrics"]\n')
-    init_repository(repo, f"{MODEL} on two workers")
-    return repo
+    return write_fleet(root / "fleet", bed, {f"{MODEL}.yaml": deployment},
+                       workers=workers_yaml(hosts, model_cache=lambda host: model_cache(host.name)),
+                       message=f"{MODEL} on two workers")
 
 
 @pytest.fixture(scope="module")

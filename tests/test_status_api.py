@@ -29,6 +29,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine
 from starlette.websockets import WebSocketDisconnect
+from testbed.fleet import workers_yaml, write_fleet
 
 from lmstack.api.app import create_app
 from lmstack.api.services import repo as repo_service
@@ -640,19 +641,12 @@ def test_a_refusal_over_a_real_server_carries_its_code_and_reason(settings: Sett
 
 
 def _bed_fleet(root: Path, bed: Any, image: str) -> Path:
-    repo = root / "fleet"
-    (repo / "inventory").mkdir(parents=True)
-    (repo / "manifests").mkdir()
-    (repo / "inventory" / "hosts.ini").write_text(bed.inventory_ini())
-    (repo / "manifests" / "workers.yaml").write_text("".join(
-        f"---\napiVersion: lmstack.dev/v1\nkind: Worker\nmetadata: {{name: {h.name}}}\n"
-        f"spec: {{host: {h.name}, modelCache: {root / 'models' / h.name}}}\n" for h in bed.hosts))
-    (repo / "manifests" / "chat.yaml").write_text(
-        "apiVersion: lmstack.dev/v1\nkind: Deployment\nmetadata: {name: chat}\nspec:\n  backend: vllm\n"
-        f"  model: test/chat\n  image: {image}\n  replicas: 1\n  resources: {{gpus: 0}}\n"
-        "  placement: {workers: [node2]}\n  health: {startupTimeout: 60s}\n")
-    init_repository(repo, "one deployment")
-    return repo
+    chat = ("apiVersion: lmstack.dev/v1\nkind: Deployment\nmetadata: {name: chat}\nspec:\n  backend: vllm\n"
+            f"  model: test/chat\n  image: {image}\n  replicas: 1\n  resources: {{gpus: 0}}\n"
+            "  placement: {workers: [node2]}\n  health: {startupTimeout: 60s}\n")
+    return write_fleet(root / "fleet", bed, {"chat.yaml": chat},
+                       workers=workers_yaml(bed.hosts, model_cache=lambda host: root / "models" / host.name),
+                       message="one deployment")
 
 
 def _our_ssh_connections(address: str) -> int:

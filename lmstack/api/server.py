@@ -46,6 +46,19 @@ def configure_logging(level: int = logging.INFO) -> None:
             logger.addFilter(RedactTokens())
 
 
+def tune_gc() -> None:
+    """Call once everything long-lived is loaded, before serving.
+
+    Everything loaded so far (modules, the app, SQLAlchemy's and pydantic's machinery) lives as long as the
+    process: frozen, the collector stops walking it on every full collection. Those walks were the gateway's
+    p99 at high load. Each request allocates a few hundred objects, nearly all freed by reference counting,
+    so young collections can be rarer too. bench/gateway_overhead.py, c=256: 2,900 -> 3,550 req/s (p99
+    183 -> 90 ms) frozen, 4,040 req/s with these thresholds.
+    """
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 100)
+
+
 def run_server(settings: Settings, *, host: str, port: int, access_log: bool = False) -> bool:
     """Serve until interrupted (SIGINT/SIGTERM). False when the server could not start (port taken, startup
     failed); raises DatabaseError when the database cannot be used. No access line per request unless asked:
@@ -57,13 +70,7 @@ def run_server(settings: Settings, *, host: str, port: int, access_log: bool = F
         config = uvicorn.Config(create_app(settings, database=database), host=host, port=port, log_config=None,
                                 access_log=access_log, ws_ping_interval=20.0, ws_ping_timeout=20.0)
         server = uvicorn.Server(config)
-        # Everything loaded so far (modules, the app, SQLAlchemy's and pydantic's machinery) lives as long as
-        # the process: frozen, the collector stops walking it on every full collection. Those walks were the
-        # gateway's p99 at high load. Each request allocates a few hundred objects, nearly all freed by
-        # reference counting, so young collections can be rarer too. bench/gateway_overhead.py, c=256:
-        # 2,900 -> 3,550 req/s (p99 183 -> 90 ms) frozen, 4,040 req/s with these thresholds.
-        gc.freeze()
-        gc.set_threshold(20_000, 50, 100)
+        tune_gc()
         shown = f"[{host}]" if ":" in host else host
         log.info("lmstack API starting on http://%s:%d (gateway /v1, status /api, /metrics, /healthz, docs /docs)",
                  shown, port)

@@ -13,15 +13,15 @@ import json
 import math
 import time
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query
 from fastapi.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from lmstack.api.deps import CurrentPrincipal, Principal, SessionDep, StateDep, principal_for
 from lmstack.api.errors import ApiError, error_response, internal_error
-from lmstack.api.services.proxy import CLIENT_CLOSED, Call, forward
+from lmstack.api.services.proxy import Call, forward
 from lmstack.api.services.usage import query_usage
 from lmstack.api.state import AppState
 
@@ -52,31 +52,28 @@ async def get_model(model: str, principal: CurrentPrincipal, state: StateDep) ->
                    param="model")
 
 
-# The three POST routes are answered by answer_fast (below) before FastAPI sees them (see app.py); these
-# declarations are what the OpenAPI document shows.
+# The three POST routes are answered by answer_fast (below) before FastAPI sees them (app.py's _App): these
+# declarations are what the OpenAPI document shows (paths, auth), and are never called.
 
 
 @router.post("/v1/chat/completions", tags=["gateway"])
-async def chat_completions(request: Request, principal: CurrentPrincipal, state: StateDep) -> Response:
-    return await _proxy(request, principal, state, "/v1/chat/completions")
+async def chat_completions(principal: CurrentPrincipal) -> Response:
+    _not_routed()
 
 
 @router.post("/v1/completions", tags=["gateway"])
-async def completions(request: Request, principal: CurrentPrincipal, state: StateDep) -> Response:
-    return await _proxy(request, principal, state, "/v1/completions")
+async def completions(principal: CurrentPrincipal) -> Response:
+    _not_routed()
 
 
 @router.post("/v1/embeddings", tags=["gateway"])
-async def embeddings(request: Request, principal: CurrentPrincipal, state: StateDep) -> Response:
-    return await _proxy(request, principal, state, "/v1/embeddings")
+async def embeddings(principal: CurrentPrincipal) -> Response:
+    _not_routed()
 
 
-async def _proxy(request: Request, principal: Principal, state: AppState, path: str) -> Response:
-    started, at = time.perf_counter(), time.time()
-    raw = await _read_body(request.receive, limit=_limit(state))
-    if raw is None:
-        return Response(status_code=CLIENT_CLOSED)
-    return await proxy_request(state, principal, path, raw, receive=request.receive, started=started, at=at)
+def _not_routed() -> NoReturn:
+    raise RuntimeError("the gateway's POST routes are answered by routes.gateway.answer_fast: serve the app "
+                       "made by lmstack.api.app.create_app")
 
 
 async def proxy_request(state: AppState, principal: Principal, path: str, raw: bytes, *, receive: Receive,
