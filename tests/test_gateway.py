@@ -527,11 +527,14 @@ def test_sse_framing_is_the_same_however_the_bytes_arrive(stream: bytes, cuts: l
 
 
 class _Broken(BaseHTTPRequestHandler):
-    """An engine that fails: 500 for every request, or (by mode) never answers, ends its stream at once, or
-    redirects."""
+    """An engine that fails: 500 for every request, or (by mode) never answers, ends its stream at once,
+    redirects, closes the connection without answering (`drop`), or answers the first request on a
+    connection and closes it when the next one comes (`drop-reused`, like an engine whose keep-alive timeout
+    ends just as the gateway reuses the connection)."""
 
     protocol_version = "HTTP/1.1"
     mode = "500"
+    served = 0  # requests answered on this connection (one handler per connection)
 
     def log_message(self, format: str, *args: object) -> None:
         pass
@@ -539,6 +542,20 @@ class _Broken(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
         self.server.hits += 1  # type: ignore[attr-defined]
+        if self.mode == "drop" or (self.mode == "drop-reused" and self.served):
+            self.close_connection = True
+            return
+        self.served += 1
+        if self.mode == "drop-reused":
+            data = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": "kept alive"}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return
         if self.mode == "hang":
             time.sleep(3)
             return
@@ -601,12 +618,49 @@ def test_a_failing_replica_is_retried_before_the_answer_starts(db, standins, sta
     add_replica(db, "m", 0, bad_url, spec)
     add_replica(db, "m", 1, engine.endpoint, spec)
     key, _ = add_key(db)
-    client = start_gateway().sdk(key)
+    gateway = start_gateway()
+    client = gateway.sdk(key)
 
     for _ in range(10):
         pieces = [c.choices[0].delta.content or "" for c in chat(client, stream=True)]
         assert "".join(pieces).startswith("Hello")
     assert bad.hits >= 1  # type: ignore[attr-defined]
+    # Each failure is in /metrics, by the reason it failed.
+    metrics = httpx.get(f"{gateway.url}/metrics", headers={"authorization": f"Bearer {key}"}).text
+    reason = "status" if mode == "500" else "stream"
+    assert f'lmstack_upstream_failures_total{{model="m",reason="{reason}"}} {bad.hits}.0' in metrics  # type: ignore[attr-defined]
+
+
+def test_a_kept_alive_connection_the_engine_closed_is_retried_on_a_new_one(db, start_gateway, broken):
+    engine, server = broken("drop-reused")
+    spec = add_deployment(db, "m")
+    add_replica(db, "m", 0, engine, spec)
+    key, _ = add_key(db)
+    gateway = start_gateway()
+    client = gateway.sdk(key)
+
+    for _ in range(3):
+        assert chat(client).choices[0].message.content == "kept alive"
+    # The 2nd and 3rd requests found their pooled connection closed by the engine, and went again on a new one.
+    assert server.hits == 5  # type: ignore[attr-defined]
+    assert gateway.state.registry.counters.reconnects == 2
+    (replica,) = gateway.state.registry.snapshot()
+    assert replica["failures"] == 0 and not replica["suspect"]  # not the replica's failure
+
+
+def test_an_engine_that_closes_every_connection_is_a_502_after_one_retry(db, start_gateway, broken):
+    engine, server = broken("drop")
+    spec = add_deployment(db, "m")
+    add_replica(db, "m", 0, engine, spec)
+    key, _ = add_key(db)
+    gateway = start_gateway()
+
+    with pytest.raises(openai.InternalServerError) as failed:
+        chat(gateway.sdk(key))
+    assert failed.value.status_code == 502 and "Server disconnected" in failed.value.message
+    assert server.hits == 2  # type: ignore[attr-defined]  # once more on a new connection, then given up
+    (replica,) = gateway.state.registry.snapshot()
+    assert replica["failures"] == 1 and replica["suspect"]
 
 
 def test_every_replica_failing_is_a_502_and_a_silent_one_a_504(db, start_gateway, broken):

@@ -19,6 +19,7 @@ client did not, and then drops it from what the client sees.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import re
 import time
@@ -32,7 +33,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Message, Receive, Scope, Send
 
 from lmstack.api.errors import ApiError, error_body
-from lmstack.api.services.registry import Registry, ReplicaKey, Target
+from lmstack.api.services.registry import GatewayCounters, Registry, ReplicaKey, Target
 from lmstack.api.services.usage import UsageRecorder
 from lmstack.config import Settings
 
@@ -49,6 +50,7 @@ _USAGE_KEY = re.compile(rb'"usage"\s*:\s*')
 _ERROR_EVENT = re.compile(rb'^data:\s*\{\s*"error"\s*:')
 _SMALL_JSON = 64 * 1024  # JSON answers up to this size are parsed whole for their usage
 CLIENT_CLOSED = 499  # status recorded for a client that went away (nginx's convention)
+KEEPALIVE_S = 4.0  # how long an idle connection to an engine is kept for the next request
 WATCH_AFTER_S = 0.05  # how long a request runs before the gateway starts watching for its client leaving
 
 
@@ -124,7 +126,9 @@ def open_upstream_client(settings: Settings) -> UpstreamClient:
     aiohttp rather than httpx: at 256 concurrent requests to one fast engine, httpx2 spent ~1.1 ms of CPU per
     request and aiohttp ~0.11 ms (bench/upstream_client.py).
     """
-    connector = aiohttp.TCPConnector(limit=2000, limit_per_host=0, keepalive_timeout=30.0)
+    # Idle connections are dropped before the engines drop them (5 s in uvicorn, which vLLM and SGLang use,
+    # and in llama.cpp's server): one the engine has closed may still look open here for a moment.
+    connector = aiohttp.TCPConnector(limit=2000, limit_per_host=0, keepalive_timeout=KEEPALIVE_S)
     timeout = aiohttp.ClientTimeout(total=None, connect=30.0 + settings.upstream_connect_timeout_s,  # pool wait too
                                     sock_connect=settings.upstream_connect_timeout_s,
                                     sock_read=settings.upstream_read_timeout_s)
@@ -154,11 +158,10 @@ async def forward(call: Call, *, client: UpstreamClient, registry: Registry, usa
         load.outstanding += 1
         load.requests += 1
         try:
-            answer = await _unless_gone(_ask(client, target, call), receive)
+            answer = await _unless_gone(_ask(client, target, call, registry.counters), receive)
         except _Failure as exc:
             load.outstanding -= 1
-            registry.failed(target)
-            registry.counters.upstream_failures[exc.kind] += 1
+            registry.failed(target, exc.kind)
             failure, failed_on = exc, target.name
             continue
         except ClientGone:
@@ -187,15 +190,24 @@ async def forward(call: Call, *, client: UpstreamClient, registry: Registry, usa
     raise error
 
 
-async def _ask(client: UpstreamClient, target: Target, call: Call) -> _Answer:
+async def _ask(client: UpstreamClient, target: Target, call: Call, counters: GatewayCounters) -> _Answer:
     """Send the request and read the answer's status (and first chunk, for a stream); _Failure if it fails."""
     where = f"replica {target.name} of {target.served_name!r} ({target.endpoint})"
     response: aiohttp.ClientResponse | None = None
     try:
         # allow_redirects off: an engine's redirect is relayed as it is, never followed (aiohttp follows by
         # default, and would resend the body elsewhere).
-        response = await client.post(target.endpoint + call.path, data=upstream_body(call, target.upstream_model),
-                                     headers=_SSE_HEADERS if call.stream else _JSON_HEADERS, allow_redirects=False)
+        url, data = target.endpoint + call.path, upstream_body(call, target.upstream_model)
+        headers = _SSE_HEADERS if call.stream else _JSON_HEADERS
+        try:
+            response = await client.post(url, data=data, headers=headers, allow_redirects=False)
+        except aiohttp.ClientError as exc:
+            if not _dropped(exc):
+                raise
+            # A kept-alive connection the engine closed as the request went out (its idle timeout): the
+            # request was not read. Once more, on a new connection, before counting it as the replica's failure.
+            counters.reconnects += 1
+            response = await client.post(url, data=data, headers=headers, allow_redirects=False)
         if response.status >= 500:
             detail = _error_message(await response.read())
             raise _Failure("status", ApiError(
@@ -310,8 +322,7 @@ class _Relay:
         else:
             self.status, kind, code = 502, "stream", "upstream_error"
             message = f"{where} failed in the middle of the stream: {_describe(exc)}"
-        self.registry.failed(self.target)
-        self.registry.counters.upstream_failures[kind] += 1
+        self.registry.failed(self.target, kind)
         body = json.dumps(error_body(self.status, message, code=code), separators=(",", ":"))
         return f"data: {body}\n\ndata: [DONE]\n\n".encode()
 
@@ -449,6 +460,14 @@ def _error_message(content: bytes) -> str:
 def _describe(exc: Exception) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _dropped(exc: aiohttp.ClientError) -> bool:
+    """Whether the engine closed the connection before answering (not: could not be reached)."""
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return True
+    return (isinstance(exc, aiohttp.ClientOSError) and not isinstance(exc, aiohttp.ClientConnectorError)
+            and exc.errno in (errno.ECONNRESET, errno.EPIPE))
 
 
 def _close(response: aiohttp.ClientResponse | None) -> None:

@@ -71,6 +71,7 @@ class GatewayCounters:
     """Process-wide gateway counters, for the metrics endpoint to read (plain ints: no locking on the loop)."""
 
     retries: int = 0  # requests sent to a second replica after the first failed before answering
+    reconnects: int = 0  # requests sent again on a new connection: the engine closed the kept-alive one
     upstream_failures: Counter[str] = field(default_factory=Counter)  # by kind: connect, timeout, status, stream
     client_disconnects: int = 0  # clients that went away before their answer was complete
     refresh_failures: int = 0  # registry refreshes that could not read the database
@@ -185,8 +186,11 @@ class Registry:
         first, second = random.sample(candidates, 2)
         return second if second.load.outstanding < first.load.outstanding else first
 
-    def failed(self, target: Target) -> None:
-        """`target` failed a request (before or during its answer): suspect for `suspect_s` seconds."""
+    def failed(self, target: Target, kind: str) -> None:
+        """`target` failed a request (before or during its answer): counted by `kind` (connect, timeout, status,
+        stream) and suspect for `suspect_s` seconds."""
+        self.counters.upstream_failures[kind] += 1
+        self.metrics.upstream_failed(target.served_name, kind)
         load = target.load
         load.failures += 1
         now = self._clock()
