@@ -10,6 +10,7 @@ import json
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -238,7 +239,8 @@ def wait_until_routed(gateway: Gateway, model: str, replicas: int) -> None:
 
 
 def chat(client: openai.OpenAI, model: str = "m", **kwargs: Any) -> Any:
-    return client.chat.completions.create(model=model, messages=MESSAGES, **kwargs)  # type: ignore[arg-type]
+    kwargs.setdefault("messages", MESSAGES)
+    return client.chat.completions.create(model=model, **kwargs)
 
 
 # -- tests ------------------------------------------------------------------------------------------------
@@ -530,7 +532,7 @@ class _Broken(BaseHTTPRequestHandler):
     """An engine that fails: 500 for every request, or (by mode) never answers, ends its stream at once,
     redirects, closes the connection without answering (`drop`), or answers the first request on a
     connection and closes it when the next one comes (`drop-reused`, like an engine whose keep-alive timeout
-    ends just as the gateway reuses the connection)."""
+    ends just as the gateway reuses the connection; `reset-reused`: the same with a reset)."""
 
     protocol_version = "HTTP/1.1"
     mode = "500"
@@ -540,13 +542,17 @@ class _Broken(BaseHTTPRequestHandler):
         pass
 
     def do_POST(self) -> None:
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
         self.server.hits += 1  # type: ignore[attr-defined]
+        if self.mode == "reset-reused" and self.served:  # reset (RST), the body unread
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.close_connection = True
+            return
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
         if self.mode == "drop" or (self.mode == "drop-reused" and self.served):
             self.close_connection = True
             return
         self.served += 1
-        if self.mode == "drop-reused":
+        if self.mode in ("drop-reused", "reset-reused"):
             data = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": [
                 {"index": 0, "message": {"role": "assistant", "content": "kept alive"}, "finish_reason": "stop"}],
                 "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}).encode()
@@ -631,16 +637,19 @@ def test_a_failing_replica_is_retried_before_the_answer_starts(db, standins, sta
     assert f'lmstack_upstream_failures_total{{model="m",reason="{reason}"}} {bad.hits}.0' in metrics  # type: ignore[attr-defined]
 
 
-def test_a_kept_alive_connection_the_engine_closed_is_retried_on_a_new_one(db, start_gateway, broken):
-    engine, server = broken("drop-reused")
+@pytest.mark.parametrize("mode", ["drop-reused", "reset-reused"])
+def test_a_kept_alive_connection_the_engine_closed_is_retried_on_a_new_one(db, start_gateway, broken, mode):
+    engine, server = broken(mode)
     spec = add_deployment(db, "m")
     add_replica(db, "m", 0, engine, spec)
     key, _ = add_key(db)
     gateway = start_gateway()
     client = gateway.sdk(key)
 
+    # A long prompt: reset while the gateway still writes it, the connection fails as the body goes out.
+    long = [{"role": "user", "content": "x" * (8 << 20 if mode == "reset-reused" else 10)}]
     for _ in range(3):
-        assert chat(client).choices[0].message.content == "kept alive"
+        assert chat(client, messages=long).choices[0].message.content == "kept alive"
     # The 2nd and 3rd requests found their pooled connection closed by the engine, and went again on a new one.
     assert server.hits == 5  # type: ignore[attr-defined]
     assert gateway.state.registry.counters.reconnects == 2

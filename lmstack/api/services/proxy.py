@@ -19,7 +19,6 @@ client did not, and then drops it from what the client sees.
 from __future__ import annotations
 
 import asyncio
-import errno
 import json
 import re
 import time
@@ -463,11 +462,10 @@ def _describe(exc: Exception) -> str:
 
 
 def _dropped(exc: aiohttp.ClientError) -> bool:
-    """Whether the engine closed the connection before answering (not: could not be reached)."""
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return True
-    return (isinstance(exc, aiohttp.ClientOSError) and not isinstance(exc, aiohttp.ClientConnectorError)
-            and exc.errno in (errno.ECONNRESET, errno.EPIPE))
+    """Whether the connection broke after it was made and before the answer (closed, reset, or closing as the
+    body was written), as opposed to the engine not being reachable (ClientConnectorError)."""
+    return isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientConnectionResetError)) or (
+        isinstance(exc, aiohttp.ClientOSError) and not isinstance(exc, aiohttp.ClientConnectorError))
 
 
 def _close(response: aiohttp.ClientResponse | None) -> None:
