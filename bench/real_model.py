@@ -17,20 +17,34 @@ Brings up everything itself and removes it at the end (also on Ctrl-C or SIGTERM
     streams over two engines and beat "direct" for reasons that are not the gateway's);
   - the gateway: exactly `lmstack serve` in its own process, on that database (a user and an API key).
 
-Measured: each run sends C streams at once (the same prompt, greedy, `ignore_eos`, exactly --max-tokens
-tokens each, `stream_options.include_usage`), from threads of this process with the same plain HTTP client
-for both targets. tokens/s is the run's aggregate decoding rate: the tokens after each stream's first, summed
-over the C streams, / time from the first token of any stream to the last of all (so TTFT is not in it).
-TTFT is per stream, from sending the request to the first chunk with content. Runs alternate between
-direct and the gateway (which goes first alternates too) after a warm-up run of each; the table gives
-medians. The engine caches the prompt, so TTFT is mostly one decoding step.
+Measured, for C streams (the same prompt, greedy, `ignore_eos`, exactly the asked number of tokens each,
+`stream_options.include_usage`), from threads of this process with the same plain HTTP client for both
+targets; direct and the gateway alternate (which goes first alternates too), after a warm-up of each:
+
+- tokens/s, from runs that start C streams of --max-tokens tokens at once: the run's aggregate decoding
+  rate, the tokens after each stream's first summed over the streams, / time from the first token of any
+  stream to the last of all (so TTFT is not in it). Medians of --runs runs.
+- TTFT (time to first token), from requests that arrive at random moments: each of the C streams sends
+  --ttft-requests short requests (--ttft-tokens tokens) one after another, each after a random pause of up to
+  --pause-ms. TTFT is from sending a request to the first chunk with content. With other streams decoding,
+  the engine starts a new request with its next batch step, so a request waits for the step in progress to
+  end: a wait of anything from nothing to a whole step (~35 ms at 4 streams here), the largest part of the
+  spread. At random arrival times that wait averages the same for both targets, so the difference of the
+  means is what the gateway adds; it is printed with its 95% confidence interval.
+- The same TTFT when C streams start at the same instant (the tokens/s runs): printed apart, because it is
+  mostly about batching. The engine takes what has arrived when its next step begins; a request a fraction
+  of a millisecond too late waits a whole step. The gateway passes the C requests on one after another
+  (~0.2 ms each here), so they straddle a step more often than direct ones do; the medians jump by a step
+  from run to run, direct too.
+
+The engine caches the prompt, so TTFT is mostly decoding steps.
 
 The API key is verified from the gateway's key cache (LMSTACK_KEY_CACHE_S, 1 s by default), which re-checks
 keys in use in the background, so even a run that starts seconds after the last one finds its key verified
 and pays no database lookup; --key-cache-s changes the cache time.
 
 Figures only, no assertions; the targets are printed beside them: through the gateway >= 98% of direct
-tokens/s, and < 2 ms added to the first token.
+tokens/s, and < 2 ms added to the first token (difference of the mean TTFTs at random arrival times).
 """
 
 from __future__ import annotations
@@ -39,7 +53,9 @@ import argparse
 import contextlib
 import http.client
 import json
+import math
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -63,6 +79,7 @@ MODEL = "smollm2"
 PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
 TARGET_RATIO = 0.98  # gateway tokens/s over direct
 TARGET_ADDED_TTFT_MS = 2.0
+TTFT_ROUND = 4  # requests per stream before switching between direct and the gateway
 
 
 # -- the client ------------------------------------------------------------------------------------------
@@ -156,6 +173,35 @@ def run_once(base: str, key: str | None, concurrency: int, max_tokens: int, cpu_
     # The streams started together (to within a thread switch): their times share one origin.
     span = max(r.end_s for r in done) - min(r.ttft_s for r in done)
     return Run(sum(r.tokens - 1 for r in done) / span, [r.ttft_s * 1000 for r in done], cpu_ms, wall_s)
+
+
+def random_arrivals(base: str, key: str | None, concurrency: int, requests: int, max_tokens: int, pause_s: float,
+                    seed: int) -> list[float]:
+    """TTFTs (ms) of `concurrency` streams that each send `requests` requests one after another, each after a
+    random pause of up to `pause_s` (from `seed`: the same pauses for both targets)."""
+    ttfts: list[float] = []
+    failures: list[BaseException] = []
+    lock = threading.Lock()
+
+    def stream(index: int) -> None:
+        pauses = random.Random(seed * 1000 + index)
+        try:
+            for _ in range(requests):
+                result = one_stream(base, key, max_tokens, time.monotonic() + pauses.uniform(0, pause_s))
+                with lock:
+                    ttfts.append(result.ttft_s * 1000)
+        except BaseException as exc:  # reported below
+            with lock:
+                failures.append(exc)
+
+    threads = [threading.Thread(target=stream, args=(i,), daemon=True) for i in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise RuntimeError(f"{len(failures)} of {concurrency} streams failed: {failures[0]}")
+    return ttfts
 
 
 # -- bringing things up ----------------------------------------------------------------------------------
@@ -323,10 +369,16 @@ def bring_up(setup: Setup, args: argparse.Namespace) -> tuple[str, str, str]:
 # -- the table -------------------------------------------------------------------------------------------
 
 
-def measure(endpoint: str, gateway: str, key: str, gateway_pid: int,
-            args: argparse.Namespace) -> dict[tuple[int, str], list[Run]]:
+@dataclass
+class Results:
+    runs: dict[tuple[int, str], list[Run]] = field(default_factory=dict)  # (streams, target): the tokens/s runs
+    ttfts: dict[tuple[int, str], list[float]] = field(default_factory=dict)  # (streams, target): random arrivals
+
+
+def measure(endpoint: str, gateway: str, key: str, gateway_pid: int, args: argparse.Namespace) -> Results:
     targets = {"direct": (endpoint, None), "gateway": (gateway, key)}
-    runs: dict[tuple[int, str], list[Run]] = {}
+    results = Results()
+    runs = results.runs
     before, began = cpu_s(gateway_pid), time.monotonic()
     time.sleep(3)  # idle: what the gateway spends with no requests (registry refresh, usage flush)
     args.idle_cpu_ms_per_s = (cpu_s(gateway_pid) - before) * 1000 / (time.monotonic() - began)
@@ -334,60 +386,102 @@ def measure(endpoint: str, gateway: str, key: str, gateway_pid: int,
         for base, token in targets.values():  # warm-up: connections, the prompt cache
             run_once(base, token, concurrency, args.max_tokens)
         for i in range(args.runs):
-            order = list(targets) if i % 2 == 0 else list(reversed(targets))
-            for name in order:
+            for name in list(targets) if i % 2 == 0 else list(reversed(targets)):
                 base, token = targets[name]
                 run = run_once(base, token, concurrency, args.max_tokens,
                                cpu_of=gateway_pid if name == "gateway" else None)
                 runs.setdefault((concurrency, name), []).append(run)
-            print(f"  c={concurrency} run {i + 1}/{args.runs}: " + ", ".join(
+            print(f"  {concurrency} at once, run {i + 1}/{args.runs}: " + ", ".join(
                 f"{name} {runs[concurrency, name][-1].tokens_per_s:.1f} tok/s "
                 f"TTFT {statistics.median(runs[concurrency, name][-1].ttfts_ms):.1f} ms" for name in targets),
                 flush=True)
-    return runs
+        # Random arrivals, in short rounds (the engine's TTFT drifts over minutes): direct and the gateway
+        # alternate round by round.
+        per_round = min(TTFT_ROUND, args.ttft_requests)
+        rounds = max(1, math.ceil(args.ttft_requests / per_round))
+        for i in range(rounds):
+            for name in list(targets) if i % 2 == 0 else list(reversed(targets)):
+                base, token = targets[name]
+                ttfts = random_arrivals(base, token, concurrency, per_round, args.ttft_tokens, args.pause_ms / 1000,
+                                        seed=i)
+                results.ttfts.setdefault((concurrency, name), []).extend(ttfts)
+            if (i + 1) % 5 and i + 1 < rounds:
+                continue
+            print(f"  {concurrency} streams, random arrivals, round {i + 1}/{rounds}: " + ", ".join(
+                f"{name} mean TTFT {statistics.fmean(results.ttfts[concurrency, name]):.1f} ms "
+                f"({len(results.ttfts[concurrency, name])} requests)" for name in targets), flush=True)
+    return results
 
 
-def print_table(runs: dict[tuple[int, str], list[Run]], args: argparse.Namespace) -> None:
-    print(f"\nMedians of {args.runs} runs; {args.max_tokens} tokens a stream; llama-server --threads {args.threads}, "
-          f"SmolLM2-135M Q4_1 on CPU")
+def mean_difference(base: list[float], other: list[float]) -> tuple[float, float]:
+    """mean(other) - mean(base), and the half-width of its 95% confidence interval (normal approximation)."""
+    added = statistics.fmean(other) - statistics.fmean(base)
+    error = math.sqrt(statistics.variance(base) / len(base) + statistics.variance(other) / len(other))
+    return added, 1.96 * error
+
+
+def print_table(results: Results, args: argparse.Namespace) -> None:
+    runs = results.runs
+    print(f"\nllama-server --threads {args.threads}, SmolLM2-135M Q4_1 on CPU. tokens/s: medians of {args.runs} runs "
+          f"of {args.max_tokens} tokens a stream. TTFT: {args.ttft_requests} requests of {args.ttft_tokens} tokens "
+          f"per stream, each after a random pause of up to {args.pause_ms:g} ms (mean, and p50).")
     header = (f"{'streams':>7}  {'direct tok/s':>12}  {'gateway tok/s':>13}  {'ratio':>6}  {'target':>7}  "
-              f"{'direct TTFT':>11}  {'gateway TTFT':>12}  {'added':>9}  {'target':>7}  {'gateway CPU/token':>17}")
+              f"{'direct TTFT':>17}  {'gateway TTFT':>17}  {'added (95% CI)':>17}  {'target':>7}  "
+              f"{'gateway CPU/token':>17}")
     print(header)
     print("-" * len(header))
     for concurrency in args.concurrency:
         direct, through = runs[concurrency, "direct"], runs[concurrency, "gateway"]
         direct_tps = statistics.median(r.tokens_per_s for r in direct)
         through_tps = statistics.median(r.tokens_per_s for r in through)
-        direct_ttft = statistics.median(t for r in direct for t in r.ttfts_ms)
-        through_ttft = statistics.median(t for r in through for t in r.ttfts_ms)
-        ratio, added = through_tps / direct_tps, through_ttft - direct_ttft
+        ratio = through_tps / direct_tps
+        direct_ttft, through_ttft = results.ttfts[concurrency, "direct"], results.ttfts[concurrency, "gateway"]
+        added, error = mean_difference(direct_ttft, through_ttft)
         ratio_ok = "met" if ratio >= TARGET_RATIO else "MISSED"
         added_ok = "met" if added < TARGET_ADDED_TTFT_MS else "MISSED"
         cpu_per_token_us = statistics.median(
             ((r.gateway_cpu_ms or 0.0) - args.idle_cpu_ms_per_s * r.wall_s) * 1000 / (concurrency * args.max_tokens)
             for r in through)
         print(f"{concurrency:>7}  {direct_tps:>12.1f}  {through_tps:>13.1f}  {ratio:>6.1%}  {ratio_ok:>7}  "
-              f"{direct_ttft:>8.1f} ms  {through_ttft:>9.1f} ms  {added:>+6.1f} ms  {added_ok:>7}  "
-              f"{cpu_per_token_us:>14.0f} us")
-    spread = {name: [r.tokens_per_s for (_, n), rs in runs.items() if n == name for r in rs]
-              for name in ("direct", "gateway")}
+              f"{_ttft(direct_ttft):>17}  {_ttft(through_ttft):>17}  {f'{added:+.2f} ± {error:.2f} ms':>17}  "
+              f"{added_ok:>7}  {cpu_per_token_us:>14.0f} us")
     print(f"\nTargets: gateway tokens/s >= {TARGET_RATIO:.0%} of direct; added TTFT < {TARGET_ADDED_TTFT_MS:g} ms "
-          "(median gateway TTFT minus median direct TTFT).")
-    print("Gateway CPU/token: the `lmstack serve` process's CPU time during a run, less what it uses idle "
+          "(mean gateway TTFT minus mean direct TTFT, requests at random arrival times).")
+    print("Gateway CPU/token: the `lmstack serve` process's CPU time during a tokens/s run, less what it uses idle "
           f"({args.idle_cpu_ms_per_s:.1f} ms a second: registry refresh, usage flush), over the tokens it relayed. "
           "Where cores are short, the engine cannot have that CPU.")
+    print("\nTTFT when all streams start at the same instant (the tokens/s runs; see the top of this script):")
+    for concurrency in args.concurrency:
+        direct, through = runs[concurrency, "direct"], runs[concurrency, "gateway"]
+        direct_ttft = [t for r in direct for t in r.ttfts_ms]
+        through_ttft = [t for r in through for t in r.ttfts_ms]
+        added, error = mean_difference(direct_ttft, through_ttft)
+        print(f"{concurrency:>7} at once: direct {_ttft(direct_ttft)}, gateway {_ttft(through_ttft)}, "
+              f"mean added {added:+.1f} ± {error:.1f} ms")
+    spread = {name: [r.tokens_per_s for (_, n), rs in runs.items() if n == name for r in rs]
+              for name in ("direct", "gateway")}
     print("Run-to-run range of tokens/s: " + "; ".join(
         f"{name} {min(values):.1f}..{max(values):.1f}" for name, values in spread.items()))
     print(f"Load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs "
           "(the engine, the gateway and this client share them).")
 
 
+def _ttft(values: list[float]) -> str:
+    return f"{statistics.fmean(values):.1f} ({statistics.median(values):.1f}) ms"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=7, help="measured runs per row (default 7)")
+    parser.add_argument("--runs", type=int, default=7, help="tokens/s runs per row (default 7)")
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens per stream (default 64)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4], help="streams at once (default 1 4)")
+    parser.add_argument("--ttft-requests", type=int, default=120, metavar="N",
+                        help="TTFT: requests per stream and target at random arrival times (default 120)")
+    parser.add_argument("--ttft-tokens", type=int, default=16, metavar="N",
+                        help="TTFT: tokens per request (default 16)")
+    parser.add_argument("--pause-ms", type=float, default=100.0,
+                        help="TTFT: each request comes after a random pause of up to this (default 100)")
     parser.add_argument("--threads", type=int, default=1, help="llama-server --threads (default 1)")
     parser.add_argument("--key-cache-s", type=float, metavar="S",
                         help="LMSTACK_KEY_CACHE_S for the gateway (default: its own, 1 s; at most 5)")
@@ -406,8 +500,8 @@ def main() -> int:
         endpoint, gateway, key = bring_up(setup, args)
         print(f"measuring: direct {endpoint} vs gateway {gateway} (runs alternate)", flush=True)
         assert setup.gateway is not None
-        runs = measure(endpoint, gateway, key, setup.gateway.pid, args)
-        print_table(runs, args)
+        results = measure(endpoint, gateway, key, setup.gateway.pid, args)
+        print_table(results, args)
         print(f"Wall time {time.monotonic() - started:.0f} s")
         return 0
     except KeyboardInterrupt:
