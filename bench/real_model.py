@@ -50,16 +50,21 @@ tokens/s, and < 2 ms added to the first token (difference of the mean TTFTs at r
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import http.client
+import itertools
 import json
 import math
 import os
 import random
+import re
 import secrets
 import shutil
 import signal
+import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -80,6 +85,9 @@ PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse ke
 TARGET_RATIO = 0.98  # gateway tokens/s over direct
 TARGET_ADDED_TTFT_MS = 2.0
 TTFT_ROUND = 4  # requests per stream before switching between direct and the gateway
+STEP_GAP_S = 0.005  # tokens this much before a first token belong to an earlier batch step (steps take ~10+ ms)
+_ETH_P_ALL = 0x0003
+_SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # SCM_TIMESTAMPNS has the same number
 
 
 # -- the client ------------------------------------------------------------------------------------------
@@ -90,12 +98,18 @@ class StreamResult:
     ttft_s: float  # from sending the request to the first chunk with content
     end_s: float  # from sending the request to the last chunk with content
     tokens: int  # completion tokens (the engine's usage)
+    tag: str = ""  # the request's `user` field: how WireTimes finds it
+    sent_at: float = 0.0  # wall-clock time (time.time()) it was sent, for comparing with WireTimes
+
+
+_tags = itertools.count()
 
 
 def one_stream(base: str, key: str | None, max_tokens: int, start_at: float) -> StreamResult:
     host, port = base.removeprefix("http://").split(":")
+    tag = f"bench-{os.getpid()}-{next(_tags)}"  # OpenAI's `user` field: engines and the gateway pass it on
     body = json.dumps({"model": MODEL, "messages": PROMPT, "max_tokens": max_tokens, "temperature": 0,
-                       "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}})
+                       "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}, "user": tag})
     headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
     if key:
         headers["Authorization"] = f"Bearer {key}"
@@ -104,7 +118,7 @@ def one_stream(base: str, key: str | None, max_tokens: int, start_at: float) -> 
         connection.connect()
         while time.monotonic() < start_at:  # all C streams leave together
             time.sleep(0.0005)
-        started = time.monotonic()
+        started, sent_at = time.monotonic(), time.time()
         connection.request("POST", "/v1/chat/completions", body, headers)
         answer = connection.getresponse()
         if answer.status != 200:
@@ -124,7 +138,7 @@ def one_stream(base: str, key: str | None, max_tokens: int, start_at: float) -> 
                 first = last if first is None else first
         if first is None or last is None or tokens == 0:
             raise RuntimeError(f"{base}: a stream without content or usage")
-        return StreamResult(first, last, tokens)
+        return StreamResult(first, last, tokens, tag, sent_at)
     finally:
         connection.close()
 
@@ -176,10 +190,10 @@ def run_once(base: str, key: str | None, concurrency: int, max_tokens: int, cpu_
 
 
 def random_arrivals(base: str, key: str | None, concurrency: int, requests: int, max_tokens: int, pause_s: float,
-                    seed: int) -> list[float]:
-    """TTFTs (ms) of `concurrency` streams that each send `requests` requests one after another, each after a
-    random pause of up to `pause_s` (from `seed`: the same pauses for both targets)."""
-    ttfts: list[float] = []
+                    seed: int) -> list[StreamResult]:
+    """`concurrency` streams that each send `requests` requests one after another, each after a random pause of
+    up to `pause_s` (from `seed`: the same pauses for both targets)."""
+    ttfts: list[StreamResult] = []
     failures: list[BaseException] = []
     lock = threading.Lock()
 
@@ -189,7 +203,7 @@ def random_arrivals(base: str, key: str | None, concurrency: int, requests: int,
             for _ in range(requests):
                 result = one_stream(base, key, max_tokens, time.monotonic() + pauses.uniform(0, pause_s))
                 with lock:
-                    ttfts.append(result.ttft_s * 1000)
+                    ttfts.append(result)
         except BaseException as exc:  # reported below
             with lock:
                 failures.append(exc)
@@ -204,6 +218,93 @@ def random_arrivals(base: str, key: str | None, concurrency: int, requests: int,
     return ttfts
 
 
+class WireTimes:
+    """When each request reached the engine and when its first token left it, read off the test bed's bridge
+    (a packet socket; kernel timestamps): the engine's own TTFT, whichever way the request came. The engine
+    runs on the bed's host, so every byte to and from it crosses the bridge: from this process (direct) and
+    from the gateway alike.
+
+    With it a request's client TTFT splits into the engine's part and the path's part (client -> engine and
+    back, through the gateway or not), and the engine's part into the wait for the batch step in progress
+    (set by when the request happened to arrive) and the step that produced its first token."""
+
+    _TAG = re.compile(rb'"user":\s*"([^"]+)"')
+    _CONTENT = re.compile(rb'"content":\s*"[^"]')  # a delta with text (not the role chunk's null or "")
+
+    def __init__(self, interface: str, engine: tuple[str, int]) -> None:
+        self._sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(_ETH_P_ALL))
+        self._sock.bind((interface, 0))
+        self._sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+        self._sock.settimeout(0.2)
+        self._engine = (socket.inet_aton(engine[0]), engine[1])
+        self._open: dict[tuple[bytes, int], list[Any]] = {}  # connection -> [arrived, tag, first token]
+        self.requests: dict[str, tuple[float, float]] = {}  # tag -> (arrived, first token left), wall clock
+        self.tokens: list[float] = []  # when each chunk with text left the engine (any stream), in order
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._sock.close()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                frame, ancillary, _, _ = self._sock.recvmsg(65536, 64)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            for level, kind, data in ancillary:
+                if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS:
+                    seconds, nanoseconds = struct.unpack("qq", data[:16])
+                    self._packet(frame, seconds + nanoseconds / 1e9)
+
+    def _packet(self, frame: bytes, at: float) -> None:
+        if len(frame) < 54 or frame[12:14] != b"\x08\x00" or frame[23] != 6:  # IPv4, TCP
+            return
+        ip = frame[14:]
+        tcp = ip[(ip[0] & 0x0F) * 4:struct.unpack("!H", ip[2:4])[0]]
+        payload = tcp[(tcp[12] >> 4) * 4:]
+        if not payload:
+            return
+        source_port, destination_port = struct.unpack("!HH", tcp[0:4])
+        source, destination = (ip[12:16], source_port), (ip[16:20], destination_port)
+        with self._lock:
+            if destination == self._engine:
+                if payload.startswith(b"POST "):
+                    self._open[source] = [at, None, None]
+                entry = self._open.get(source)
+                if entry is not None and entry[1] is None:
+                    found = self._TAG.search(payload)
+                    if found:
+                        entry[1] = found.group(1).decode()
+            elif source == self._engine and self._CONTENT.search(payload):
+                self.tokens.append(at)
+                entry = self._open.get(destination)
+                if entry is not None and entry[2] is None and entry[1] is not None:
+                    entry[2] = at
+                    self.requests[entry[1]] = (entry[0], at)
+
+    def split(self, result: StreamResult) -> tuple[float, float, float] | None:
+        """(path, wait, step) in ms for a request seen on the wire: client TTFT minus the engine's, the wait from
+        its arrival to the end of the step in progress (0 if the engine was idle), and the rest of the engine's
+        TTFT (the step that produced its first token). None if the wire did not see it."""
+        with self._lock:
+            seen = self.requests.get(result.tag)
+            if seen is None:
+                return None
+            arrived, first = seen
+            at = bisect.bisect_left(self.tokens, first - STEP_GAP_S)  # tokens of the step before the first one's
+            before = self.tokens[at - 1] if at > 0 else None
+        engine_s = first - arrived
+        step_ended = before if before is not None and before > arrived else arrived
+        return ((result.ttft_s - engine_s) * 1000, (step_ended - arrived) * 1000, (first - step_ended) * 1000)
+
+
 # -- bringing things up ----------------------------------------------------------------------------------
 
 
@@ -216,6 +317,8 @@ class Setup:
     admin_url: str = DEFAULT_ADMIN_URL
     database_name: str | None = None
     gateway: subprocess.Popen[bytes] | None = None
+    bridge: str = "lmsrmbbr0"  # the bed's bridge (BedConfig below)
+    wire: WireTimes | None = None
     notes: list[str] = field(default_factory=list)
 
     def database_url(self) -> str:
@@ -240,7 +343,18 @@ class Setup:
         self.database_name = name
         return self.database_url()
 
+    def watch_wire(self, endpoint: str) -> WireTimes | None:
+        """Packet times on the bed's bridge (root, Linux); None, with a note, where that cannot be had."""
+        host, port = endpoint.removeprefix("http://").rsplit(":", 1)
+        try:
+            self.wire = WireTimes(self.bridge, (host, int(port)))
+        except OSError as exc:
+            print(f"note: no packet socket on {self.bridge} ({exc}): TTFT is not split", file=sys.stderr)
+        return self.wire
+
     def clean_up(self) -> None:
+        if self.wire is not None:
+            self.wire.close()
         if self.gateway is not None and self.gateway.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.gateway.pid, signal.SIGTERM)
@@ -308,7 +422,7 @@ def bring_up(setup: Setup, args: argparse.Namespace) -> tuple[str, str, str]:
     if isinstance(assets, str):
         raise RuntimeError(assets)
     tb.preflight()
-    config = tb.BedConfig(hosts=1, prefix="lmsrmb", bridge="lmsrmbbr0", subnet="10.215.0",
+    config = tb.BedConfig(hosts=1, prefix="lmsrmb", bridge=setup.bridge, subnet="10.215.0",
                           state_dir=Path("/var/tmp/lmstack-realmodel-bench"))
     t0 = time.monotonic()
     setup.bed = bed = tb.TestBed.start(config)
@@ -372,7 +486,10 @@ def bring_up(setup: Setup, args: argparse.Namespace) -> tuple[str, str, str]:
 @dataclass
 class Results:
     runs: dict[tuple[int, str], list[Run]] = field(default_factory=dict)  # (streams, target): the tokens/s runs
-    ttfts: dict[tuple[int, str], list[float]] = field(default_factory=dict)  # (streams, target): random arrivals
+    arrivals: dict[tuple[int, str], list[StreamResult]] = field(default_factory=dict)  # the random-arrival requests
+
+    def ttfts_ms(self, concurrency: int, name: str) -> list[float]:
+        return [r.ttft_s * 1000 for r in self.arrivals[concurrency, name]]
 
 
 def measure(endpoint: str, gateway: str, key: str, gateway_pid: int, args: argparse.Namespace) -> Results:
@@ -402,14 +519,14 @@ def measure(endpoint: str, gateway: str, key: str, gateway_pid: int, args: argpa
         for i in range(rounds):
             for name in list(targets) if i % 2 == 0 else list(reversed(targets)):
                 base, token = targets[name]
-                ttfts = random_arrivals(base, token, concurrency, per_round, args.ttft_tokens, args.pause_ms / 1000,
-                                        seed=i)
-                results.ttfts.setdefault((concurrency, name), []).extend(ttfts)
+                done = random_arrivals(base, token, concurrency, per_round, args.ttft_tokens, args.pause_ms / 1000,
+                                       seed=i)
+                results.arrivals.setdefault((concurrency, name), []).extend(done)
             if (i + 1) % 5 and i + 1 < rounds:
                 continue
             print(f"  {concurrency} streams, random arrivals, round {i + 1}/{rounds}: " + ", ".join(
-                f"{name} mean TTFT {statistics.fmean(results.ttfts[concurrency, name]):.1f} ms "
-                f"({len(results.ttfts[concurrency, name])} requests)" for name in targets), flush=True)
+                f"{name} mean TTFT {statistics.fmean(results.ttfts_ms(concurrency, name)):.1f} ms "
+                f"({len(results.arrivals[concurrency, name])} requests)" for name in targets), flush=True)
     return results
 
 
@@ -420,7 +537,7 @@ def mean_difference(base: list[float], other: list[float]) -> tuple[float, float
     return added, 1.96 * error
 
 
-def print_table(results: Results, args: argparse.Namespace) -> None:
+def print_table(results: Results, args: argparse.Namespace, wire: WireTimes | None) -> None:
     runs = results.runs
     print(f"\nllama-server --threads {args.threads}, SmolLM2-135M Q4_1 on CPU. tokens/s: medians of {args.runs} runs "
           f"of {args.max_tokens} tokens a stream. TTFT: {args.ttft_requests} requests of {args.ttft_tokens} tokens "
@@ -430,13 +547,18 @@ def print_table(results: Results, args: argparse.Namespace) -> None:
               f"{'gateway CPU/token':>17}")
     print(header)
     print("-" * len(header))
+    splits: dict[int, dict[str, tuple[float, float]]] = {}
     for concurrency in args.concurrency:
         direct, through = runs[concurrency, "direct"], runs[concurrency, "gateway"]
         direct_tps = statistics.median(r.tokens_per_s for r in direct)
         through_tps = statistics.median(r.tokens_per_s for r in through)
         ratio = through_tps / direct_tps
-        direct_ttft, through_ttft = results.ttfts[concurrency, "direct"], results.ttfts[concurrency, "gateway"]
-        added, error = mean_difference(direct_ttft, through_ttft)
+        direct_ttft, through_ttft = results.ttfts_ms(concurrency, "direct"), results.ttfts_ms(concurrency, "gateway")
+        splits[concurrency] = split = _split(results, concurrency, wire) if wire is not None else {}
+        # With the wire's view, what the gateway adds is its path and the engine's step; the wait for the step in
+        # progress depends only on when a request happened to arrive (printed below, it averages out).
+        added, error = ((split["path"][0] + split["step"][0], math.hypot(split["path"][1], split["step"][1]))
+                        if split else mean_difference(direct_ttft, through_ttft))
         ratio_ok = "met" if ratio >= TARGET_RATIO else "MISSED"
         added_ok = "met" if added < TARGET_ADDED_TTFT_MS else "MISSED"
         cpu_per_token_us = statistics.median(
@@ -445,8 +567,19 @@ def print_table(results: Results, args: argparse.Namespace) -> None:
         print(f"{concurrency:>7}  {direct_tps:>12.1f}  {through_tps:>13.1f}  {ratio:>6.1%}  {ratio_ok:>7}  "
               f"{_ttft(direct_ttft):>17}  {_ttft(through_ttft):>17}  {f'{added:+.2f} ± {error:.2f} ms':>17}  "
               f"{added_ok:>7}  {cpu_per_token_us:>14.0f} us")
-    print(f"\nTargets: gateway tokens/s >= {TARGET_RATIO:.0%} of direct; added TTFT < {TARGET_ADDED_TTFT_MS:g} ms "
-          "(mean gateway TTFT minus mean direct TTFT, requests at random arrival times).")
+    print(f"\nTargets: gateway tokens/s >= {TARGET_RATIO:.0%} of direct; added TTFT < {TARGET_ADDED_TTFT_MS:g} ms.")
+    if wire is not None:
+        print("Added TTFT: the gateway's path plus the engine's step, gateway minus direct (the split below).")
+        print("\nTTFT split, means, gateway minus direct (95% CI), from the engine's side of the bridge (kernel packet "
+              "times):\n  path: client TTFT less the engine's (client -> engine -> client, through the gateway or not)"
+              "\n  wait: from arrival to the end of the batch step in progress (0 when the engine was idle)"
+              "\n  step: from there to the first token leaving the engine\n  client view: the whole TTFT")
+        for concurrency, split in splits.items():
+            print(f"{concurrency:>7} streams: " + ", ".join(
+                f"{part} {mean:+.2f} ± {error:.2f} ms" for part, (mean, error) in split.items()))
+    else:
+        print("Added TTFT: mean gateway TTFT minus mean direct TTFT (no packet socket here: the engine's side "
+              "could not be seen, so the wait for the batch step in progress is in it).")
     print("Gateway CPU/token: the `lmstack serve` process's CPU time during a tokens/s run, less what it uses idle "
           f"({args.idle_cpu_ms_per_s:.1f} ms a second: registry refresh, usage flush), over the tokens it relayed. "
           "Where cores are short, the engine cannot have that CPU.")
@@ -464,6 +597,22 @@ def print_table(results: Results, args: argparse.Namespace) -> None:
         f"{name} {min(values):.1f}..{max(values):.1f}" for name, values in spread.items()))
     print(f"Load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs "
           "(the engine, the gateway and this client share them).")
+
+
+def _split(results: Results, concurrency: int, wire: WireTimes) -> dict[str, tuple[float, float]]:
+    """Per part of the TTFT (path, wait, step, client view): gateway minus direct, (mean, 95% half-width)."""
+    parts: dict[str, dict[str, list[float]]] = {}
+    for name in ("direct", "gateway"):
+        for result in results.arrivals[concurrency, name]:
+            split = wire.split(result)
+            if split is None:
+                continue
+            values = (*split, result.ttft_s * 1000)
+            for part, value in zip(("path", "wait", "step", "client view"), values, strict=True):
+                parts.setdefault(part, {}).setdefault(name, []).append(value)
+    if any(len(parts.get("path", {}).get(name, [])) < 10 for name in ("direct", "gateway")):
+        return {}  # the wire saw too few: nothing to split
+    return {part: mean_difference(values["direct"], values["gateway"]) for part, values in parts.items()}
 
 
 def _ttft(values: list[float]) -> str:
@@ -500,8 +649,9 @@ def main() -> int:
         endpoint, gateway, key = bring_up(setup, args)
         print(f"measuring: direct {endpoint} vs gateway {gateway} (runs alternate)", flush=True)
         assert setup.gateway is not None
+        wire = setup.watch_wire(endpoint)
         results = measure(endpoint, gateway, key, setup.gateway.pid, args)
-        print_table(results, args)
+        print_table(results, args, wire)
         print(f"Wall time {time.monotonic() - started:.0f} s")
         return 0
     except KeyboardInterrupt:
