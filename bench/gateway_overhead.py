@@ -17,7 +17,7 @@ Processes, each on its own (and all stopped at the end, also on Ctrl-C or SIGTER
     the usage chunk when `stream_options.include_usage` asks for it, as vLLM does) and GET /v1/models;
   - lmstack: exactly `lmstack serve` (uvicorn; no access log, its default) on the throwaway database holding a
     user, an API key and one Ready replica row pointing at the upstream; default settings otherwise;
-  - the floor: a bare pass-through on lmstack's own stack (uvicorn with uvloop and httptools, aiohttp to the
+  - the floor: a bare pass-through on lmstack's own stack (uvicorn with uvloop and httptools, lmstack's client to the
     upstream) doing nothing else, so "%direct" can be read against what the stack itself allows here;
   - LiteLLM (optional): `litellm --config` with one model_list entry `openai/<model>` whose api_base is the
     upstream, a master key and no database;
@@ -168,36 +168,37 @@ def run_upstream(port: int, model: str, token_delay_ms: float) -> None:
 
 
 def run_floor(port: int, upstream_port: int) -> None:
-    """A bare pass-through on lmstack's stack (uvicorn with uvloop and httptools, aiohttp to the upstream, the
+    """A bare pass-through on lmstack's stack (uvicorn with uvloop and httptools, lmstack's upstream client, the
     same garbage-collector settings as `lmstack serve`) and nothing else: no auth, routing, usage, metrics or
     failover. What any gateway built on this stack could do at most, on this machine."""
-    import aiohttp
     import uvicorn
 
     from lmstack.api.server import tune_gc
+    from lmstack.api.services.upstream import UpstreamClient
 
     upstream = f"http://127.0.0.1:{upstream_port}"
-    session: list[aiohttp.ClientSession] = []
+    client: list[UpstreamClient] = []
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        if not session:
-            session.append(aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=2000, limit_per_host=0),
-                                                 auto_decompress=False))
+        if not client:
+            client.append(UpstreamClient(connect_timeout_s=10.0, read_timeout_s=300.0, keepalive_s=4.0))
         body, more = b"", True
         while more:
             message = await receive()
             body += message.get("body", b"")
             more = message.get("more_body", False)
         headers = {"content-type": "application/json", "accept-encoding": "identity"}
-        async with session[0].request(scope["method"], upstream + scope["path"], data=body,
-                                      headers=headers) as answer:
+        answer = await client[0].request(scope["method"], upstream, scope["path"], body, headers)
+        try:
             await send({"type": "http.response.start", "status": answer.status,
                         "headers": [(b"content-type", answer.headers.get("content-type", "").encode())]})
-            async for chunk in answer.content.iter_any():
+            async for chunk in answer.chunks():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            answer.close()
 
     config = uvicorn.Config(app, host="127.0.0.1", port=port, loop="uvloop", http="httptools", lifespan="off",
                             access_log=False, log_level="warning", backlog=4096)
@@ -933,8 +934,8 @@ def profile_phase(procs: Procs, args: argparse.Namespace, *, database_url: str, 
 
 
 def environment_notes(admin: ThrowawayDatabase, litellm_version: str | None) -> list[str]:
-    import aiohttp
     import fastapi
+    import httptools
     import starlette
     import uvicorn
 
@@ -953,8 +954,8 @@ def environment_notes(admin: ThrowawayDatabase, litellm_version: str | None) -> 
         f"load average at start {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
         "(other work on this machine shares these CPUs with all four processes)",
         f"python {platform.python_version()}; lmstack serve: uvicorn {uvicorn.__version__} (uvloop + httptools "
-        f"when installed), FastAPI {fastapi.__version__}, Starlette {starlette.__version__}, aiohttp "
-        f"{aiohttp.__version__} to the upstream; PostgreSQL {pg}",
+        f"when installed), FastAPI {fastapi.__version__}, Starlette {starlette.__version__}, its own client to the "
+        f"upstream (httptools {httptools.__version__}); PostgreSQL {pg}",
         "lmstack serve runs with its default settings (no access log, registry refresh 1 s, usage flush 1 s, key "
         "cache 1 s, keys in use re-checked in the background); the API key is verified from its cache",
         f"LiteLLM: {litellm_version or 'not run'}" + (" (its CLI defaults, 1 worker, no database, master key)"
@@ -974,7 +975,8 @@ def main() -> int:
     parser.add_argument("--modes", nargs="+", choices=["plain", "stream"], default=["plain", "stream"])
     parser.add_argument("--targets", nargs="+", choices=["direct", "floor", "lmstack", "litellm"],
                         default=["direct", "floor", "lmstack", "litellm"],
-                        help="floor: a bare uvicorn + aiohttp pass-through, the most this stack allows")
+                        help="floor: a bare uvicorn pass-through with lmstack's upstream client, the most this "
+                        "stack allows")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds per row not measured (default 1)")
     parser.add_argument("--duration", type=float, default=3.0, help="seconds measured per row (default 3)")
     parser.add_argument("--token-delay-ms", type=float, default=0.0,

@@ -26,18 +26,17 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import aiohttp
 import anyio
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Message, Receive, Scope, Send
 
 from lmstack.api.errors import ApiError, error_body
 from lmstack.api.services.registry import GatewayCounters, Registry, ReplicaKey, Target
+from lmstack.api.services.upstream import Dropped, UpstreamClient, UpstreamError, UpstreamResponse
 from lmstack.api.services.usage import UsageRecorder
 from lmstack.config import Settings
 
 T = TypeVar("T")
-UpstreamClient = aiohttp.ClientSession  # the one pooled client per process for every engine
 
 _JSON_HEADERS = {"content-type": "application/json", "accept": "application/json",
                  "accept-encoding": "identity"}  # identity: the raw bytes relayed are the bytes the client reads
@@ -112,7 +111,7 @@ class _Failure(Exception):
 class _Answer:
     """What a replica answered, read up to the point where the gateway commits to it."""
 
-    response: aiohttp.ClientResponse
+    response: UpstreamResponse
     ttft_ms: int
     content: bytes | None = None  # a whole (non-streamed) answer
     first: bytes = b""  # a stream: its first chunk ...
@@ -120,20 +119,11 @@ class _Answer:
 
 
 def open_upstream_client(settings: Settings) -> UpstreamClient:
-    """The pooled client to the engines (call it on the event loop that will use it).
-
-    aiohttp rather than httpx: at 256 concurrent requests to one fast engine, httpx2 spent ~1.1 ms of CPU per
-    request and aiohttp ~0.11 ms (bench/upstream_client.py).
-    """
+    """The pooled client to the engines (call it on the event loop that will use it)."""
     # Idle connections are dropped before the engines drop them (5 s in uvicorn, which vLLM and SGLang use,
     # and in llama.cpp's server): one the engine has closed may still look open here for a moment.
-    connector = aiohttp.TCPConnector(limit=2000, limit_per_host=0, keepalive_timeout=KEEPALIVE_S)
-    timeout = aiohttp.ClientTimeout(total=None, connect=30.0 + settings.upstream_connect_timeout_s,  # pool wait too
-                                    sock_connect=settings.upstream_connect_timeout_s,
-                                    sock_read=settings.upstream_read_timeout_s)
-    # auto_decompress off: the raw bytes relayed are the bytes the client reads. trust_env off (the default):
-    # engine traffic never goes through an HTTP_PROXY meant for something else.
-    return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False, trust_env=False)
+    return UpstreamClient(connect_timeout_s=settings.upstream_connect_timeout_s,
+                          read_timeout_s=settings.upstream_read_timeout_s, keepalive_s=KEEPALIVE_S)
 
 
 async def forward(call: Call, *, client: UpstreamClient, registry: Registry, usage: UsageRecorder,
@@ -192,21 +182,20 @@ async def forward(call: Call, *, client: UpstreamClient, registry: Registry, usa
 async def _ask(client: UpstreamClient, target: Target, call: Call, counters: GatewayCounters) -> _Answer:
     """Send the request and read the answer's status (and first chunk, for a stream); _Failure if it fails."""
     where = f"replica {target.name} of {target.served_name!r} ({target.endpoint})"
-    response: aiohttp.ClientResponse | None = None
+    response: UpstreamResponse | None = None
     try:
-        # allow_redirects off: an engine's redirect is relayed as it is, never followed (aiohttp follows by
-        # default, and would resend the body elsewhere).
-        url, data = target.endpoint + call.path, upstream_body(call, target.upstream_model)
+        # Redirects are relayed as they are, never followed (that would resend the body elsewhere).
+        data = upstream_body(call, target.upstream_model)
         headers = _SSE_HEADERS if call.stream else _JSON_HEADERS
         try:
-            response = await client.post(url, data=data, headers=headers, allow_redirects=False)
-        except aiohttp.ClientError as exc:
-            if not _dropped(exc):
+            response = await client.post(target.endpoint, call.path, data, headers)
+        except Dropped as exc:
+            if not exc.reused:
                 raise
             # A kept-alive connection the engine closed as the request went out (its idle timeout): the
             # request was not read. Once more, on a new connection, before counting it as the replica's failure.
             counters.reconnects += 1
-            response = await client.post(url, data=data, headers=headers, allow_redirects=False)
+            response = await client.post(target.endpoint, call.path, data, headers)
         if response.status >= 500:
             detail = _error_message(await response.read())
             raise _Failure("status", ApiError(
@@ -214,7 +203,7 @@ async def _ask(client: UpstreamClient, target: Target, call: Call, counters: Gat
                 code="upstream_error"))
         content_type = response.headers.get("content-type", "")
         if call.stream and response.status == 200 and content_type.startswith("text/event-stream"):
-            rest = response.content.iter_any()
+            rest = response.chunks()
             try:
                 first = await anext(rest)
             except StopAsyncIteration:
@@ -223,11 +212,11 @@ async def _ask(client: UpstreamClient, target: Target, call: Call, counters: Gat
             return _Answer(response, ttft_ms=call.elapsed_ms(), first=first, rest=rest)
         ttft_ms = call.elapsed_ms()
         return _Answer(response, ttft_ms=ttft_ms, content=await response.read())
-    except TimeoutError as exc:  # aiohttp's connect and read timeouts are TimeoutErrors too
+    except TimeoutError as exc:
         _close(response)
         raise _Failure("timeout", ApiError(504, f"{where} did not answer in time ({_describe(exc)})",
                                            code="upstream_timeout")) from None
-    except aiohttp.ClientError as exc:
+    except UpstreamError as exc:
         _close(response)
         raise _Failure("connect", ApiError(502, f"{where} failed: {_describe(exc)}",
                                            code="upstream_error")) from None
@@ -288,7 +277,7 @@ class _Relay:
                     yield out
             if not self.done:
                 raise _Truncated
-        except (aiohttp.ClientError, TimeoutError, _Truncated) as exc:
+        except (UpstreamError, TimeoutError, _Truncated) as exc:
             yield self._fail(exc)
         self.completed = True
 
@@ -461,14 +450,7 @@ def _describe(exc: Exception) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _dropped(exc: aiohttp.ClientError) -> bool:
-    """Whether the connection broke after it was made and before the answer (closed, reset, or closing as the
-    body was written), as opposed to the engine not being reachable (ClientConnectorError)."""
-    return isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientConnectionResetError)) or (
-        isinstance(exc, aiohttp.ClientOSError) and not isinstance(exc, aiohttp.ClientConnectorError))
-
-
-def _close(response: aiohttp.ClientResponse | None) -> None:
+def _close(response: UpstreamResponse | None) -> None:
     if response is not None:
         response.close()
 
