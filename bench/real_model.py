@@ -22,20 +22,26 @@ Measured, for C streams (the same prompt, greedy, `ignore_eos`, exactly the aske
 targets; direct and the gateway alternate (which goes first alternates too), after a warm-up of each:
 
 - tokens/s, from runs that start C streams of --max-tokens tokens at once: the run's aggregate decoding
-  rate, the tokens after each stream's first summed over the streams, / time from the first token of any
-  stream to the last of all (so TTFT is not in it). Medians of --runs runs.
+  rate, each stream's tokens after its first over the time from its first token to its last (so TTFT is not
+  in it), summed over the streams. Medians of --runs runs; the ratio is the median of each gateway run's rate
+  over the direct run beside it.
 - TTFT (time to first token), from requests that arrive at random moments: each of the C streams sends
-  --ttft-requests short requests (--ttft-tokens tokens) one after another, each after a random pause of up to
-  --pause-ms. TTFT is from sending a request to the first chunk with content. With other streams decoding,
-  the engine starts a new request with its next batch step, so a request waits for the step in progress to
-  end: a wait of anything from nothing to a whole step (~35 ms at 4 streams here), the largest part of the
-  spread. At random arrival times that wait averages the same for both targets, so the difference of the
-  means is what the gateway adds; it is printed with its 95% confidence interval.
+  --ttft-requests short requests (--ttft-tokens tokens) one after another on a kept-alive connection (as an
+  SDK does), each after a random pause of up to --pause-ms. TTFT is from sending a request to the first chunk
+  with content. With other streams decoding, the engine starts a new request with its next batch step, so a
+  request waits for the step in progress to end: anything from nothing to a whole step (~35 ms at 4 streams
+  here), most of the spread. At random arrival times that wait averages the same for both targets.
+- Where this runs as root, the bed's bridge is watched with a packet socket (WireTimes): each request's
+  arrival at the engine and its first token leaving it, by kernel timestamps. A client TTFT then splits into
+  the path (client -> engine -> client, through the gateway or not), the wait for the step in progress, and
+  the step that made the first token. "Added TTFT" is the path's difference plus the step's, with its 95%
+  confidence interval; the wait, which only says when requests happened to arrive, is printed beside it and
+  averages out. Without the packet socket it is the difference of the mean client TTFTs (wider interval).
 - The same TTFT when C streams start at the same instant (the tokens/s runs): printed apart, because it is
   mostly about batching. The engine takes what has arrived when its next step begins; a request a fraction
-  of a millisecond too late waits a whole step. The gateway passes the C requests on one after another
-  (~0.2 ms each here), so they straddle a step more often than direct ones do; the medians jump by a step
-  from run to run, direct too.
+  of a millisecond too late waits a whole step. The gateway passes the C requests on one after another, so
+  they straddle a step more often than direct ones do; the medians jump by a step from run to run, direct
+  too.
 
 The engine caches the prompt, so TTFT is mostly decoding steps.
 
@@ -60,6 +66,7 @@ import os
 import random
 import re
 import secrets
+import select
 import shutil
 import signal
 import socket
@@ -105,7 +112,9 @@ class StreamResult:
 _tags = itertools.count()
 
 
-def one_stream(base: str, key: str | None, max_tokens: int, start_at: float) -> StreamResult:
+def one_stream(base: str, key: str | None, max_tokens: int, start_at: float,
+               kept: http.client.HTTPConnection | None = None) -> StreamResult:
+    """One streamed request, sent at `start_at`; on `kept` (a kept-alive connection, left open) or a new one."""
     host, port = base.removeprefix("http://").split(":")
     tag = f"bench-{os.getpid()}-{next(_tags)}"  # OpenAI's `user` field: engines and the gateway pass it on
     body = json.dumps({"model": MODEL, "messages": PROMPT, "max_tokens": max_tokens, "temperature": 0,
@@ -113,12 +122,18 @@ def one_stream(base: str, key: str | None, max_tokens: int, start_at: float) -> 
     headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
     if key:
         headers["Authorization"] = f"Bearer {key}"
-    connection = http.client.HTTPConnection(host, int(port), timeout=300)
+    connection = kept or http.client.HTTPConnection(host, int(port), timeout=300)
     try:
-        connection.connect()
+        if connection.sock is None:
+            connection.connect()
         while time.monotonic() < start_at:  # all C streams leave together
             time.sleep(0.0005)
         started, sent_at = time.monotonic(), time.time()
+        # A kept connection the engine has closed is replaced, as a pooled client does (urllib3, httpx): on the
+        # clock, since a client pays for it. llama.cpp's server closes the connection after every stream.
+        if kept is not None and _closed_by_peer(connection):
+            connection.close()
+            connection.connect()
         connection.request("POST", "/v1/chat/completions", body, headers)
         answer = connection.getresponse()
         if answer.status != 200:
@@ -140,12 +155,18 @@ def one_stream(base: str, key: str | None, max_tokens: int, start_at: float) -> 
             raise RuntimeError(f"{base}: a stream without content or usage")
         return StreamResult(first, last, tokens, tag, sent_at)
     finally:
-        connection.close()
+        if kept is None:
+            connection.close()
+
+
+def _closed_by_peer(connection: http.client.HTTPConnection) -> bool:
+    """Whether an idle connection has something to read: its end, since no answer is due."""
+    return connection.sock is None or bool(select.select([connection.sock], [], [], 0)[0])
 
 
 @dataclass
 class Run:
-    tokens_per_s: float  # aggregate over the run's streams, from the first token to the last
+    tokens_per_s: float  # each stream's rate from its first token to its last, summed over the run's streams
     ttfts_ms: list[float]
     gateway_cpu_ms: float | None = None  # CPU time the gateway process used during the run
     wall_s: float = 0.0  # the run's duration
@@ -184,9 +205,10 @@ def run_once(base: str, key: str | None, concurrency: int, max_tokens: int, cpu_
     if failures:
         raise RuntimeError(f"{len(failures)} of {concurrency} streams failed: {failures[0]}")
     done = [r for r in results if isinstance(r, StreamResult)]
-    # The streams started together (to within a thread switch): their times share one origin.
-    span = max(r.end_s for r in done) - min(r.ttft_s for r in done)
-    return Run(sum(r.tokens - 1 for r in done) / span, [r.ttft_s * 1000 for r in done], cpu_ms, wall_s)
+    # Each stream's own rate, summed: streams whose first tokens fell in different batch steps also end apart,
+    # and a span from the first token of all to the last would count that offset against the rate.
+    rate = sum((r.tokens - 1) / (r.end_s - r.ttft_s) for r in done)
+    return Run(rate, [r.ttft_s * 1000 for r in done], cpu_ms, wall_s)
 
 
 def random_arrivals(base: str, key: str | None, concurrency: int, requests: int, max_tokens: int, pause_s: float,
@@ -199,14 +221,19 @@ def random_arrivals(base: str, key: str | None, concurrency: int, requests: int,
 
     def stream(index: int) -> None:
         pauses = random.Random(seed * 1000 + index)
+        host, port = base.removeprefix("http://").split(":")
+        # One kept-alive connection per stream, as an SDK keeps them: to the engine, or to the gateway.
+        connection = http.client.HTTPConnection(host, int(port), timeout=300)
         try:
             for _ in range(requests):
-                result = one_stream(base, key, max_tokens, time.monotonic() + pauses.uniform(0, pause_s))
+                result = one_stream(base, key, max_tokens, time.monotonic() + pauses.uniform(0, pause_s), connection)
                 with lock:
                     ttfts.append(result)
         except BaseException as exc:  # reported below
             with lock:
                 failures.append(exc)
+        finally:
+            connection.close()
 
     threads = [threading.Thread(target=stream, args=(i,), daemon=True) for i in range(concurrency)]
     for thread in threads:
@@ -214,7 +241,7 @@ def random_arrivals(base: str, key: str | None, concurrency: int, requests: int,
     for thread in threads:
         thread.join()
     if failures:
-        raise RuntimeError(f"{len(failures)} of {concurrency} streams failed: {failures[0]}")
+        raise RuntimeError(f"{len(failures)} of {concurrency} streams to {base} failed: {failures[0]!r}")
     return ttfts
 
 
@@ -552,7 +579,8 @@ def print_table(results: Results, args: argparse.Namespace, wire: WireTimes | No
         direct, through = runs[concurrency, "direct"], runs[concurrency, "gateway"]
         direct_tps = statistics.median(r.tokens_per_s for r in direct)
         through_tps = statistics.median(r.tokens_per_s for r in through)
-        ratio = through_tps / direct_tps
+        # Each gateway run against the direct run next to it: the machine's speed drifts less within a pair.
+        ratio = statistics.median(g.tokens_per_s / d.tokens_per_s for d, g in zip(direct, through, strict=True))
         direct_ttft, through_ttft = results.ttfts_ms(concurrency, "direct"), results.ttfts_ms(concurrency, "gateway")
         splits[concurrency] = split = _split(results, concurrency, wire) if wire is not None else {}
         # With the wire's view, what the gateway adds is its path and the engine's step; the wait for the step in
