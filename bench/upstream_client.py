@@ -1,5 +1,5 @@
-"""Which HTTP client the gateway should use to reach engines: httpx (and httpx2, when installed) vs aiohttp,
-alone, without the gateway around them.
+"""Which HTTP client the gateway should use to reach engines: httpx (and httpx2, when installed), aiohttp, and
+lmstack's own (lmstack/api/services/upstream.py), alone, without the gateway around them.
 
     .venv/bin/python bench/upstream_client.py
     .venv/bin/python bench/upstream_client.py --concurrency 1 32 256 --duration 3
@@ -8,7 +8,8 @@ Starts the stand-in engine of bench/gateway_overhead.py (its own process: uvicor
 in this process on uvloop, keeps C requests in flight with each client for --duration seconds (after a
 1-second warm-up) the way the gateway sends them: POST /v1/chat/completions with the body as bytes, the
 answer read whole, one pooled client for all. Prints requests/s and this process's CPU time per request.
-The gateway uses aiohttp because of these figures (lmstack/api/services/proxy.py).
+The gateway used httpx, then aiohttp, because of these figures; it has its own client now for the latency
+of one request (bench/real_model.py's TTFT split), and these figures say it costs no more CPU either.
 
 Figures only, no assertions.
 """
@@ -53,6 +54,17 @@ async def client_for(kind: str, url: str) -> tuple[Send, Callable[[], Awaitable[
             await response.aclose()
 
         return send_httpx, client.aclose
+    if kind == "lmstack":
+        from lmstack.api.services.upstream import UpstreamClient
+
+        upstream = UpstreamClient(connect_timeout_s=10.0, read_timeout_s=60.0, keepalive_s=4.0)
+        endpoint, path = url.split("/v1/", 1)
+
+        async def send_lmstack() -> None:
+            response = await upstream.post(endpoint, "/v1/" + path, BODY, HEADERS)
+            await response.read()
+
+        return send_lmstack, upstream.close
     import aiohttp
 
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=2000, limit_per_host=0),
@@ -95,7 +107,7 @@ def main() -> int:
     args = parser.parse_args()
     import uvloop
 
-    kinds = [k for k in ("httpx", "httpx2", "aiohttp") if importlib.util.find_spec(k) is not None]
+    kinds = [k for k in ("httpx", "httpx2", "aiohttp") if importlib.util.find_spec(k) is not None] + ["lmstack"]
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
