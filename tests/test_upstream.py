@@ -242,3 +242,21 @@ def test_closing_an_unfinished_answer_drops_the_connection(engine):
 
     run(scenario)
     assert stopped.wait(3)
+
+
+def test_a_connection_that_speaks_while_idle_is_not_reused(engine):
+    def chatty(conn: socket.socket, head: bytes, body: bytes) -> bool:
+        conn.sendall(answer(body))
+        time.sleep(0.05)
+        conn.sendall(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n")  # unasked, while idle
+        return True
+
+    server = engine(chatty)
+
+    async def scenario(client: UpstreamClient) -> None:
+        assert await post(client, server.endpoint, b'{"n":1}') == b'{"n":1}'
+        await asyncio.sleep(0.2)
+        assert await post(client, server.endpoint, b'{"n":2}') == b'{"n":2}'  # not the stray 408
+
+    run(scenario)
+    assert server.connections == 2

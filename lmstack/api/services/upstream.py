@@ -124,6 +124,9 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio.Transport
 
     def data_received(self, data: bytes) -> None:
+        if self._head is None:  # bytes while idle (a 408 before an idle close, say): not a connection to reuse
+            self._abort()
+            return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
