@@ -139,10 +139,12 @@ def add_replica(db: Database, deployment: str, ordinal: int, endpoint: str, spec
                             spec=spec, spec_hash="h", status=status))
 
 
-def serve_model(db: Database, engines: list[Standin], *, deployment: str = "m", served: str = "m") -> None:
+def serve_model(db: Database, engines: list[Standin | str], *, deployment: str = "m", served: str = "m") -> None:
+    """A deployment with a Ready replica at each engine (a stand-in, or an endpoint)."""
     spec = add_deployment(db, deployment, served=served)
     for ordinal, engine in enumerate(engines):
-        add_replica(db, deployment, ordinal, engine.endpoint, spec, worker=f"w{ordinal}")
+        endpoint = engine if isinstance(engine, str) else engine.endpoint
+        add_replica(db, deployment, ordinal, endpoint, spec, worker=f"w{ordinal}")
 
 
 def add_user(db: Database, name: str = "alice", role: str = "viewer") -> None:
@@ -470,8 +472,7 @@ def test_an_engine_dying_mid_stream_ends_the_stream_with_an_error(db, standins, 
 
 def test_a_client_giving_up_before_the_answer_abandons_the_upstream_request(db, start_gateway, broken):
     hanging, server = broken("hang")
-    spec = add_deployment(db, "m")
-    add_replica(db, "m", 0, hanging, spec)
+    serve_model(db, [hanging])
     key, _ = add_key(db)
     gateway = start_gateway()
     registry = gateway.state.registry
@@ -606,8 +607,7 @@ def broken() -> Iterator[Callable[[str], tuple[str, ThreadingHTTPServer]]]:
 
 def test_an_engine_redirect_is_relayed_not_followed(db, start_gateway, broken):
     redirecting, server = broken("redirect")
-    spec = add_deployment(db, "m")
-    add_replica(db, "m", 0, redirecting, spec)
+    serve_model(db, [redirecting])
     key, _ = add_key(db)
     gateway = start_gateway()
     answer = httpx.post(f"{gateway.url}/v1/chat/completions", json={"model": "m", "messages": MESSAGES},
@@ -640,8 +640,7 @@ def test_a_failing_replica_is_retried_before_the_answer_starts(db, standins, sta
 @pytest.mark.parametrize("mode", ["drop-reused", "reset-reused"])
 def test_a_kept_alive_connection_the_engine_closed_is_retried_on_a_new_one(db, start_gateway, broken, mode):
     engine, server = broken(mode)
-    spec = add_deployment(db, "m")
-    add_replica(db, "m", 0, engine, spec)
+    serve_model(db, [engine])
     key, _ = add_key(db)
     gateway = start_gateway()
     client = gateway.sdk(key)
@@ -659,8 +658,7 @@ def test_a_kept_alive_connection_the_engine_closed_is_retried_on_a_new_one(db, s
 
 def test_an_engine_that_closes_a_new_connection_without_answering_is_a_502(db, start_gateway, broken):
     engine, server = broken("drop")
-    spec = add_deployment(db, "m")
-    add_replica(db, "m", 0, engine, spec)
+    serve_model(db, [engine])
     key, _ = add_key(db)
     gateway = start_gateway()
 
