@@ -22,9 +22,9 @@ Measured, for C streams (the same prompt, greedy, `ignore_eos`, exactly the aske
 targets; direct and the gateway alternate (which goes first alternates too), after a warm-up of each:
 
 - tokens/s, from runs that start C streams of --max-tokens tokens at once: the run's aggregate decoding
-  rate, each stream's tokens after its first over the time from its first token to its last (so TTFT is not
-  in it), summed over the streams. Medians of --runs runs; the ratio is the median of each gateway run's rate
-  over the direct run beside it.
+  rate while all C streams decode, the chunks from the last stream's first token to the first stream's last
+  over that time (so TTFT is not in it, nor the steps where only some streams run). Medians of --runs runs;
+  the ratio is the median of each gateway run's rate over the direct run beside it.
 - TTFT (time to first token), from requests that arrive at random moments: each of the C streams sends
   --ttft-requests short requests (--ttft-tokens tokens) one after another on a kept-alive connection (as an
   SDK does), each after a random pause of up to --pause-ms. TTFT is from sending a request to the first chunk
@@ -107,6 +107,7 @@ class StreamResult:
     tokens: int  # completion tokens (the engine's usage)
     tag: str = ""  # the request's `user` field: how WireTimes finds it
     sent_at: float = 0.0  # wall-clock time (time.time()) it was sent, for comparing with WireTimes
+    chunks_at: list[float] = field(default_factory=list)  # time.monotonic() of each chunk with content
 
 
 _tags = itertools.count()
@@ -140,6 +141,7 @@ def one_stream(base: str, key: str | None, max_tokens: int, start_at: float,
             raise RuntimeError(f"{base} answered {answer.status}: {answer.read()[:300]!r}")
         first = last = None
         tokens = 0
+        chunks_at: list[float] = []
         for raw in answer:
             if not raw.startswith(b"data: {"):
                 continue
@@ -149,11 +151,12 @@ def one_stream(base: str, key: str | None, max_tokens: int, start_at: float,
             if chunk.get("usage"):
                 tokens = int(chunk["usage"]["completion_tokens"])
             if any((choice.get("delta") or {}).get("content") for choice in chunk.get("choices", [])):
-                last = time.monotonic() - started
+                chunks_at.append(time.monotonic())
+                last = chunks_at[-1] - started
                 first = last if first is None else first
         if first is None or last is None or tokens == 0:
             raise RuntimeError(f"{base}: a stream without content or usage")
-        return StreamResult(first, last, tokens, tag, sent_at)
+        return StreamResult(first, last, tokens, tag, sent_at, chunks_at)
     finally:
         if kept is None:
             connection.close()
@@ -166,7 +169,7 @@ def _closed_by_peer(connection: http.client.HTTPConnection) -> bool:
 
 @dataclass
 class Run:
-    tokens_per_s: float  # each stream's rate from its first token to its last, summed over the run's streams
+    tokens_per_s: float  # the run's aggregate rate while all its streams decode
     ttfts_ms: list[float]
     gateway_cpu_ms: float | None = None  # CPU time the gateway process used during the run
     wall_s: float = 0.0  # the run's duration
@@ -205,10 +208,12 @@ def run_once(base: str, key: str | None, concurrency: int, max_tokens: int, cpu_
     if failures:
         raise RuntimeError(f"{len(failures)} of {concurrency} streams failed: {failures[0]}")
     done = [r for r in results if isinstance(r, StreamResult)]
-    # Each stream's own rate, summed: streams whose first tokens fell in different batch steps also end apart,
-    # and a span from the first token of all to the last would count that offset against the rate.
-    rate = sum((r.tokens - 1) / (r.end_s - r.ttft_s) for r in done)
-    return Run(rate, [r.ttft_s * 1000 for r in done], cpu_ms, wall_s)
+    # The rate while all C streams decode: from the last stream's first token to the first stream's last one.
+    # Before and after, fewer streams run, and whether the prompts made one batch step or two is the engine's
+    # batching, not the gateway's.
+    begin, end = max(r.chunks_at[0] for r in done), min(r.chunks_at[-1] for r in done)
+    tokens = sum(1 for r in done for at in r.chunks_at if begin < at <= end)
+    return Run(tokens / (end - begin), [r.ttft_s * 1000 for r in done], cpu_ms, wall_s)
 
 
 def random_arrivals(base: str, key: str | None, concurrency: int, requests: int, max_tokens: int, pause_s: float,
