@@ -565,6 +565,8 @@ def measure(endpoint: str, gateway: str, key: str, gateway_pid: int, args: argpa
 def mean_difference(base: list[float], other: list[float]) -> tuple[float, float]:
     """mean(other) - mean(base), and the half-width of its 95% confidence interval (normal approximation)."""
     added = statistics.fmean(other) - statistics.fmean(base)
+    if min(len(base), len(other)) < 2:
+        return added, math.nan  # one value each: no spread to tell
     error = math.sqrt(statistics.variance(base) / len(base) + statistics.variance(other) / len(other))
     return added, 1.96 * error
 
