@@ -31,6 +31,9 @@ targets; direct and the gateway alternate (which goes first alternates too), aft
   with content. With other streams decoding, the engine starts a new request with its next batch step, so a
   request waits for the step in progress to end: anything from nothing to a whole step (~35 ms at 4 streams
   here), most of the spread. At random arrival times that wait averages the same for both targets.
+- The engine's container gets the last CPU to itself, and this process and the gateway the others, as when
+  the engine runs on a worker and the gateway on a host of its own (--shared-cpus: all share every CPU; on
+  2 CPUs the gateway's relaying, ~150 us of CPU a token, then slows a CPU-bound engine by 1-3% at 4 streams).
 - Where this runs as root, the bed's bridge is watched with a packet socket (WireTimes): each request's
   arrival at the engine and its first token leaving it, by kernel timestamps. A client TTFT then splits into
   the path (client -> engine -> client, through the gateway or not), the wait for the step in progress, and
@@ -375,6 +378,25 @@ class Setup:
         self.database_name = name
         return self.database_url()
 
+    def pin(self) -> None:
+        """The engine's container on the last CPU, this process and the gateway (all threads) on the others. In a
+        fleet the engine runs on a worker and `lmstack serve` on a host of its own; on the bed they share this
+        machine, and on 2 CPUs the gateway's relaying would take CPU from a CPU-bound engine, which is not what
+        the targets are about (--shared-cpus measures that too)."""
+        assert self.bed is not None and self.gateway is not None
+        cpus = os.cpu_count() or 1
+        if cpus < 2:
+            raise RuntimeError("the engine needs a CPU of its own: 2 CPUs or more, or --shared-cpus")
+        host = self.bed.hosts[0]
+        containers = self.bed.docker(host, "ps", "-q", "--filter", f"label=lmstack.deployment={MODEL}").stdout.split()
+        for container in containers:
+            self.bed.docker(host, "update", "--cpuset-cpus", str(cpus - 1), container)
+        others = f"0-{cpus - 2}"
+        for pid in (os.getpid(), self.gateway.pid):
+            subprocess.run(["taskset", "-a", "-p", "-c", others, str(pid)], check=True, capture_output=True)
+        print(f"pinned: the engine ({len(containers)} container) on CPU {cpus - 1}, client and gateway on {others}",
+              flush=True)
+
     def watch_wire(self, endpoint: str) -> WireTimes | None:
         """Packet times on the bed's bridge (root, Linux); None, with a note, where that cannot be had."""
         host, port = endpoint.removeprefix("http://").rsplit(":", 1)
@@ -573,9 +595,12 @@ def mean_difference(base: list[float], other: list[float]) -> tuple[float, float
 
 def print_table(results: Results, args: argparse.Namespace, wire: WireTimes | None) -> None:
     runs = results.runs
-    print(f"\nllama-server --threads {args.threads}, SmolLM2-135M Q4_1 on CPU. tokens/s: medians of {args.runs} runs "
-          f"of {args.max_tokens} tokens a stream. TTFT: {args.ttft_requests} requests of {args.ttft_tokens} tokens "
-          f"per stream, each after a random pause of up to {args.pause_ms:g} ms (mean, and p50).")
+    cpus = ("the engine, the gateway and this client sharing every CPU" if args.shared_cpus
+            else "the engine on a CPU of its own")
+    print(f"\nllama-server --threads {args.threads}, SmolLM2-135M Q4_1 on CPU, {cpus}.\ntokens/s: medians of "
+          f"{args.runs} runs of {args.max_tokens} tokens a stream. TTFT: {args.ttft_requests} requests of "
+          f"{args.ttft_tokens} tokens per stream, each after a random pause of up to {args.pause_ms:g} ms (mean, and "
+          "p50).")
     header = (f"{'streams':>7}  {'direct tok/s':>12}  {'gateway tok/s':>13}  {'ratio':>6}  {'target':>7}  "
               f"{'direct TTFT':>17}  {'gateway TTFT':>17}  {'added (95% CI)':>17}  {'target':>7}  "
               f"{'gateway CPU/token':>17}")
@@ -630,8 +655,7 @@ def print_table(results: Results, args: argparse.Namespace, wire: WireTimes | No
               for name in ("direct", "gateway")}
     print("Run-to-run range of tokens/s: " + "; ".join(
         f"{name} {min(values):.1f}..{max(values):.1f}" for name, values in spread.items()))
-    print(f"Load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs "
-          "(the engine, the gateway and this client share them).")
+    print(f"Load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs.")
 
 
 def _split(results: Results, concurrency: int, wire: WireTimes) -> dict[str, tuple[float, float]]:
@@ -666,6 +690,9 @@ def main() -> int:
                         help="TTFT: tokens per request (default 16)")
     parser.add_argument("--pause-ms", type=float, default=100.0,
                         help="TTFT: each request comes after a random pause of up to this (default 100)")
+    parser.add_argument("--shared-cpus", action="store_true",
+                        help="let the engine, the gateway and this client share every CPU (default: the engine on "
+                        "a CPU of its own, as on a worker host of its own)")
     parser.add_argument("--threads", type=int, default=1, help="llama-server --threads (default 1)")
     parser.add_argument("--key-cache-s", type=float, metavar="S",
                         help="LMSTACK_KEY_CACHE_S for the gateway (default: its own, 1 s; at most 5)")
@@ -684,6 +711,8 @@ def main() -> int:
         endpoint, gateway, key = bring_up(setup, args)
         print(f"measuring: direct {endpoint} vs gateway {gateway} (runs alternate)", flush=True)
         assert setup.gateway is not None
+        if not args.shared_cpus:
+            setup.pin()
         wire = setup.watch_wire(endpoint)
         results = measure(endpoint, gateway, key, setup.gateway.pid, args)
         print_table(results, args, wire)
