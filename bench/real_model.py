@@ -106,11 +106,9 @@ _SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # SCM_TIMESTAMPNS has t
 @dataclass
 class StreamResult:
     ttft_s: float  # from sending the request to the first chunk with content
-    end_s: float  # from sending the request to the last chunk with content
-    tokens: int  # completion tokens (the engine's usage)
-    tag: str = ""  # the request's `user` field: how WireTimes finds it
-    sent_at: float = 0.0  # wall-clock time (time.time()) it was sent, for comparing with WireTimes
-    chunks_at: list[float] = field(default_factory=list)  # time.monotonic() of each chunk with content
+    tag: str  # the request's `user` field: how WireTimes finds it
+    sent_at: float  # wall-clock time (time.time()) it was sent, for comparing with WireTimes
+    chunks_at: list[float]  # time.monotonic() of each chunk with content
 
 
 _tags = itertools.count()
@@ -142,7 +140,6 @@ def one_stream(base: str, key: str | None, max_tokens: int, start_at: float,
         answer = connection.getresponse()
         if answer.status != 200:
             raise RuntimeError(f"{base} answered {answer.status}: {answer.read()[:300]!r}")
-        first = last = None
         tokens = 0
         chunks_at: list[float] = []
         for raw in answer:
@@ -155,11 +152,9 @@ def one_stream(base: str, key: str | None, max_tokens: int, start_at: float,
                 tokens = int(chunk["usage"]["completion_tokens"])
             if any((choice.get("delta") or {}).get("content") for choice in chunk.get("choices", [])):
                 chunks_at.append(time.monotonic())
-                last = chunks_at[-1] - started
-                first = last if first is None else first
-        if first is None or last is None or tokens == 0:
+        if not chunks_at or tokens == 0:
             raise RuntimeError(f"{base}: a stream without content or usage")
-        return StreamResult(first, last, tokens, tag, sent_at, chunks_at)
+        return StreamResult(chunks_at[0] - started, tag, sent_at, chunks_at)
     finally:
         if kept is None:
             connection.close()

@@ -554,14 +554,9 @@ class _Broken(BaseHTTPRequestHandler):
             return
         self.served += 1
         if self.mode in ("drop-reused", "reset-reused"):
-            data = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": [
+            self._json(200, {"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": [
                 {"index": 0, "message": {"role": "assistant", "content": "kept alive"}, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+                "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}})
             return
         if self.mode == "hang":
             time.sleep(3)
@@ -578,8 +573,11 @@ class _Broken(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
             self.end_headers()
             return
-        data = json.dumps({"error": {"message": "CUDA out of memory", "type": "InternalServerError"}}).encode()
-        self.send_response(500)
+        self._json(500, {"error": {"message": "CUDA out of memory", "type": "InternalServerError"}})
+
+    def _json(self, status: int, answer: dict[str, Any]) -> None:
+        data = json.dumps(answer).encode()
+        self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()

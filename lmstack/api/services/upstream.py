@@ -177,10 +177,9 @@ class _Connection(asyncio.Protocol):
 
     # -- one request at a time ------------------------------------------------------------------------------
 
-    async def request(self, data: bytes, read_timeout_s: float) -> UpstreamResponse:
+    async def request(self, data: bytes) -> UpstreamResponse:
         """Send `data` (a whole request) and wait for the answer's status line and headers."""
         assert self.transport is not None
-        self._read_timeout_s = read_timeout_s
         self._headers, self._body, self._buffered = {}, collections.deque(), 0
         self._complete = self._until_close = False
         self._error = None
@@ -188,7 +187,7 @@ class _Connection(asyncio.Protocol):
         if self.closed or self.transport.is_closing():
             raise Dropped("the connection was closed before the request went out", reused=self.served > 0)
         self.transport.write(data)
-        self._timer = self._loop.call_later(read_timeout_s, self._timed_out)
+        self._timer = self._loop.call_later(self._client.read_timeout_s, self._timed_out)
         try:
             status, headers = await head
         except BaseException:
@@ -204,7 +203,7 @@ class _Connection(asyncio.Protocol):
             if self._complete:
                 return None
             self._waiter = self._loop.create_future()
-            self._timer = self._loop.call_later(self._read_timeout_s, self._timed_out)
+            self._timer = self._loop.call_later(self._client.read_timeout_s, self._timed_out)
             try:
                 await self._waiter
             finally:
@@ -247,7 +246,7 @@ class _Connection(asyncio.Protocol):
     def _timed_out(self) -> None:
         self._timer = None
         what = "answer" if self._head is not None and not self._head.done() else "next part of the answer"
-        self._fail(TimeoutError(f"no {what} within {self._read_timeout_s:g}s"))
+        self._fail(TimeoutError(f"no {what} within {self._client.read_timeout_s:g}s"))
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -289,7 +288,7 @@ class UpstreamClient:
         data = b"".join((b"\r\n".join(line.encode("latin-1") for line in lines), b"\r\nHost: ", origin.authority,
                          b"\r\n\r\n", body))
         connection = await self._connection(origin)
-        return await connection.request(data, self.read_timeout_s)
+        return await connection.request(data)
 
     async def close(self) -> None:
         self._closed = True
