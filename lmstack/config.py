@@ -54,6 +54,34 @@ class Settings(BaseSettings):
         default=None, description="the workers' host keys; hosts not in it are refused [default: "
                                   "~/.ssh/known_hosts]")
 
+    # -- what the operator allows a push to do (trust boundaries; never read from Git) ------------------
+    # Owned by the "Git -> workers" limits: see README "Security model".
+    ssh_config: Path | None = Field(
+        default=None, description="an ssh_config file for reaching the workers (jump hosts, extra options): "
+                                  "connection options live here, never in the repository's inventory "
+                                  "[default: LMSTACK_HOME/ssh_config when it exists]")
+    secrets_dir: Path | None = Field(
+        default=None, description="the only directory `env: {fromFile: PATH}` may read (PATH is relative to it; "
+                                  "symlinks may not lead out) [default: LMSTACK_HOME/secrets]")
+    secrets_env_prefix: str = Field(
+        default="LMSTACK_SECRET_", description="`env: {fromEnv: NAME}` may name only variables starting with "
+                                               "this prefix (and never lmstack's own settings)")
+    mount_roots: list[Path] = Field(
+        default_factory=lambda: [Path("/var/lib/lmstack")],
+        description="directories under which a Worker's modelCache may lie (it is mounted into containers)")
+    docker_hosts: list[str] = Field(
+        default_factory=list,
+        description="Docker endpoints a Worker's dockerHost may name besides ssh:// to its inventory address "
+                    "(exact URLs; e.g. tcp://10.0.0.5:2376)")
+
+    # -- the HTTP server's own limits (API clients are untrusted) -------------------------------------
+    header_timeout_s: float = Field(default=10.0, gt=0,
+                                    description="a connection must send a request's headers within this time")
+    idle_timeout_s: float = Field(default=5.0, gt=0, description="an idle kept-alive client connection is closed")
+    max_connections_per_ip: int = Field(default=256, ge=1, description="open connections from one address")
+    login_concurrency: int = Field(default=2, ge=1, description="password checks (argon2, 64 MiB each) at once")
+    api_docs: bool = Field(default=True, description="serve the API docs (/docs, /openapi.json; behind login)")
+
     @property
     def embedded_database_dir(self) -> Path:
         return self.home / "postgres"

@@ -122,6 +122,9 @@ class Replica(Base):
     gpu_indices: Mapped[list[int]] = mapped_column(ARRAY(Integer), default=list, server_default=text("'{}'"))
     container_id: Mapped[str | None] = mapped_column(Text)
     endpoint: Mapped[str | None] = mapped_column(Text)
+    # The bearer key its engine was started with (vLLM, SGLang, llama.cpp `--api-key`): only the gateway sends
+    # it, so the engine answers nobody else. None: an engine without one (Ollama, or made before keys).
+    engine_key: Mapped[str | None] = mapped_column(Text)
     spec: Mapped[dict[str, Any]] = mapped_column(JSONB)  # the effective spec it was created with
     spec_hash: Mapped[str] = mapped_column(Text)
     revision: Mapped[str | None] = mapped_column(Text)
@@ -195,6 +198,8 @@ class ApiKey(Base):
     key_hash: Mapped[str] = mapped_column(Text)
     models: Mapped[list[str] | None] = mapped_column(ARRAY(Text))  # allowlist; None: every model
     rpm_limit: Mapped[int | None] = mapped_column(Integer)
+    # What the key may reach beyond /v1 and its own usage: "status" (/api read-only), "metrics", "logs".
+    scopes: Mapped[list[str]] = mapped_column(ARRAY(Text), default=list, server_default=text("'{}'"))
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = _created_at()
