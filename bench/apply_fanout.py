@@ -266,7 +266,7 @@ def run_once(bed: Any, database: Database, hosts: int, work: Path, *, parallel: 
     empty_tables(database)
     clean_containers(bed)
     repo = write_fleet(work, bed, hosts, bed.standin_image)
-    settings = Settings(home=work / "home")
+    settings = Settings(home=work / "home", mount_roots=[work / "models"])  # the workers' caches (write_fleet)
     names = [h.name for h in bed.hosts[:hosts]]
     recorder = Recorder()
     phases: dict[str, float] = {}

@@ -453,8 +453,9 @@ def get(url: str, key: str | None = None) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
-def bring_up(setup: Setup, args: argparse.Namespace) -> tuple[str, str, str]:
-    """The bed, the replica and the gateway. Returns (the replica's endpoint, the gateway's URL, an API key)."""
+def bring_up(setup: Setup, args: argparse.Namespace) -> tuple[str, str, str, str]:
+    """The bed, the replica and the gateway. Returns (the replica's endpoint, its engine key, the gateway's URL,
+    an API key)."""
     import testbed as tb
     from sqlalchemy import select
     from testbed.fleet import workers_yaml, write_fleet
@@ -491,7 +492,7 @@ def bring_up(setup: Setup, args: argparse.Namespace) -> tuple[str, str, str]:
         workers=workers_yaml([host], model_cache=lambda _: cache),
         message=f"{MODEL}, one replica, for the real-model bench")
     source = load_source(repo=str(repo), ref="HEAD", directory=None,
-                         settings=Settings(home=setup.workdir / "home"))
+                         settings=Settings(home=setup.workdir / "home", mount_roots=[cache.parent]))
     database = open_database(Settings(database_url=database_url))
     try:
         t0 = time.monotonic()
@@ -499,7 +500,7 @@ def bring_up(setup: Setup, args: argparse.Namespace) -> tuple[str, str, str]:
         if report is None or not report.ok:
             raise RuntimeError(f"apply failed: {[r.message for r in report.failed] if report else 'declined'}")
         with database.session() as session:
-            endpoint = str(session.scalars(select(Replica.endpoint)).one())
+            endpoint, engine_key = session.execute(select(Replica.endpoint, Replica.engine_key)).one()
             create_user(session, name="bench", password=secrets.token_urlsafe(24), role="viewer")
             key = create_key(session, user="bench", name="real-model-bench").token
         print(f"applied: replica {MODEL}/0 ready at {endpoint} ({time.monotonic() - t0:.1f} s)", flush=True)
@@ -526,7 +527,7 @@ def bring_up(setup: Setup, args: argparse.Namespace) -> tuple[str, str, str]:
     gateway = f"http://127.0.0.1:{port}"
     wait_until("lmstack serve to list the model",
                lambda: MODEL.encode() in get(f"{gateway}/v1/models", key)[1], 60, setup.gateway, log)
-    return endpoint, gateway, key
+    return str(endpoint), str(engine_key), gateway, key
 
 
 # -- the table -------------------------------------------------------------------------------------------
@@ -541,8 +542,10 @@ class Results:
         return [r.ttft_s * 1000 for r in self.arrivals[concurrency, name]]
 
 
-def measure(endpoint: str, gateway: str, key: str, gateway_pid: int, args: argparse.Namespace) -> Results:
-    targets = {"direct": (endpoint, None), "gateway": (gateway, key)}
+def measure(endpoint: str, engine_key: str, gateway: str, key: str, gateway_pid: int,
+            args: argparse.Namespace) -> Results:
+    # Direct requests carry the engine's own key, as the gateway's do.
+    targets = {"direct": (endpoint, engine_key), "gateway": (gateway, key)}
     results = Results()
     runs = results.runs
     before, began = cpu_s(gateway_pid), time.monotonic()
@@ -703,13 +706,13 @@ def main() -> int:
                   admin_url=os.environ.get("LMSTACK_TEST_POSTGRES", DEFAULT_ADMIN_URL))
     started = time.monotonic()
     try:
-        endpoint, gateway, key = bring_up(setup, args)
+        endpoint, engine_key, gateway, key = bring_up(setup, args)
         print(f"measuring: direct {endpoint} vs gateway {gateway} (runs alternate)", flush=True)
         assert setup.gateway is not None
         if not args.shared_cpus:
             setup.pin()
         wire = setup.watch_wire(endpoint)
-        results = measure(endpoint, gateway, key, setup.gateway.pid, args)
+        results = measure(endpoint, engine_key, gateway, key, setup.gateway.pid, args)
         print_table(results, args, wire)
         print(f"Wall time {time.monotonic() - started:.0f} s")
         return 0

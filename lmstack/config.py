@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from lmstack.manifests.policy import DEFAULT_MOUNT_ROOT, env_prefix_problem, mount_root_problem, secrets_dir_problem
 
 
 def _default_home() -> Path:
@@ -65,22 +69,72 @@ class Settings(BaseSettings):
                                   "symlinks may not lead out) [default: LMSTACK_HOME/secrets]")
     secrets_env_prefix: str = Field(
         default="LMSTACK_SECRET_", description="`env: {fromEnv: NAME}` may name only variables starting with "
-                                               "this prefix (and never lmstack's own settings)")
-    mount_roots: list[Path] = Field(
-        default_factory=lambda: [Path("/var/lib/lmstack")],
-        description="directories under which a Worker's modelCache may lie (it is mounted into containers)")
-    docker_hosts: list[str] = Field(
+                                               "this prefix (and never lmstack's own settings: of LMSTACK_* "
+                                               "names, only LMSTACK_SECRET_* ones)")
+    # NoDecode: the environment gives a comma-separated list (or a JSON array), split by the validators below.
+    mount_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=lambda: [Path(DEFAULT_MOUNT_ROOT)],
+        description="directories under which a Worker's modelCache may lie (it is mounted read-write into "
+                    "containers): absolute, never / or a system directory; comma-separated")
+    docker_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Docker endpoints a Worker's dockerHost may name besides ssh:// to its inventory address "
-                    "(exact URLs; e.g. tcp://10.0.0.5:2376)")
+                    "(exact URLs, comma-separated; e.g. tcp://10.0.0.5:2376)")
+
+    @field_validator("mount_roots", "docker_hosts", mode="before")
+    @classmethod
+    def _split_list(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        if value.lstrip().startswith("["):
+            return json.loads(value)
+        return [item.strip() for item in value.split(",") if item.strip()]
+
+    @field_validator("mount_roots")
+    @classmethod
+    def _no_system_roots(cls, roots: list[Path]) -> list[Path]:
+        for root in roots:
+            problem = mount_root_problem(str(root))
+            if problem is not None:
+                raise ValueError(f"{root}: {problem} (a mount root is mounted into containers on the workers)")
+        return roots
+
+    @field_validator("docker_hosts")
+    @classmethod
+    def _plain_urls(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            if "://" not in url or any(c.isspace() for c in url):
+                raise ValueError(f"{url!r} is not a Docker endpoint URL (e.g. tcp://10.0.0.5:2376)")
+        return urls
+
+    @field_validator("secrets_env_prefix")
+    @classmethod
+    def _not_lmstack_settings(cls, prefix: str) -> str:
+        problem = env_prefix_problem(prefix)
+        if problem is not None:
+            raise ValueError(problem)
+        return prefix
+
+    @model_validator(mode="after")
+    def _secrets_dir_apart(self) -> Settings:
+        # Every file in it may be named by a push: never the system's directories, nor lmstack's own state.
+        if self.secrets_dir is not None:
+            problem = secrets_dir_problem(str(self.secrets_dir.expanduser().absolute()),
+                                          str(self.home.expanduser().absolute()))
+            if problem is not None:
+                raise ValueError(f"secrets_dir: {problem}")
+        return self
 
     # -- the HTTP server's own limits (API clients are untrusted) -------------------------------------
     header_timeout_s: float = Field(default=10.0, gt=0,
                                     description="a connection must send a request's headers within this time")
-    idle_timeout_s: float = Field(default=5.0, gt=0, description="an idle kept-alive client connection is closed")
-    max_connections_per_ip: int = Field(default=256, ge=1, description="open connections from one address")
+    idle_timeout_s: float = Field(default=5.0, gt=0, description="an idle kept-alive client connection, or a "
+                                                                 "request body that stops coming, is closed")
+    max_connections_per_ip: int = Field(default=256, ge=1, description="open connections from one address (more "
+                                                                       "are closed at once)")
     login_concurrency: int = Field(default=2, ge=1, description="password checks (argon2, 64 MiB each) at once")
-    api_docs: bool = Field(default=True, description="serve the API docs (/docs, /openapi.json; behind login)")
+    api_docs: bool = Field(default=True, description="serve the API's description (/openapi.json, behind a login; "
+                                                     "no HTML page)")
 
     @property
     def embedded_database_dir(self) -> Path:

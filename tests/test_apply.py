@@ -66,7 +66,9 @@ class Fleet:
         subprocess.run(["git", "-C", str(self.repo), "commit", "-qm", message], check=True, env=env)
 
     def source(self) -> Source:
-        return load_source(repo=str(self.repo), ref="HEAD", directory=None, settings=Settings(home=self.home))
+        # The workers' model caches (above) lie outside the default mount root: the operator allows them.
+        settings = Settings(home=self.home, mount_roots=[Path("/tmp/lmstack-test-models")])
+        return load_source(repo=str(self.repo), ref="HEAD", directory=None, settings=settings)
 
     def apply(self, confirm: Any = None) -> tuple[Prepared, ApplyReport | None]:
         return apply_source(self.source(), self.database, ssh_key=self.bed.ssh_key,
@@ -93,8 +95,9 @@ def fleet(tmp_path: Path, clean_testbed: Any, standin_image: str, db: Database) 
     return Fleet(tmp_path, clean_testbed, standin_image, db)
 
 
-def _models(endpoint: str) -> list[str]:
-    with urllib.request.urlopen(endpoint + "/v1/models", timeout=5) as answer:
+def _models(endpoint: str, key: str | None) -> list[str]:
+    call = urllib.request.Request(endpoint + "/v1/models", headers={"Authorization": f"Bearer {key}"})
+    with urllib.request.urlopen(call, timeout=5) as answer:
         return [model["id"] for model in json.load(answer)["data"]]
 
 
@@ -114,7 +117,7 @@ def test_apply_runs_replicas_where_planned_and_is_idempotent(fleet: Fleet) -> No
     for name, row in rows.items():
         assert row.status == "ready" and row.worker_name == planned[name]
         assert row.endpoint is not None and row.endpoint.startswith("http://10.213.0.")
-        assert _models(row.endpoint) == [name.split("/")[0]]
+        assert row.engine_key and _models(row.endpoint, row.engine_key) == [name.split("/")[0]]
     with fleet.database.session() as session:
         run = session.scalars(select(SyncRun)).one()
         assert run.status == "succeeded" and run.revision is not None
@@ -220,10 +223,12 @@ def test_gpus_on_a_host_without_a_gpu_runtime_fail_clearly(fleet: Fleet) -> None
 def test_cli_apply_asks_shows_the_plan_and_exits_nonzero_on_failure(fleet: Fleet, database_url: str) -> None:
     env = {**os.environ, "LMSTACK_DATABASE_URL": database_url, "LMSTACK_HOME": str(fleet.home),
            "LMSTACK_SSH_KEY": str(fleet.bed.ssh_key), "LMSTACK_KNOWN_HOSTS": str(fleet.bed.known_hosts),
-           "NO_COLOR": "1", "COLUMNS": "200"}
+           "NO_COLOR": "1", "COLUMNS": "200", "LMSTACK_MOUNT_ROOTS": "/tmp/lmstack-test-models"}
     command = [sys.executable, "-m", "lmstack", "apply", "--repo", str(fleet.repo)]
     refused = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, input="n\n")
     assert refused.returncode == 1 and "chat/0" in refused.stdout and not fleet.replicas()
+    # The plan shown names where each container goes and what it mounts.
+    assert "Docker endpoints:" in refused.stdout and "mount /tmp/lmstack-test-models/node1 -> " in refused.stdout
     assert "Apply cancelled; nothing was changed." in refused.stderr
     done = subprocess.run([*command, "--yes"], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -29,7 +29,7 @@ from lmstack.api import security
 from lmstack.api.app import create_app
 from lmstack.api.services import keys as keys_service
 from lmstack.api.services.keys import KeyCache, KeyInfo, create_key, revoke_key
-from lmstack.api.services.ratelimit import KeyRateLimiter, LoginLimiter
+from lmstack.api.services.ratelimit import ADDRESS_FACTOR, USER_FACTOR, KeyRateLimiter, LoginLimiter, Throttled
 from lmstack.api.services.users import (
     InvalidUser,
     UserExists,
@@ -212,22 +212,25 @@ def test_disabled_user_cannot_log_in_and_loses_sessions(db: Database, client: Te
     assert wait_for_status(client, token, 401) < 1.5  # the token still has an hour to run
 
 
-def test_failed_logins_are_limited_per_user(db: Database) -> None:
+def test_failed_logins_are_limited_per_user_and_address(db: Database) -> None:
     add_user(db, "alice")
     add_user(db, "bob")
 
     async def scenario() -> None:
         async with running(create_app(_settings(), database=db)) as from_ip:
-            for i in range(ATTEMPTS):  # from different addresses: only the user's count reaches the limit
-                wrong = await from_ip(f"10.0.0.{i}").post("/api/auth/login",
-                                                            json={"username": "alice", "password": "guess " * 3})
+            guesser = from_ip("10.0.0.1")
+            for _ in range(ATTEMPTS):
+                wrong = await guesser.post("/api/auth/login", json={"username": "alice", "password": "guess " * 3})
                 assert wrong.status_code == 401
-            elsewhere = from_ip("10.0.1.1")
-            locked = await elsewhere.post("/api/auth/login", json={"username": "alice", "password": PASSWORD})
+            locked = await guesser.post("/api/auth/login", json={"username": "alice", "password": PASSWORD})
             assert locked.status_code == 429
             assert locked.json()["error"]["type"] == "rate_limit_error"
             assert 1 <= int(locked.headers["Retry-After"]) <= 60
-            other = await elsewhere.post("/api/auth/login", json={"username": "bob", "password": PASSWORD})
+            # Neither alice from elsewhere nor another user from there is locked out.
+            elsewhere = await from_ip("10.0.1.1").post("/api/auth/login",
+                                                       json={"username": "alice", "password": PASSWORD})
+            assert elsewhere.status_code == 200
+            other = await guesser.post("/api/auth/login", json={"username": "bob", "password": PASSWORD})
             assert other.status_code == 200
 
     asyncio.run(scenario())
@@ -239,7 +242,7 @@ def test_failed_logins_are_limited_per_address(db: Database) -> None:
     async def scenario() -> None:
         async with running(create_app(_settings(), database=db)) as from_ip:
             attacker = from_ip("192.0.2.7")
-            for i in range(ATTEMPTS):  # a different (unknown) user each time
+            for i in range(ATTEMPTS * ADDRESS_FACTOR):  # a different (unknown) user each time
                 wrong = await attacker.post("/api/auth/login", json={"username": f"user{i}", "password": "guess"})
                 assert wrong.status_code == 401
             blocked = await attacker.post("/api/auth/login", json={"username": "bob", "password": PASSWORD})
@@ -250,21 +253,20 @@ def test_failed_logins_are_limited_per_address(db: Database) -> None:
     asyncio.run(scenario())
 
 
-def test_a_good_login_resets_the_users_count_and_the_window_passes(db: Database) -> None:
+def test_a_good_login_resets_the_pairs_count_and_the_window_passes(db: Database) -> None:
     add_user(db, "alice")
 
     async def scenario() -> None:
         app = create_app(_settings(), database=db)
         async with running(app) as from_ip:
-            addresses = iter(f"198.51.100.{i}" for i in range(100))
+            client = from_ip("198.51.100.1")
 
             async def attempt(password: str) -> int:
-                client = from_ip(next(addresses))
                 answer = await client.post("/api/auth/login", json={"username": "alice", "password": password})
                 return answer.status_code
 
             assert [await attempt("wrong password") for _ in range(ATTEMPTS - 1)] == [401] * (ATTEMPTS - 1)
-            assert await attempt(PASSWORD) == 200  # clears alice's count
+            assert await attempt(PASSWORD) == 200  # clears the count of alice at this address
             assert [await attempt("wrong password") for _ in range(ATTEMPTS - 1)] == [401] * (ATTEMPTS - 1)
             assert await attempt(PASSWORD) == 200  # would be 429 had the count not been reset
             assert [await attempt("wrong password") for _ in range(ATTEMPTS)] == [401] * ATTEMPTS
@@ -279,23 +281,49 @@ def test_a_good_login_resets_the_users_count_and_the_window_passes(db: Database)
     asyncio.run(scenario())
 
 
-def test_login_limiter_window() -> None:
+def test_login_limiter_windows() -> None:
     now = [1000.0]
     limiter = LoginLimiter(attempts=2, window_s=60, clock=lambda: now[0])
-    limiter.failed("user:a", "ip:x")
+
+    def throttled(user: str, address: str) -> float | None:
+        try:
+            limiter.admit(user, address)
+        except Throttled as exc:
+            return exc.retry_after
+        return None
+
+    assert throttled("a", "x") is None
     now[0] += 10
-    limiter.failed("user:a", "ip:x")
-    assert limiter.retry_after("user:a") == pytest.approx(50)
-    assert limiter.retry_after("user:b", "ip:x") == pytest.approx(50)
-    assert limiter.retry_after("user:b", "ip:y") is None
-    limiter.succeeded("user:a")
-    assert limiter.retry_after("user:a") is None
-    assert limiter.retry_after("ip:x") == pytest.approx(50)
+    assert throttled("a", "x") is None
+    assert throttled("a", "x") == pytest.approx(50)  # the pair's two failures, counted before any check
+    assert throttled("b", "x") is None and throttled("a", "y") is None
+    attempt = limiter.admit("a", "z")
+    attempt.succeeded()  # does not count; and z becomes a known address of a
     now[0] += 50
-    assert limiter.retry_after("ip:x") is None
+    assert throttled("a", "x") is None
     now[0] += 120
-    limiter.failed("user:c")  # sweeps subjects idle for a window
-    assert set(limiter._log._events) == {"user:c"}
+    limiter.admit("c", "w")  # sweeps subjects idle for a window
+    assert set(limiter._log._events) == {("pair", "c", "w"), ("ip", "w"), ("user", "c")}
+
+
+def test_a_user_under_attack_gets_one_try_per_new_address_and_any_from_a_known_one() -> None:
+    now = [1000.0]
+    limiter = LoginLimiter(attempts=2, window_s=60, clock=lambda: now[0])
+    limiter.admit("admin", "10.9.9.9").succeeded()  # the admin's own address
+    for i in range(2 * USER_FACTOR // 2):  # attackers: two failures from each of ten addresses
+        limiter.admit("admin", f"10.0.0.{i}")
+        limiter.admit("admin", f"10.0.0.{i}")
+    with pytest.raises(Throttled):
+        limiter.admit("admin", "10.0.0.1")  # the pair's own limit
+    first = limiter.admit("admin", "10.1.1.1")  # a new address: its first try in the window is checked
+    with pytest.raises(Throttled):
+        limiter.admit("admin", "10.1.1.1")  # ... but no second while the user is under attack
+    first.cancel()
+    for _ in range(2):  # the admin's known address is never slowed by others' guessing
+        limiter.admit("admin", "10.9.9.9").succeeded()
+    now[0] += 61
+    limiter.admit("admin", "10.1.1.1")
+    limiter.admit("admin", "10.1.1.1")  # the attack left the window
 
 
 @pytest.mark.parametrize("kind", ["alg-none", "wrong-key", "expired", "hs512", "no-exp", "unknown-user", "garbage"])
@@ -725,6 +753,28 @@ def test_keys_cli(db: Database, database_url: str, client: TestClient) -> None:
     assert bad.exit_code == 2 and "duration" in bad.stderr
     nobody = cli(database_url, "keys", "create", "--name", "x", "--user", "ghost")
     assert nobody.exit_code == 1 and "no user 'ghost'" in nobody.stderr
+
+
+def test_key_scopes_are_set_on_creation_and_listed(db: Database, database_url: str, client: TestClient) -> None:
+    add_user(db, "alice", role="admin")
+    scoped = cli(database_url, "keys", "create", "--name", "prom", "--user", "alice", "--scope", "metrics",
+                 "--scope", "status")
+    assert scoped.exit_code == 0 and "scopes: metrics, status" in scoped.stderr
+    assert client.get("/metrics", headers=auth(scoped.stdout.strip())).status_code == 200
+    unknown = cli(database_url, "keys", "create", "--name", "x", "--user", "alice", "--scope", "admin")
+    assert unknown.exit_code == 1 and "unknown scope 'admin'" in unknown.stderr
+    assert '"scopes": [\n      "metrics",\n      "status"\n    ]' in cli(database_url, "keys", "list", "--json").stdout
+
+    token = login(client, "alice")
+    made = client.post("/api/keys", headers=auth(token), json={"name": "dash", "scopes": ["status"]})
+    assert made.status_code == 201 and made.json()["scopes"] == ["status"]
+    key = made.json()["key"]
+    assert client.get("/api/workers", headers=auth(key)).status_code == 200
+    assert client.get("/metrics", headers=auth(key)).status_code == 403
+    listed = client.get("/api/keys", headers=auth(token)).json()["data"]
+    assert {k["name"]: k["scopes"] for k in listed} == {"prom": ["metrics", "status"], "dash": ["status"]}
+    refused = client.post("/api/keys", headers=auth(token), json={"name": "x", "scopes": ["root"]})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "scopes.0"
 
 
 def test_users_create_asks_twice_on_a_terminal(db: Database, database_url: str, client: TestClient) -> None:

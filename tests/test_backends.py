@@ -1,6 +1,7 @@
 """Backends: the exact container (as its `docker run` line) each engine gets for a replica, readiness on
 real-shaped /v1/models answers, Ollama's model pull, the model name sent upstream, the registry, the
-`resources.gpus: 0` rule and `lmstack plan --show-commands` (render_commands)."""
+`resources.gpus: 0` rule and `lmstack plan --show-commands` (render_commands), with each worker's Docker endpoint
+and each container's mounts (plan_reach)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import typing
 from typing import Any
 
 import pytest
+from rich.console import Console
 
 from lmstack.backends import (
     BACKENDS,
@@ -29,9 +31,11 @@ from lmstack.backends.container import (
     LABEL_SPEC_HASH,
     ContainerSpec,
 )
-from lmstack.cli.render import render_commands
+from lmstack.cli.render import plan_document, plan_reach, render_commands, render_plan
 from lmstack.manifests import ManifestValidationError, load_manifests
+from lmstack.manifests.policy import PushLimits
 from lmstack.manifests.schema import BACKEND_NAMES, GPU_REQUIRED_BACKENDS, BackendName, DeploymentSpec
+from lmstack.reconcile.execute import WorkerTarget
 from lmstack.reconcile.model import Action, ActionKind, Placement, Plan
 
 SHA = "4f1c2e0b9d8a7c6b5e4f3a2b1c0d9e8f7a6b5c4d"
@@ -63,7 +67,7 @@ def test_vllm_one_gpu() -> None:
     spec = _spec("qwen-7b", backend="vllm", model="Qwen/Qwen2.5-7B-Instruct",
                  resources={"gpus": 1, "gpuMemory": "24Gi"},
                  args=["--max-model-len", "8192", "--enable-prefix-caching"],
-                 env={"HF_TOKEN": {"fromEnv": "HF_TOKEN"}, "VLLM_LOGGING_LEVEL": "DEBUG"})
+                 env={"HF_TOKEN": {"fromEnv": "LMSTACK_SECRET_HF_TOKEN"}, "VLLM_LOGGING_LEVEL": "DEBUG"})
     replica = _replica(spec, gpus=(3,), port=8001)
     container = _container(spec, replica, {"HF_TOKEN": SECRET, "VLLM_LOGGING_LEVEL": "DEBUG"})
     assert container.docker_run() == (
@@ -142,7 +146,7 @@ def test_vllm_cpu_build_with_the_standin_image() -> None:
 def test_sglang_two_gpus() -> None:
     spec = _spec("llama", backend="sglang", model="meta-llama/Llama-3.1-8B-Instruct", resources={"gpus": 2},
                  args=["--mem-fraction-static", "0.8", "--context-length", "32768"],
-                 env={"HF_TOKEN": {"fromFile": "/run/secrets/hf"}})
+                 env={"HF_TOKEN": {"fromFile": "hf-token"}})
     replica = _replica(spec, gpus=(0, 1))
     assert _container(spec, replica, {"HF_TOKEN": SECRET}).docker_run() == (
         "docker run -d --name lmstack-llama-0 --network host --restart unless-stopped --shm-size 16g --init "
@@ -468,7 +472,7 @@ spec:
   replicas: 2
   resources: {gpus: 2}
   args: ["--max-model-len", "8192"]
-  env: {HF_TOKEN: {fromEnv: LMSTACK_TEST_UNSET_SECRET}, PLAIN: "visible-value-not-shown"}
+  env: {HF_TOKEN: {fromEnv: LMSTACK_SECRET_TEST_UNSET}, PLAIN: "visible-value-not-shown"}
 ---
 apiVersion: lmstack.dev/v1
 kind: Deployment
@@ -478,7 +482,9 @@ spec: {backend: ollama, model: phi3, resources: {gpus: 0}}
 
 
 def _plan() -> tuple[Plan, Any]:
-    desired = load_manifests({"fleet.yaml": FLEET}, inventory_hosts=None)
+    # gpu-a's /data/models is allowed by the operator here (the default root is /var/lib/lmstack only).
+    desired = load_manifests({"fleet.yaml": FLEET}, inventory_hosts=None,
+                             limits=PushLimits(mount_roots=("/var/lib/lmstack", "/data")))
     qwen = effective_spec("qwen-7b", desired.deployments["qwen-7b"].spec)
     return Plan(actions=(
         Action(ActionKind.CREATE, "qwen-7b", 0, "new replica", Placement("gpu-a", (0, 1)),
@@ -511,7 +517,7 @@ def test_render_commands() -> None:
                   "ollama/ollama:0.12.6 serve"),
     ]
     text = "\n".join(line for _, line in render_commands(plan, desired))
-    assert "visible-value-not-shown" not in text and "LMSTACK_TEST_UNSET_SECRET" not in text
+    assert "visible-value-not-shown" not in text and "LMSTACK_SECRET_TEST_UNSET" not in text
 
 
 def test_render_commands_model_cache_callable() -> None:
@@ -525,3 +531,40 @@ def test_render_commands_model_cache_callable() -> None:
 def test_render_commands_of_a_plan_without_changes() -> None:
     _, desired = _plan()
     assert render_commands(Plan(actions=()), desired) == []
+
+
+def test_plan_shows_docker_endpoints_and_mounts() -> None:
+    """What a reviewer must see before a commit reaches the workers: each worker's Docker endpoint and what
+    each new container mounts from it (the model cache apply will use: the target's, else the manifest's)."""
+    plan, desired = _plan()
+    targets = {"gpu-a": ("ssh://root@10.0.0.5:22", WorkerTarget("gpu-a", "10.0.0.5", "/data/models")),
+               "gpu-b": ("ssh://deploy@10.0.0.6:2222", WorkerTarget("gpu-b", "10.0.0.6", "/var/lib/lmstack/b"))}
+    reach = plan_reach(plan, desired, targets)
+    assert reach.mounts == {
+        ("qwen-7b", 0): (("/data/models", "/root/.cache/huggingface"),),
+        ("qwen-7b", 1): (("/var/lib/lmstack/b", "/root/.cache/huggingface"),),
+        ("phi", 1): (("/data/models", "/root/.ollama"),),
+    }
+    console = Console(record=True, width=200, color_system=None)
+    render_plan(console, plan, header="Plan for fleet", reach=reach)
+    lines = console.export_text().splitlines()
+    assert lines[2:5] == ["Docker endpoints:", "  gpu-a  ssh://root@10.0.0.5:22", "  gpu-b  ssh://deploy@10.0.0.6:2222"]
+    created = lines.index(next(line for line in lines if "qwen-7b/1" in line))
+    assert lines[created + 1].strip() == "mount /var/lib/lmstack/b -> /root/.cache/huggingface"
+    assert sum("mount " in line for line in lines) == 3  # creates and recreates only: not the delete, not a noop
+
+    document = plan_document(plan, reach)
+    assert document["workers"] == [
+        {"name": "gpu-a", "dockerHost": "ssh://root@10.0.0.5:22", "modelCache": "/data/models"},
+        {"name": "gpu-b", "dockerHost": "ssh://deploy@10.0.0.6:2222", "modelCache": "/var/lib/lmstack/b"}]
+    assert [a["mounts"] for a in document["actions"]] == [
+        [{"host": "/data/models", "container": "/root/.cache/huggingface"}],
+        [{"host": "/var/lib/lmstack/b", "container": "/root/.cache/huggingface"}], [], [],
+        [{"host": "/data/models", "container": "/root/.ollama"}]]
+
+
+def test_plan_without_targets_mounts_the_manifests_model_cache() -> None:
+    plan, desired = _plan()
+    reach = plan_reach(plan, desired, {})
+    assert reach.endpoints == {} and reach.mounts[("qwen-7b", 1)] == (("/var/lib/lmstack/models",
+                                                                         "/root/.cache/huggingface"),)

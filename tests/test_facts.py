@@ -66,12 +66,11 @@ def test_worker_facts_shape_for_the_planner() -> None:
     assert json.loads(json.dumps(stored)) == stored  # plain JSON for the JSONB column
 
 
-def test_the_runner_inventory_keeps_hosts_groups_and_vars_and_renders_nothing_from_git(tmp_path: Path) -> None:
+def test_the_runner_inventory_has_only_the_connection_lmstack_decided(tmp_path: Path) -> None:
     inventory = parse_inventory({
         "inventory/hosts.ini": b"[gpu]\ngpu-a ansible_host='{{ inventory_hostname }}.lan' ansible_port=2222\n"
                                b"[gpu:vars]\nrack=r1\nansible_python_interpreter=/usr/bin/python3\n"
-                               b"note=\"{{ lookup('pipe', 'touch " + str(tmp_path / "ran").encode() + b"') }}\"\n"
-                               b"[all:vars]\nansible_ssh_pass=x\n",
+                               b"note=\"{{ lookup('pipe', 'touch " + str(tmp_path / "ran").encode() + b"') }}\"\n",
     })
     text = runner_inventory(inventory)
     # Read back the way ansible-playbook reads it, and every variable rendered as a play would render it.
@@ -85,14 +84,13 @@ def test_the_runner_inventory_keeps_hosts_groups_and_vars_and_renders_nothing_fr
     manager = InventoryManager(loader=loader, sources=[str(tmp_path / "lmstack.yml")])
     host = manager.get_host("gpu-a")
     variables = VariableManager(loader=loader, inventory=manager).get_vars(host=host, include_hostvars=False)
-    rendered = {key: Templar(loader=loader, variables=variables).template(variables[key])
-                for key in ("ansible_host", "ansible_port", "rack", "ansible_python_interpreter", "note")}
-    assert rendered["ansible_host"] == "gpu-a.lan" and int(rendered["ansible_port"]) == 2222
-    assert rendered["rack"] == "r1" and rendered["ansible_python_interpreter"] == "/usr/bin/python3"
-    assert rendered["note"].startswith("{{ lookup(")  # taken as written ...
-    assert not (tmp_path / "ran").exists()  # ... and never run
-    assert "ansible_ssh_pass" not in variables  # secrets never leave gitsource
-    assert [str(g) for g in host.get_groups() if g.name != "all"] == ["gpu"]
+    ours = {key for key in host.vars if key not in ("inventory_file", "inventory_dir")}
+    assert ours == {"ansible_connection", "ansible_host", "ansible_port", "ansible_python_interpreter"}
+    rendered = {key: Templar(loader=loader, variables=variables).template(variables[key]) for key in ours}
+    assert rendered == {"ansible_connection": "ssh", "ansible_host": "gpu-a.lan", "ansible_port": 2222,
+                        "ansible_python_interpreter": "/usr/bin/python3"}
+    assert "rack" not in variables and "note" not in variables  # the repository's own variables stay out
+    assert not (tmp_path / "ran").exists()
 
 
 # --- the hosts -------------------------------------------------------------------------------------------
@@ -366,6 +364,28 @@ def test_host_keys_are_checked(bed: Any, ssh: Ssh, tmp_path: Path) -> None:
     (tmp_path / "empty").write_text("")
     unknown = run_facts(bed.inventory_ini(), names[:1], ssh_key=ssh.key, known_hosts=tmp_path / "empty")
     assert isinstance(unknown[names[0]], HostError) and unknown[names[0]].kind == "host_key"
+
+
+@pytest.mark.testbed
+def test_the_operators_ssh_config_is_read_and_cannot_switch_off_host_keys(bed: Any, ssh: Ssh, tmp_path: Path) -> None:
+    host = bed.hosts[0]
+    # An address only the operator's ssh_config knows (as with a jump host): found through it, and only so.
+    config = tmp_path / "ssh_config"
+    config.write_text(f"Host via-config\n  HostName {host.address}\n")
+    inventory = (f"{host.name} ansible_host=via-config ansible_user={host.user} ansible_port={host.ssh_port} "
+                 "ansible_python_interpreter=/usr/bin/python3\n")
+    found = run_facts(inventory, [host.name], **ssh.kwargs(), ssh_config=config)
+    assert isinstance(found[host.name], HostFacts), found
+    lost = run_facts(inventory, [host.name], **ssh.kwargs())
+    assert isinstance(lost[host.name], HostError) and lost[host.name].kind == "unreachable", lost
+
+    # Host keys are checked against the known_hosts lmstack was given, whatever the ssh_config says.
+    config.write_text("Host *\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n"
+                      "  GlobalKnownHostsFile /dev/null\n")
+    (tmp_path / "empty").write_text("")
+    unknown = run_facts(bed.inventory_ini(), [host.name], ssh_key=ssh.key, known_hosts=tmp_path / "empty",
+                        ssh_config=config)
+    assert isinstance(unknown[host.name], HostError) and unknown[host.name].kind == "host_key", unknown
 
 
 @pytest.mark.testbed

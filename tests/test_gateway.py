@@ -153,7 +153,7 @@ def add_user(db: Database, name: str = "alice", role: str = "viewer") -> None:
 
 
 def add_key(db: Database, *, user: str = "alice", models: list[str] | None = None,
-            rpm_limit: int | None = None, name: str = "test") -> tuple[str, int]:
+            rpm_limit: int | None = None, name: str = "test", scopes: list[str] | None = None) -> tuple[str, int]:
     """A new API key row for `user` (created if missing): (the key, its id)."""
     new = new_api_key()
     with db.session() as session:
@@ -163,7 +163,7 @@ def add_key(db: Database, *, user: str = "alice", models: list[str] | None = Non
             session.add(owner)
             session.flush()
         key = ApiKey(name=name, user_id=owner.id, prefix=new.lookup, key_hash=new.digest, models=models,
-                     rpm_limit=rpm_limit)
+                     rpm_limit=rpm_limit, scopes=scopes or [])
         session.add(key)
         session.flush()
         return new.token, key.id
@@ -621,7 +621,7 @@ def test_a_failing_replica_is_retried_before_the_answer_starts(db, standins, sta
     spec = add_deployment(db, "m")
     add_replica(db, "m", 0, bad_url, spec)
     add_replica(db, "m", 1, engine.endpoint, spec)
-    key, _ = add_key(db)
+    key, _ = add_key(db, scopes=["metrics"])
     gateway = start_gateway()
     client = gateway.sdk(key)
 

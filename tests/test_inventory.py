@@ -91,7 +91,8 @@ all:
     assert (a.address, a.port, a.user, a.groups) == ("10.0.0.1", 2222, "deploy", ("gpu",))
     assert a.vars["labels"] == {"rack": "r1", "tier": ["a", "b"]}
     # plain builtins, not ansible's tagged subclasses
-    assert type(a.vars["labels"]) is dict and type(a.vars["ansible_user"]) is str
+    assert type(a.vars["labels"]) is dict and type(a.user) is str
+    assert not any(key.startswith("ansible_") for key in a.vars)  # the connection is in the typed fields
     assert json.loads(json.dumps(dict(a.vars))) == dict(a.vars)
     assert inventory.hosts["gpu-b"].user == "deploy"
 
@@ -112,15 +113,19 @@ def test_group_vars_and_host_vars_folders() -> None:
     assert (b.vars["site"], b.vars["rack"], b.address, b.port) == ("ams", "r2", "gpu-b.lan", 2200)
 
 
-def test_secrets_are_removed() -> None:
-    inventory = parse(
-        {
-            "hosts.ini": b"gpu-a ansible_password=hunter2 ansible_become_password=x ansible_ssh_pass=y\n",
-            "group_vars/all.yml": VAULTED + b"ansible_become_pass: z\nkeep: me\n",
-        }
-    )
-    host_vars = inventory.hosts["gpu-a"].vars
-    assert host_vars == {"keep": "me"}
+def test_connection_secrets_are_errors_and_vaulted_values_are_omitted() -> None:
+    errors = errors_of({
+        "hosts.ini": b"gpu-a ansible_password=hunter2 ansible_become_password=x ansible_ssh_pass=y\n",
+        "group_vars/all.yml": VAULTED + b"ansible_become_pass: z\nkeep: me\n",
+    })
+    assert [(file, line, message.split(":")[0]) for file, line, message in errors] == [
+        ("inventory/group_vars/all.yml", 8, "not allowed in the inventory"),
+        ("inventory/hosts.ini", 1, "not allowed in the inventory"),
+        ("inventory/hosts.ini", 1, "not allowed in the inventory"),
+        ("inventory/hosts.ini", 1, "not allowed in the inventory")]
+    assert all("hunter2" not in message for _, _, message in errors)  # named, never shown
+    inventory = parse({"hosts.ini": b"gpu-a\n", "group_vars/all.yml": VAULTED + b"keep: me\n"})
+    assert inventory.hosts["gpu-a"].vars == {"keep": "me"}
     assert any("token" in warning for warning in inventory.warnings)  # the vaulted value is named, not shown
 
 
@@ -153,13 +158,25 @@ def test_bad_group_vars_file_is_named() -> None:
 
 def test_bad_port_is_an_error() -> None:
     errors = errors_of({"hosts": b"gpu-a ansible_port=ssh\n"})
-    assert errors == [("inventory/", 0, "host gpu-a: ansible_port 'ssh' is not a port number")]
+    assert errors == [("inventory/hosts", 1, "host gpu-a: ansible_port 'ssh' is not a port number")]
+
+
+def test_every_connection_alias_set_is_checked_and_the_plain_one_wins() -> None:
+    # ansible_host is what lmstack uses; an ansible_ssh_host beside it is checked all the same.
+    errors = errors_of({"hosts": b"gpu-a ansible_host=10.0.0.5 ansible_ssh_host=-oProxyCommand=x\n"
+                                 b"gpu-b ansible_user=deploy ansible_ssh_user='a b' ansible_ssh_port=0\n"})
+    assert sorted((file, line, message.split(" '")[0]) for file, line, message in errors) == [
+        ("inventory/hosts", 1, "host gpu-a: ansible_ssh_host"),
+        ("inventory/hosts", 2, "host gpu-b: ansible_ssh_port 0 is not a port number"),
+        ("inventory/hosts", 2, "host gpu-b: ansible_ssh_user")]
+    host = parse({"hosts": b"gpu-a ansible_host=10.0.0.5 ansible_ssh_host=10.0.0.6 ansible_ssh_port=2200\n"})
+    assert (host.hosts["gpu-a"].address, host.hosts["gpu-a"].port) == ("10.0.0.5", 2200)
 
 
 def test_host_errors_are_reported_beside_bad_files() -> None:
     errors = errors_of({"a.ini": b"[gpu:wrong]\n", "b.ini": b"gpu-b ansible_host='{{ nope }}'\n"})
-    assert [file for file, _, _ in errors] == ["inventory/", "inventory/a.ini"]
-    assert "host gpu-b: ansible_host" in errors[0][2] and "nope" in errors[0][2]
+    assert [(file, line) for file, line, _ in errors] == [("inventory/a.ini", 0), ("inventory/b.ini", 1)]
+    assert "host gpu-b: ansible_host" in errors[1][2] and "nope" in errors[1][2]
 
 
 def test_connection_templates_render_in_a_sandbox_and_never_run_code(tmp_path: Path) -> None:
@@ -174,8 +191,8 @@ def test_connection_templates_render_in_a_sandbox_and_never_run_code(tmp_path: P
 
     lookup = f"{{{{ lookup('pipe', 'touch {marker}') }}}}".encode()
     errors = errors_of({"hosts.yml": b"all:\n  hosts:\n    gpu-a:\n      ansible_host: \"" + lookup + b"\"\n"})
-    assert errors == [("inventory/", 0, "host gpu-a: ansible_host: 'lookup' is undefined; lmstack renders "
-                                        "connection variables without Ansible's lookups and filters")]
+    assert errors == [("inventory/hosts.yml", 4, "host gpu-a: ansible_host: 'lookup' is undefined; lmstack "
+                                                 "renders connection variables without Ansible's lookups and filters")]
     escape = b"{{ ''.__class__.__mro__[1].__subclasses__() }}"
     [(_, _, message)] = errors_of({"hosts.yml": b"all:\n  hosts:\n    gpu-a:\n      ansible_port: \"" + escape
                                    + b"\"\n"})

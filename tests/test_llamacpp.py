@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -392,9 +393,10 @@ def _fleet_repo(root: Path, bed: Any, image: str, model: str) -> Path:
                        message="smollm2 on two workers")
 
 
-def _post(endpoint: str, body: dict[str, Any], timeout: float = 120) -> dict[str, Any]:
+def _post(endpoint: str, body: dict[str, Any], key: str, timeout: float = 120) -> dict[str, Any]:
     call = urllib.request.Request(endpoint + "/v1/chat/completions", data=json.dumps(body).encode(),
-                                  headers={"Content-Type": "application/json"}, method="POST")
+                                  headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
+                                  method="POST")
     with urllib.request.urlopen(call, timeout=timeout) as answer:
         result: dict[str, Any] = json.load(answer)
         return result
@@ -417,12 +419,13 @@ class Streamed:
         return (int(self.usage["completion_tokens"]) - 1) / span if span > 0 else float("inf")
 
 
-def _stream(endpoint: str, body: dict[str, Any]) -> Streamed:
+def _stream(endpoint: str, body: dict[str, Any], key: str) -> Streamed:
     host, port = endpoint.removeprefix("http://").split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=120)
     started = time.monotonic()
     connection.request("POST", "/v1/chat/completions", json.dumps({**body, "stream": True}),
-                       {"Content-Type": "application/json", "Accept": "text/event-stream"})
+                       {"Content-Type": "application/json", "Accept": "text/event-stream",
+                        "Authorization": f"Bearer {key}"})
     answer = connection.getresponse()
     assert answer.status == 200 and answer.getheader("Content-Type", "").startswith("text/event-stream")
     text, times, usage, finish = [], [], None, None
@@ -446,7 +449,10 @@ def test_two_llamacpp_replicas_serve_a_real_model(tmp_path: Path, clean_testbed:
                                                    smollm2_model: str, db: Database) -> None:
     bed = clean_testbed
     repo = _fleet_repo(tmp_path, bed, llamacpp_image, smollm2_model)
-    source = load_source(repo=str(repo), ref="HEAD", directory=None, settings=Settings(home=tmp_path / "home"))
+    from testbed.llamacpp import MODEL_CACHE_ROOT  # the workers' model caches: a mount root the operator allows
+
+    settings = Settings(home=tmp_path / "home", mount_roots=[MODEL_CACHE_ROOT])
+    source = load_source(repo=str(repo), ref="HEAD", directory=None, settings=settings)
     started = time.monotonic()
     prepared, report = apply_source(source, db, ssh_key=bed.ssh_key, known_hosts=bed.known_hosts,
                                     confirm=lambda prepared: True)
@@ -459,14 +465,23 @@ def test_two_llamacpp_replicas_serve_a_real_model(tmp_path: Path, clean_testbed:
         rows = {f"{r.deployment_name}/{r.ordinal}": r for r in session.scalars(select(Replica))}
     assert {name: row.status for name, row in rows.items()} == {"smollm2/0": "ready", "smollm2/1": "ready"}
     endpoints = {name: str(row.endpoint) for name, row in rows.items()}
+    keys = {name: str(row.engine_key) for name, row in rows.items()}
+    assert all(row.engine_key for row in rows.values()) and len(set(keys.values())) == 2
 
     for name, endpoint in sorted(endpoints.items()):
+        key = keys[name]
         with urllib.request.urlopen(endpoint + "/health", timeout=5) as health:
             assert health.status == 200
-        with urllib.request.urlopen(endpoint + "/v1/models", timeout=5) as models:
+        # The real llama-server refuses anyone without the replica's key (only the gateway holds it).
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(endpoint + "/v1/models", timeout=5)
+        assert refused.value.code == 401
+        authorized = urllib.request.Request(endpoint + "/v1/models", headers={"Authorization": f"Bearer {key}"})
+        with urllib.request.urlopen(authorized, timeout=5) as models:
             assert [m["id"] for m in json.load(models)["data"]] == ["smollm2"]
         answer = _post(endpoint, {"model": "smollm2", "max_tokens": 32, "temperature": 0,
-                                  "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+                                  "messages": [{"role": "user", "content": "What is the capital of France?"}]},
+                       key)
         content = answer["choices"][0]["message"]["content"]
         assert isinstance(content, str) and content.strip(), answer
         assert answer["usage"]["prompt_tokens"] > 0 and answer["usage"]["completion_tokens"] > 0, answer
@@ -474,7 +489,7 @@ def test_two_llamacpp_replicas_serve_a_real_model(tmp_path: Path, clean_testbed:
         streamed = _stream(endpoint, {
             "model": "smollm2", "max_tokens": 64, "temperature": 0, "ignore_eos": True,
             "stream_options": {"include_usage": True},
-            "messages": [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]})
+            "messages": [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]}, key)
         assert streamed.text.strip() and streamed.usage is not None, streamed
         assert streamed.usage["prompt_tokens"] > 0 and streamed.usage["completion_tokens"] > 0
         # Chunks arrive over time, not all at once at the end.

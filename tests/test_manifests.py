@@ -7,7 +7,8 @@ tests/manifests/bad/*.yaml start with comment lines stating every expected error
 
 (`-` as the path for an error about the whole document or the file's YAML). The set of (line, path)
 reported must equal the expected set exactly, and each message must contain its substring. Files are
-loaded one at a time, against the inventory hosts gpu-a, gpu-b and gpu-c.
+loaded one at a time, against the inventory hosts gpu-a (at 10.0.0.5), gpu-b and gpu-c, and the operator's
+default limits (PushLimits(): secrets, Docker endpoints, mount roots).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from lmstack.manifests import (
     json_schema,
     load_manifests,
 )
+from lmstack.manifests.policy import PushLimits
 from lmstack.manifests.quantity import (
     MAX_DURATION,
     MAX_QUANTITY,
@@ -44,7 +46,8 @@ from lmstack.manifests.schema import DeploymentSpec, EnvFromEnv, EnvFromFile
 CORPUS = Path(__file__).parent / "manifests"
 BAD = sorted((CORPUS / "bad").glob("*.yaml"))
 GOOD = sorted((CORPUS / "good").glob("*.yaml"))
-INVENTORY = frozenset({"gpu-a", "gpu-b", "gpu-c"})
+INVENTORY = {"gpu-a": "10.0.0.5", "gpu-b": "10.0.0.6", "gpu-c": "gpu-c.example"}  # name -> address
+DEFAULT_LIMITS = PushLimits()
 _EXPECT = re.compile(r"^# expect: (\d+): (.+?): (.+)$")
 
 GiB = 2**30
@@ -65,8 +68,9 @@ def _expectations(text: str) -> list[tuple[int, str, str]]:
     return expected
 
 
-def _load(files: dict[str, str | bytes], inventory: frozenset[str] | None = INVENTORY) -> DesiredState:
-    return load_manifests(files, inventory_hosts=inventory)
+def _load(files: dict[str, str | bytes], inventory: dict[str, str] | None = INVENTORY,
+          limits: PushLimits = DEFAULT_LIMITS) -> DesiredState:
+    return load_manifests(files, inventory_hosts=inventory, limits=limits)
 
 
 def _errors(files: dict[str, str | bytes]) -> tuple[ManifestError, ...]:
@@ -136,7 +140,7 @@ def test_good_full() -> None:
     assert gpu_a.spec.host == "gpu-a"
     assert gpu_a.spec.gpus == [0, 2]
     assert gpu_a.spec.docker_host == "ssh://deploy@10.0.0.5:2222"
-    assert gpu_a.spec.model_cache == "/data/models"
+    assert gpu_a.spec.model_cache == "/var/lib/lmstack/fast-models"
     assert gpu_a.metadata.labels == {"rack": "r1", "lmstack.dev/gpu": "h100"}
     assert state.workers["gpu-b"].spec.gpus == "all"
 
@@ -156,8 +160,8 @@ def test_good_full() -> None:
     assert spec.args == ["--max-model-len", "8192", "--enable-prefix-caching"]
     assert spec.env == {
         "VLLM_LOGGING_LEVEL": "DEBUG",
-        "HF_TOKEN": EnvFromEnv(from_env="HF_TOKEN"),
-        "API_KEY": EnvFromFile(from_file="/run/secrets/api-key"),
+        "HF_TOKEN": EnvFromEnv(from_env="LMSTACK_SECRET_HF_TOKEN"),
+        "API_KEY": EnvFromFile(from_file="search/api-key"),
         "NUMBER": "8",
     }
     assert spec.health.startup_timeout == 1800 + 30
@@ -541,3 +545,18 @@ def test_models_are_frozen_and_typed() -> None:
     assert isinstance(state.deployments["phi"], Deployment)
     with pytest.raises(ValueError, match="frozen"):
         state.deployments["phi"].spec.replicas = 3  # type: ignore[misc]
+
+
+def test_docker_host_address_checked_only_when_the_inventory_gives_addresses() -> None:
+    """The inventory's addresses decide where ssh:// may go; with names only (no addresses at hand) the form
+    is still checked, and other schemes are refused either way."""
+    def worker(url: str) -> str:
+        return ("apiVersion: lmstack.dev/v1\nkind: Worker\nmetadata: {name: w}\n"
+                f"spec: {{host: gpu-a, dockerHost: '{url}'}}\n")
+
+    assert _load({"w.yaml": worker("ssh://10.0.0.5")}).workers["w"].spec.docker_host == "ssh://10.0.0.5"
+    assert [e.path for e in _errors({"w.yaml": worker("ssh://10.0.0.9")})] == ["spec.dockerHost"]
+    names_only = load_manifests({"w.yaml": worker("ssh://10.0.0.9")}, inventory_hosts=set(INVENTORY))
+    assert names_only.workers["w"].spec.docker_host == "ssh://10.0.0.9"
+    with pytest.raises(ManifestValidationError, match=r"spec\.dockerHost"):
+        load_manifests({"w.yaml": worker("unix:///var/run/docker.sock")}, inventory_hosts=None)

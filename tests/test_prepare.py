@@ -346,7 +346,9 @@ def _env(bed: Any) -> dict[str, str]:
 
 def _prepare(bed: Any, repo: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], float]:
     started = time.monotonic()
-    result = subprocess.run([*LMSTACK, "prepare", "--dir", str(repo), *args], env=_env(bed), capture_output=True,
+    # The workers' model caches (_cache) lie under root/caches: a mount root the operator allows.
+    env = {**_env(bed), "LMSTACK_MOUNT_ROOTS": str(repo.parent / "caches")}
+    result = subprocess.run([*LMSTACK, "prepare", "--dir", str(repo), *args], env=env, capture_output=True,
                             text=True, timeout=600)
     return result, time.monotonic() - started
 
@@ -497,7 +499,7 @@ def test_explicit_images_for_some_workers(clean_testbed: Any, standin_image: str
 
     bed = clean_testbed
     repo = _repository(tmp_path, bed, CPU_DEPLOYMENT)
-    source = load_source(repo=None, ref="HEAD", directory=repo, settings=Settings())
+    source = load_source(repo=None, ref="HEAD", directory=repo, settings=Settings(mount_roots=[tmp_path / "caches"]))
     report = prepare_workers(source, ssh_key=Path(bed.ssh_key), known_hosts=Path(bed.known_hosts),
                              images={"w-node1": [STANDIN, STANDIN]}, workers=["w-node1", "w-node3"])
     assert [w.worker for w in report.workers] == ["w-node1", "w-node3"] and not report.failed

@@ -65,6 +65,7 @@ class Engine:
     ordinal: int
     worker: str
     endpoint: str
+    key: str  # the engine's API key (only the gateway, and this test, hold it)
 
     @property
     def container(self) -> str:
@@ -72,7 +73,8 @@ class Engine:
 
     def counters(self) -> dict[str, float]:
         """llama-server's counters (/metrics, enabled by --metrics): tokens and llama_decode calls so far."""
-        with urllib.request.urlopen(f"{self.endpoint}/metrics", timeout=10) as answer:
+        call = urllib.request.Request(f"{self.endpoint}/metrics", headers={"Authorization": f"Bearer {self.key}"})
+        with urllib.request.urlopen(call, timeout=10) as answer:
             text = answer.read().decode()
         found = {name: float(value) for name, value in re.findall(r"^llamacpp:(\w+) (\S+)$", text, re.M)}
         return {name: found[name] for name in (*ENGINE_COUNTERS, "requests_processing")}
@@ -170,7 +172,9 @@ def fleet(testbed: Any, llamacpp_image: str, smollm2_model: str, create_database
     database = open_database(Settings(database_url=database_url))
     try:
         repo = _fleet_repo(root, bed, hosts, llamacpp_image, smollm2_model)
-        source = load_source(repo=str(repo), ref="HEAD", directory=None, settings=Settings(home=root / "home"))
+        from testbed.llamacpp import MODEL_CACHE_ROOT  # the workers' model caches: a mount root allowed here
+        source = load_source(repo=str(repo), ref="HEAD", directory=None,
+                             settings=Settings(home=root / "home", mount_roots=[MODEL_CACHE_ROOT]))
         prepared, report = apply_source(source, database, ssh_key=bed.ssh_key, known_hosts=bed.known_hosts)
         assert report is not None and report.ok, [r.message for r in report.failed] if report else None
         placed = {a.replica_name: a.placement.worker for a in prepared.plan.actions if a.placement}
@@ -179,8 +183,8 @@ def fleet(testbed: Any, llamacpp_image: str, smollm2_model: str, create_database
             rows = list(session.scalars(select(Replica).order_by(Replica.ordinal)))
             assert [(r.deployment_name, r.ordinal, r.status) for r in rows] == [
                 (MODEL, 0, "ready"), (MODEL, 1, "ready")], [(r.ordinal, r.status, r.message) for r in rows]
-            engines = [Engine(f"{r.deployment_name}/{r.ordinal}", r.ordinal, r.worker_name, str(r.endpoint))
-                       for r in rows]
+            engines = [Engine(f"{r.deployment_name}/{r.ordinal}", r.ordinal, r.worker_name, str(r.endpoint),
+                              str(r.engine_key)) for r in rows]
             create_user(session, name="realmodel", password="not-used-here-0123456789", role="viewer")
 
         settings = Settings(database_url=database_url, jwt_secret="real-model-test-secret-" + "x" * 32,

@@ -1,4 +1,10 @@
-"""`create_app(settings)`: the FastAPI application. Everything stateful is built in the lifespan."""
+"""`create_app(settings)`: the FastAPI application. Everything stateful is built in the lifespan.
+
+Every request but the gateway's POSTs passes the edge check first (inputs.checked: no NUL or unpaired
+surrogate anywhere, no JSON nested too deeply). The API's description is served at /openapi.json behind a
+login like every other route (no HTML UI: it would load its scripts from a third-party CDN); feed the
+document to any OpenAPI viewer. LMSTACK_API_DOCS=false turns it off (404).
+"""
 
 from __future__ import annotations
 
@@ -6,13 +12,16 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
 from lmstack import __version__
+from lmstack.api.deps import authenticate
 from lmstack.api.errors import install_error_handlers
+from lmstack.api.inputs import checked
 from lmstack.api.routes import auth, gateway, health, keys, logs, metrics, status
 from lmstack.api.security import load_or_create_secret
 from lmstack.api.services.keys import KeyCache
@@ -34,7 +43,7 @@ class _App(FastAPI):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = gateway.fast_path(scope)
         if path is None:
-            await super().__call__(scope, receive, send)
+            await checked(super().__call__, scope, receive, send)
             return
         await gateway.answer_fast(self.state.lmstack, path, scope, receive, send)
 
@@ -52,7 +61,7 @@ def create_app(settings: Settings, *, database: Database | None = None) -> FastA
         state = AppState(
             settings=settings, database=db, jwt_secret=secret,
             keys=KeyCache(db, ttl_s=settings.key_cache_s),
-            logins=LoginLimiter(attempts=settings.login_attempts),
+            logins=LoginLimiter(attempts=settings.login_attempts, concurrency=settings.login_concurrency),
             registry=Registry(db, refresh_s=settings.registry_refresh_s, metrics=metrics_),
             repo=RepoView(settings, max_age_s=settings.repo_refresh_s),
             upstream=upstream,
@@ -82,8 +91,32 @@ def create_app(settings: Settings, *, database: Database | None = None) -> FastA
         version=__version__,
         description="OpenAI-compatible gateway to the models an lmstack fleet runs, and its read-only status.",
         lifespan=lifespan,
+        openapi_url=None, docs_url=None, redoc_url=None,  # served below, behind a login
     )
     install_error_handlers(app)
     for module in (health, auth, keys, gateway, status, metrics, logs):
         app.include_router(module.router)
+    if settings.api_docs:
+        @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(authenticate)])
+        async def openapi() -> dict[str, Any]:
+            return app.openapi()
+    app.openapi = lambda: _document(app)  # type: ignore[method-assign]
     return app
+
+
+def _document(app: FastAPI) -> dict[str, Any]:
+    """The OpenAPI document, made once. FastAPI lists a 422 "Validation Error" on every route with
+    parameters; this API answers those as 400 in the shared error shape (documented per route), so the
+    generated 422s are dropped (GET /api/plan's own 422 stays)."""
+    if app.openapi_schema is None:
+        document = FastAPI.openapi(app)
+        for item in document.get("paths", {}).values():
+            for operation in item.values():
+                answers = operation.get("responses", {})
+                generated = answers.get("422", {}).get("content", {}).get("application/json", {}).get("schema", {})
+                if generated.get("$ref", "").endswith("/HTTPValidationError"):
+                    del answers["422"]
+        for unused in ("HTTPValidationError", "ValidationError"):
+            document.get("components", {}).get("schemas", {}).pop(unused, None)
+        app.openapi_schema = document
+    return app.openapi_schema

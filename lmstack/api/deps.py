@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -11,7 +11,8 @@ from sqlalchemy.orm import Session
 
 from lmstack.api.errors import ApiError
 from lmstack.api.security import KEY_PREFIX, decode_token
-from lmstack.api.services.keys import CredentialsUnavailable, KeyInfo
+from lmstack.api.services.keys import CredentialsUnavailable, KeyInfo, Scope
+from lmstack.api.services.status import View
 from lmstack.api.state import AppState
 
 
@@ -34,7 +35,10 @@ SessionDep = Annotated[Session, Depends(get_session)]
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is asking: a user by login token, or a user's API key (with its limits)."""
+    """Who is asking: a user by login token, or a user's API key (with its limits).
+
+    A key acts as at most its own user, narrowed: beyond /v1 and its own usage it reaches only its scopes,
+    and with a model allowlist it sees only those models anywhere (`view`)."""
 
     user: str
     role: str
@@ -43,6 +47,23 @@ class Principal:
     @property
     def is_admin(self) -> bool:
         return self.role == "admin"
+
+    def has_scope(self, scope: Scope) -> bool:
+        """A login reaches everything its role does; a key only its scopes."""
+        return self.key is None or scope in self.key.scopes
+
+    def sees(self, served_name: str) -> bool:
+        return self.key is None or self.key.allows(served_name)
+
+    @property
+    def models(self) -> frozenset[str] | None:
+        """The served names a key is limited to; None: every model."""
+        return frozenset(self.key.models) if self.key is not None and self.key.models is not None else None
+
+    @property
+    def view(self) -> View:
+        """What the status API shows: the key's models only, and addresses (engine endpoints) to admins only."""
+        return View(models=self.models, addresses=self.is_admin)
 
 
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
@@ -99,3 +120,18 @@ def require_login(principal: CurrentPrincipal) -> Principal:
 
 
 LoginPrincipal = Annotated[Principal, Depends(require_login)]
+
+
+def _scoped(scope: Scope) -> Callable[[Principal], Awaitable[Principal]]:
+    async def require(principal: CurrentPrincipal) -> Principal:
+        if not principal.has_scope(scope):
+            raise ApiError(403, f"this API key has no {scope!r} scope: log in, or use a key created with "
+                                f"scope {scope!r} (lmstack keys create --scope {scope})", code="missing_scope")
+        return principal
+
+    return require
+
+
+# The read-only status API and /metrics: a login, or a key with the scope.
+StatusPrincipal = Annotated[Principal, Depends(_scoped("status"))]
+MetricsPrincipal = Annotated[Principal, Depends(_scoped("metrics"))]

@@ -30,6 +30,27 @@ class ErrorResponse(ApiModel):
     error: ErrorDetail
 
 
+_ERROR_DESCRIPTIONS = {
+    400: "A request field or parameter is invalid (error.param names it)",
+    401: "No valid login token or API key",
+    403: "The credentials do not reach this (a login or a key scope is needed, or an admin)",
+    404: "Not found",
+    413: "The request body is too large",
+    429: "Over a rate limit (see Retry-After)",
+    503: "Credentials cannot be checked now (the database does not answer; see Retry-After)",
+}
+
+
+def errors(*statuses: int | tuple[int, str]) -> dict[int | str, dict[str, Any]]:
+    """`responses=` for the error statuses a route may answer, each in the shared error shape (a status, or
+    (status, description) to say more than the default)."""
+    documented: dict[int | str, dict[str, Any]] = {}
+    for item in statuses:
+        status, description = item if isinstance(item, tuple) else (item, _ERROR_DESCRIPTIONS[item])
+        documented[status] = {"model": ErrorResponse, "description": description}
+    return documented
+
+
 class ManifestProblem(ApiModel):
     file: str
     line: int = Field(description="1-based; 0 when the problem is not on one line")

@@ -1,16 +1,21 @@
-"""Running the API under uvicorn (`lmstack serve`): logging, and the database opened before listening so a
-wrong LMSTACK_DATABASE_URL fails at once with a clear message."""
+"""Running the API under uvicorn (`lmstack serve`): logging, the connection limits (api/connections.py), the
+open-files limit raised, and the database opened before listening so a wrong LMSTACK_DATABASE_URL fails at
+once with a clear message."""
 
 from __future__ import annotations
 
 import gc
 import logging
+import math
 import re
+import resource
 import sys
+from typing import Any
 
 import uvicorn
 
 from lmstack.api.app import create_app
+from lmstack.api.connections import guarded_protocol
 from lmstack.config import Settings
 from lmstack.state import open_database
 
@@ -59,6 +64,23 @@ def tune_gc() -> None:
     gc.set_threshold(20_000, 50, 100)
 
 
+def raise_open_files_limit() -> int:
+    """Raise the soft limit on open files to the hard one (often 1,024 of 524,288): every client connection is
+    a file, and at the soft limit the server stops accepting any, /healthz's included. The new limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return hard
+    return soft
+
+
+def server_config(app: Any, settings: Settings, **options: Any) -> uvicorn.Config:
+    """uvicorn's configuration with the server's own limits: the header and idle timeouts and connections per
+    address (api/connections.py). `options`: more uvicorn.Config arguments (host, port, ...)."""
+    return uvicorn.Config(app, http=guarded_protocol(settings),
+                          timeout_keep_alive=max(1, math.ceil(settings.idle_timeout_s)), **options)
+
+
 def run_server(settings: Settings, *, host: str, port: int, access_log: bool = False) -> bool:
     """Serve until interrupted (SIGINT/SIGTERM). False when the server could not start (port taken, startup
     failed); raises DatabaseError when the database cannot be used. No access line per request unless asked:
@@ -67,13 +89,14 @@ def run_server(settings: Settings, *, host: str, port: int, access_log: bool = F
     database = open_database(settings)
     try:
         log.info("state database: %s", database.url)
-        config = uvicorn.Config(create_app(settings, database=database), host=host, port=port, log_config=None,
-                                access_log=access_log, ws_ping_interval=20.0, ws_ping_timeout=20.0)
+        log.info("open files limit: %d", raise_open_files_limit())
+        config = server_config(create_app(settings, database=database), settings, host=host, port=port,
+                               log_config=None, access_log=access_log, ws_ping_interval=20.0, ws_ping_timeout=20.0)
         server = uvicorn.Server(config)
         tune_gc()
         shown = f"[{host}]" if ":" in host else host
-        log.info("lmstack API starting on http://%s:%d (gateway /v1, status /api, /metrics, /healthz, docs /docs)",
-                 shown, port)
+        log.info("lmstack API starting on http://%s:%d (gateway /v1, status /api, /metrics, /healthz, "
+                 "API description /openapi.json)", shown, port)
         server.run()
         return bool(server.started)
     finally:

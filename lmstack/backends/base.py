@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from lmstack.backends.container import (
@@ -44,6 +44,9 @@ class ReplicaContext:
     model_cache: str  # host path on the worker, mounted at the engine's cache path
     revision: str | None  # the Git commit SHA the replica was created from, if known
     spec_hash: str
+    # The bearer key the engine demands on its API (None: none). Only the gateway (and lmstack's readiness
+    # checks) hold it, so nobody else on the network can use the engine directly.
+    engine_key: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.ordinal < 0:
@@ -97,6 +100,14 @@ class Backend(ABC):
     shm_size: str = "16g"
     # The image's own entrypoint is kept unless a backend names one.
     entrypoint: tuple[str, ...] | None = None
+    # How the engine takes its API key: an environment variable (kept out of `ps` and of the command line
+    # shown to users), else a command-line flag. Neither: the engine cannot require a key (Ollama).
+    engine_key_env: str | None = None
+    engine_key_flag: str | None = None
+
+    @property
+    def takes_engine_key(self) -> bool:
+        return self.engine_key_env is not None or self.engine_key_flag is not None
 
     def classify(self, path: str) -> str:
         """'restart', 'in-place' or 'controller' (replicas, placement, health: no replica is touched)."""
@@ -150,6 +161,14 @@ class Backend(ABC):
             raise ValueError(f"{replica.container_name}: the spec asks for {wanted} GPUs but "
                              f"{len(replica.gpus)} were given ({list(replica.gpus)})")
         lmstack_env = self.engine_env(spec, replica)
+        command = self.engine_command(spec, replica)
+        if replica.engine_key is not None:
+            if self.engine_key_env is not None:
+                lmstack_env[self.engine_key_env] = replica.engine_key
+            elif self.engine_key_flag is not None:
+                command += [self.engine_key_flag, replica.engine_key]
+            else:
+                raise ValueError(f"{replica.container_name}: backend {self.name} cannot require an API key")
         if not replica.gpus:
             # A CPU replica: where Docker's default runtime is nvidia, images that say
             # NVIDIA_VISIBLE_DEVICES=all (the CUDA and Ollama images do) would otherwise see every GPU.
@@ -166,7 +185,7 @@ class Backend(ABC):
         return ContainerSpec(
             name=replica.container_name,
             image=str(spec["image"]),
-            command=(*self.engine_command(spec, replica), *(str(arg) for arg in spec["args"])),
+            command=(*command, *(str(arg) for arg in spec["args"])),
             port=replica.port,
             gpus=replica.gpus,
             env={**env, **lmstack_env},

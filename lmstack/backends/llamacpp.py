@@ -55,4 +55,5 @@ BACKEND = LlamaCpp(
     cache_path=MODELS_PATH,
     health_path="/health",
     shm_size="1g",
+    engine_key_env="LLAMA_API_KEY",
 )

@@ -3,6 +3,9 @@
 The official image (ollama/ollama) has ENTRYPOINT ["/bin/ollama"] and CMD ["serve"]; the listen address
 comes from OLLAMA_HOST, and models live under /root/.ollama. Ollama serves the model under its own name
 (`phi3` is listed as `phi3:latest`), so the gateway sends the model, not the served name, upstream.
+
+Ollama has no API key option, so unlike the other engines its port answers anyone who can reach the worker:
+allow only the lmstack host to reach the workers' engine ports (README, "Security model").
 """
 
 from __future__ import annotations

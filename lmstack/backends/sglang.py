@@ -31,4 +31,5 @@ BACKEND = Sglang(
     default_port=30000,
     restart_fields=("backend", "image", "model", "servedName", "args", "env", "resources.gpus",
                     "resources.gpuMemory"),
+    engine_key_flag="--api-key",
 )

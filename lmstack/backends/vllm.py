@@ -30,4 +30,5 @@ BACKEND = Vllm(
     default_port=8000,
     restart_fields=("backend", "image", "model", "servedName", "args", "env", "resources.gpus",
                     "resources.gpuMemory"),
+    engine_key_env="VLLM_API_KEY",
 )

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from lmstack import __version__
-from lmstack.cli.render import render_commands, render_plan
+from lmstack.cli.render import plan_document, plan_reach, render_commands, render_plan
 from lmstack.cli.render_facts import render_facts
 from lmstack.cli.scaffold import ScaffoldError, scaffold
 from lmstack.cli.users import keys_app, users_app
@@ -27,6 +27,7 @@ from lmstack.reconcile.facts import FactsError, gather_facts
 from lmstack.reconcile.model import Action, ActionKind, Plan
 from lmstack.reconcile.observe import load_observed
 from lmstack.reconcile.planner import plan as make_plan
+from lmstack.reconcile.targets import worker_targets
 from lmstack.state import DatabaseError, current_revision, downgrade, head_revision, open_database, upgrade
 
 app = typer.Typer(
@@ -132,11 +133,13 @@ def plan(
         try:
             with database.session() as session:
                 observed = load_observed(session)
+                targets = worker_targets(source, session)
         finally:
             database.close()
     except DatabaseError as exc:
         _fail(str(exc))
     result = make_plan(source.desired, observed)
+    reach = plan_reach(result, source.desired, targets)
     if as_json:
         revision = source.revision
         document = {
@@ -145,11 +148,11 @@ def plan(
                 "revision": revision.sha if revision else None,
                 "subject": revision.subject if revision else None,
             },
-            **result.to_json(),
+            **plan_document(result, reach),
         }
         sys.stdout.write(json.dumps(document, indent=2) + "\n")
     else:
-        render_plan(out, result, header=f"Plan for {_describe(source)}", show_noop=show_unchanged)
+        render_plan(out, result, header=f"Plan for {_describe(source)}", show_noop=show_unchanged, reach=reach)
         if show_commands:
             _print_commands(result, source)
     raise typer.Exit(2 if result.has_changes or result.unplaceable else 0)
@@ -178,6 +181,17 @@ def _ssh_files(ssh_key: Path | None, known_hosts: Path | None) -> tuple[Path, Pa
     return key, trusted
 
 
+def _ssh_config(settings: Settings) -> Path | None:
+    """The operator's ssh_config for the workers (jump hosts, SSH options): never from the repository."""
+    if settings.ssh_config is not None:
+        config = settings.ssh_config.expanduser()
+        if not config.is_file():
+            _fail(f"ssh_config file {config} does not exist (LMSTACK_SSH_CONFIG)")
+        return config
+    default = settings.home / "ssh_config"
+    return default if default.is_file() else None
+
+
 @app.command()
 def facts(
     repo: RepoOption = ".",
@@ -195,7 +209,7 @@ def facts(
     try:
         database = open_database(settings)
         try:
-            report = gather_facts(source, database, ssh_key=key, known_hosts=trusted)
+            report = gather_facts(source, database, ssh_key=key, known_hosts=trusted, ssh_config=_ssh_config(settings))
         finally:
             database.close()
     except (DatabaseError, FactsError) as exc:
@@ -225,10 +239,12 @@ def prepare(
     from lmstack.cli.render_prepare import render_prepare
     from lmstack.reconcile.prepare import PrepareError, prepare_workers
 
-    source = _source(repo, ref, directory, Settings())
+    settings = Settings()
+    source = _source(repo, ref, directory, settings)
     key, trusted = _ssh_files(ssh_key, known_hosts)
     try:
-        report = prepare_workers(source, ssh_key=key, known_hosts=trusted, install=install, images=None)
+        report = prepare_workers(source, ssh_key=key, known_hosts=trusted, ssh_config=_ssh_config(settings),
+                                 install=install, images=None)
     except PrepareError as exc:
         _fail(str(exc))
     if as_json:
@@ -263,7 +279,8 @@ def apply(
             out.print(f"[yellow]Worker {worker.worker} is not Ready:[/] {escape(worker.error or '')}")
         for name, reason in sorted(prepared.live.unreachable.items()):
             out.print(f"[yellow]Containers on {name} could not be listed:[/] {escape(reason)}")
-        render_plan(out, prepared.plan, header=f"Plan for {_describe(source)}")
+        render_plan(out, prepared.plan, header=f"Plan for {_describe(source)}",
+                    reach=plan_reach(prepared.plan, source.desired, prepared.targets))
         for orphan in prepared.live.orphans:
             out.print(f"  [red]- orphan[/]   {escape(orphan.name)} on {orphan.worker}  [dim]{orphan.reason}[/]")
         if show_commands:
@@ -283,7 +300,7 @@ def apply(
         database = open_database(settings)
         try:
             prepared, report = apply_source(source, database, ssh_key=key, known_hosts=trusted, confirm=confirm,
-                                            progress=progress, parallel=parallel)
+                                            progress=progress, parallel=parallel, ssh_config=_ssh_config(settings))
         finally:
             database.close()
     except (DatabaseError, FactsError, NodeSetupError) as exc:

@@ -1,7 +1,10 @@
-"""How a plan reads in a terminal: one line per change, the reason beside it, field diffs below."""
+"""How a plan reads in a terminal: one line per change, the reason beside it, field diffs and mounts below,
+and the Docker endpoint of every worker it may touch."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from rich.console import Console
@@ -18,13 +21,32 @@ _STYLE = {
 }
 
 
-def render_plan(console: Console, plan: Plan, *, header: str, show_noop: bool = False) -> None:
+@dataclass(frozen=True)
+class Reach:
+    """What a plan reaches besides its containers' specs: shown with it, so a reviewer sees where a commit goes."""
+
+    endpoints: Mapping[str, str]  # worker -> the Docker endpoint apply uses there
+    model_caches: Mapping[str, str]  # worker -> its model cache (host path)
+    mounts: Mapping[tuple[str, int], Sequence[tuple[str, str]]]  # (deployment, replica) -> (host, container)
+
+
+def render_plan(console: Console, plan: Plan, *, header: str, show_noop: bool = False,
+                reach: Reach | None = None) -> None:
     console.print(header, highlight=False)
     console.print()
+    if reach is not None and reach.endpoints:
+        console.print("Docker endpoints:", highlight=False)
+        name_width = max(len(name) for name in reach.endpoints)
+        for name, url in sorted(reach.endpoints.items()):
+            console.print(f"  {escape(name.ljust(name_width))}  {escape(url)}", highlight=False)
+        console.print()
     shown = [a for a in plan.actions if show_noop or a.kind is not ActionKind.NOOP or "cannot" in a.reason]
     width = max((len(a.replica_name) for a in shown), default=0)
+    mounts = reach.mounts if reach is not None else {}
     for action in shown:
         _render_action(console, action, width)
+        for host_path, container_path in mounts.get((action.deployment, action.replica), ()):
+            console.print(f"      [dim]mount[/] {escape(host_path)} -> {escape(container_path)}", highlight=False)
     for item in plan.unplaceable:
         name = f"{item.deployment}/{item.replica}"
         console.print(f"  [bold magenta]! unplaceable[/] {escape(name.ljust(width))}  {escape(item.reason)}",
@@ -77,8 +99,10 @@ def _short(value: Any, limit: int = 80) -> str:
 from collections.abc import Callable  # noqa: E402
 
 from lmstack.backends import ReplicaContext, backend_for, effective_spec, spec_hash  # noqa: E402
+from lmstack.backends.container import ContainerSpec  # noqa: E402
 from lmstack.manifests.loader import DesiredState  # noqa: E402
 from lmstack.manifests.schema import WorkerSpec  # noqa: E402
+from lmstack.reconcile.execute import WorkerTarget  # noqa: E402
 
 
 def render_commands(plan: Plan, desired: DesiredState, *,
@@ -90,7 +114,42 @@ def render_commands(plan: Plan, desired: DesiredState, *,
     port on the worker (the default when it is free). Environment values are never shown, nor resolved:
     the line names the variables only (their values may be secrets).
     """
-    lines: list[tuple[str, str]] = []
+    return [(action.replica_name, container.docker_run())
+            for action, container in _planned_containers(plan, desired, model_cache)]
+
+
+def plan_reach(plan: Plan, desired: DesiredState, targets: Mapping[str, tuple[str, WorkerTarget]]) -> Reach:
+    """Each worker's Docker endpoint and model cache as apply uses them (`targets`, from worker_targets), and
+    the mounts of each container the plan creates or recreates."""
+    caches = {name: target.model_cache for name, (_url, target) in targets.items()}
+
+    def model_cache(worker: str) -> str:
+        if worker in caches:
+            return caches[worker]
+        declared = desired.workers.get(worker)
+        return declared.spec.model_cache if declared else str(WorkerSpec.model_fields["model_cache"].default)
+
+    mounts = {(action.deployment, action.replica): tuple(sorted(container.volumes.items()))
+              for action, container in _planned_containers(plan, desired, model_cache)}
+    return Reach(endpoints={name: url for name, (url, _target) in targets.items()}, model_caches=caches,
+                 mounts=mounts)
+
+
+def plan_document(plan: Plan, reach: Reach) -> dict[str, Any]:
+    """The plan as JSON (`lmstack plan --json`), with each worker's Docker endpoint and model cache and each
+    action's mounts."""
+    document = plan.to_json()
+    for entry in document["actions"]:
+        entry["mounts"] = [{"host": host, "container": container}
+                           for host, container in reach.mounts.get((entry["deployment"], entry["replica"]), ())]
+    document["workers"] = [{"name": name, "dockerHost": url, "modelCache": reach.model_caches.get(name)}
+                           for name, url in sorted(reach.endpoints.items())]
+    return document
+
+
+def _planned_containers(plan: Plan, desired: DesiredState,
+                        model_cache: Callable[[str], str] | None) -> list[tuple[Action, ContainerSpec]]:
+    found: list[tuple[Action, ContainerSpec]] = []
     for action in plan.actions:
         if action.kind not in (ActionKind.CREATE, ActionKind.RECREATE) or action.placement is None:
             continue
@@ -109,6 +168,5 @@ def render_commands(plan: Plan, desired: DesiredState, *,
             spec_hash=action.spec_hash or spec_hash(spec),
         )
         placeholders = dict.fromkeys(deployment.spec.env, "")  # names only: nothing is resolved
-        container = backend.container(spec, replica, placeholders)
-        lines.append((action.replica_name, container.docker_run()))
-    return lines
+        found.append((action, backend.container(spec, replica, placeholders)))
+    return found

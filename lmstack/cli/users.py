@@ -172,7 +172,8 @@ def _key_json(key: KeyRecord) -> dict[str, Any]:
         return value.isoformat() if value is not None else None
 
     return {"id": key.id, "name": key.name, "user": key.user, "prefix": key.prefix,
-            "models": list(key.models) if key.models is not None else None, "rpm_limit": key.rpm_limit,
+            "models": list(key.models) if key.models is not None else None, "scopes": list(key.scopes),
+            "rpm_limit": key.rpm_limit,
             "expires_at": iso(key.expires_at), "revoked_at": iso(key.revoked_at), "created_at": iso(key.created_at),
             "last_used_at": iso(key.last_used_at), "status": key.status}
 
@@ -186,6 +187,9 @@ def keys_create(
     expires: Annotated[str | None, typer.Option(
         "--expires", help="Lifetime such as 30d, 12h, 90m [default: never].")] = None,
     rpm: Annotated[int | None, typer.Option("--rpm", min=1, help="Requests per minute [default: no limit].")] = None,
+    scopes: Annotated[list[str] | None, typer.Option(
+        "--scope", help="What it reaches beyond /v1 and its own usage: status, metrics or logs (repeat for "
+                        "several) [default: nothing more].")] = None,
 ) -> None:
     """Create an API key and print it: this is the only time it is shown (the database keeps a hash)."""
     from lmstack.api.services.keys import create_key
@@ -193,12 +197,13 @@ def keys_create(
     expires_at = datetime.now(UTC) + parse_duration(expires) if expires is not None else None
     allowed = models.split(",") if models is not None else None
     with _session() as session:
-        created = create_key(session, user=user, name=name, models=allowed, rpm_limit=rpm, expires_at=expires_at)
+        created = create_key(session, user=user, name=name, models=allowed, rpm_limit=rpm, expires_at=expires_at,
+                             scopes=scopes or ())
     key = created.record
     allowed_text = escape(", ".join(key.models)) if key.models is not None else "all"
     err.print(f"Created API key {key.id} ({key.prefix}…) \"{escape(key.name)}\" for {escape(key.user)}; "
               f"models: {allowed_text}; expires: {_when(key.expires_at, 'never')}; "
-              f"rpm: {key.rpm_limit or 'no limit'}.")
+              f"rpm: {key.rpm_limit or 'no limit'}; scopes: {', '.join(key.scopes) or 'none (only /v1)'}.")
     err.print("[bold]Copy the key now: it is not shown again.[/]")
     sys.stdout.write(created.token + "\n")  # alone on stdout: KEY=$(lmstack keys create ...)
 
@@ -220,11 +225,11 @@ def keys_list(
         out.print("No API keys. Create one with `lmstack keys create --name NAME --user USER`.")
         return
     table = Table(box=None, pad_edge=False)
-    for column in ("ID", "PREFIX", "NAME", "USER", "MODELS", "RPM", "EXPIRES", "STATUS", "LAST USED"):
+    for column in ("ID", "PREFIX", "NAME", "USER", "MODELS", "SCOPES", "RPM", "EXPIRES", "STATUS", "LAST USED"):
         table.add_column(column)
     for key in keys:
         table.add_row(str(key.id), key.prefix, escape(key.name), escape(key.user),
-                      escape(",".join(key.models)) if key.models is not None else "all",
+                      escape(",".join(key.models)) if key.models is not None else "all", ",".join(key.scopes) or "-",
                       str(key.rpm_limit) if key.rpm_limit is not None else "-", _when(key.expires_at, "never"),
                       key.status if key.status != "revoked" else f"revoked {_when(key.revoked_at)}",
                       _when(key.last_used_at, "never"))

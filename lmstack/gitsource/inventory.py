@@ -12,11 +12,18 @@ Reading an inventory never runs code from the repository: only the static format
 YAML, TOML; not `auto`, which would load any plugin a YAML file names, nor `script`), and the connection
 variables that may be templates ("{{ inventory_hostname }}.lan") are rendered in a sandboxed Jinja
 environment without Ansible's lookups (`lookup('pipe', ...)` would run a command here).
+
+The repository decides where a host is (`ansible_host`, `ansible_port`, `ansible_user`) and which Python
+runs there (`ansible_python_interpreter`), nothing else about how ansible connects: any other `ansible_*`
+variable (a ProxyCommand in `ansible_ssh_common_args`, `ansible_connection: local`, become settings) is an
+error, and the connection values must be a plain address, user and port, never ssh options. Files are
+bounded in size and number, and YAML in alias expansion and nesting, before ansible's parser sees them.
 """
 
 from __future__ import annotations
 
 import functools
+import ipaddress
 import logging
 import os
 import re
@@ -24,7 +31,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date
@@ -36,6 +43,7 @@ import jinja2
 import jinja2.sandbox
 
 from lmstack.manifests.errors import ManifestError, ManifestValidationError
+from lmstack.manifests.yamlsource import limit_errors
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +51,17 @@ INVENTORY_DIR = "inventory"
 DEFAULT_PORT = 22
 STATIC_INVENTORY_PLUGINS = ("ini", "yaml", "toml")
 
-# Connection secrets never leave this module: the inventory is data shown in plans and the dashboard.
-_SECRET = re.compile(r"^ansible_\w*(pass|secret)", re.IGNORECASE)
+# What the repository may say about the connection; every other ansible_* variable is refused.
+_CONNECTION_VARS = ("ansible_host", "ansible_ssh_host", "ansible_port", "ansible_ssh_port", "ansible_user",
+                    "ansible_ssh_user")
+_INTERPRETER = "ansible_python_interpreter"
+_ALLOWED = frozenset({*_CONNECTION_VARS, _INTERPRETER})
+
+# Bounds on what is handed to ansible's parser (which has none): far above any real fleet's inventory.
+MAX_FILES = 500
+MAX_FILE_BYTES = 256 * 1024
+MAX_TOTAL_BYTES = 1024 * 1024
+MAX_HOSTS = 10_000  # after INI/YAML host ranges (`gpu-[0:99]`) are expanded
 # What VariableManager.get_vars adds on its own; not the user's variables.
 _MAGIC = frozenset(
     {
@@ -82,11 +99,28 @@ _LOCK = threading.Lock()
 @dataclass(frozen=True)
 class InventoryHost:
     name: str
-    address: str  # ansible_host, else the name
+    address: str  # ansible_host, else the name: a host name or an IP address
     port: int  # ansible_port, else 22
     user: str | None  # ansible_user
     groups: tuple[str, ...]  # as ansible's group_names: sorted, without "all"
-    vars: Mapping[str, object]  # every host variable (group_vars/host_vars applied), secrets removed
+    vars: Mapping[str, object]  # the host's own variables (group_vars/host_vars applied), no ansible_* ones
+    python_interpreter: str | None = None  # ansible_python_interpreter: an absolute path
+
+    def __post_init__(self) -> None:
+        # What lmstack hands to ssh and ansible: a host built by any path holds only plain connection values.
+        problems = [
+            what for what, bad in (
+                ("name", not _is_address(self.name)),
+                ("address", not _is_address(self.address)),
+                ("port", not 0 < self.port < 65536),
+                ("user", self.user is not None and _USER.fullmatch(self.user) is None),
+                ("python_interpreter", self.python_interpreter is not None
+                 and _PATH.fullmatch(self.python_interpreter) is None),
+                ("vars", any(str(key).startswith("ansible_") for key in self.vars)),
+            ) if bad
+        ]
+        if problems:
+            raise ValueError(f"inventory host {self.name!r}: not a plain connection value: {', '.join(problems)}")
 
 
 @dataclass(frozen=True)
@@ -112,6 +146,9 @@ def parse_inventory(files: Mapping[str, bytes]) -> Inventory:
         parts = PurePosixPath(relative).parts
         if not parts or ".." in parts or PurePosixPath(relative).is_absolute():
             errors.append(_error(prefix + relative, 0, "invalid file path"))
+    if errors:
+        raise ManifestValidationError(errors)
+    errors = _limits(inventory_files)
     if errors:
         raise ManifestValidationError(errors)
 
@@ -168,14 +205,15 @@ def _parse_once(api: _Ansible, files: dict[str, bytes]) -> Inventory | _Failed:
         try:
             with _captured(api) as capture:
                 try:
-                    return _build(api, root, paths, capture)
+                    return _build(api, root, paths, capture, _Locator(files))
                 except api.AnsibleError as error:
                     return _describe_failure(error, capture, paths)
         finally:
             _forget_paths(temp)
 
 
-def _build(api: _Ansible, root: Path, paths: _PathNames, capture: _Capture) -> Inventory | _Failed:
+def _build(api: _Ansible, root: Path, paths: _PathNames, capture: _Capture,
+           locate: _Locator) -> Inventory | _Failed:
     loader = api.DataLoader()
     # The "playbook dir" is an empty folder: group_vars/ in the current directory must not leak in.
     loader.set_basedir(str(root.parent))
@@ -186,7 +224,7 @@ def _build(api: _Ansible, root: Path, paths: _PathNames, capture: _Capture) -> I
     for host in manager.get_hosts():
         name = str(host.name)
         raw = variables.get_vars(host=host, include_hostvars=False)
-        built = _host(name, raw, host, capture)
+        built = _host(name, raw, host, capture, locate)
         if isinstance(built, InventoryHost):
             hosts[name] = built
         else:
@@ -200,43 +238,65 @@ def _build(api: _Ansible, root: Path, paths: _PathNames, capture: _Capture) -> I
     return Inventory(hosts=MappingProxyType(dict(sorted(hosts.items()))), warnings=warnings)
 
 
-def _host(name: str, raw: Mapping[str, Any], host: Any, capture: _Capture) -> InventoryHost | list[ManifestError]:
+def _host(name: str, raw: Mapping[str, Any], host: Any, capture: _Capture,
+          locate: _Locator) -> InventoryHost | list[ManifestError]:
     errors: list[ManifestError] = []
-    where = f"{INVENTORY_DIR}/"
     groups = tuple(sorted(str(group.name) for group in host.get_groups() if group.name != "all"))
 
-    def connection(*keys: str) -> object:
-        # The connection variables may be templates ("{{ inventory_hostname }}.lan"): rendered, without
-        # lookups (see the module docstring). Other variables are returned as written.
-        for key in keys:
-            if key in raw and raw[key] is not None:
-                try:
-                    return _render(raw[key], raw, name=name, groups=groups)
-                except (jinja2.TemplateError, _Unrepresentable) as error:
-                    hint = ("; lmstack renders connection variables without Ansible's lookups and filters"
-                            if isinstance(error, jinja2.UndefinedError | jinja2.TemplateAssertionError) else "")
-                    errors.append(_error(where, 0, f"host {name}: {key}: {error}{hint}"))
-                    return None
-        return None
+    def error(key: str, raw_value: object, message: str) -> None:
+        errors.extend(_error(file, line, f"host {name}: {message}") for file, line in locate.value(key, raw_value))
 
-    address = connection("ansible_host", "ansible_ssh_host")
-    port_value = connection("ansible_port", "ansible_ssh_port")
-    user = connection("ansible_user", "ansible_ssh_user")
-    port = DEFAULT_PORT
-    if port_value is not None:
-        try:
-            port = int(str(port_value))
-            if not 0 < port < 65536:
-                raise ValueError
-        except ValueError:
-            errors.append(_error(where, 0, f"host {name}: ansible_port {port_value!r} is not a port number"))
+    for key in sorted(str(key) for key in raw):
+        if key.startswith("ansible_") and key not in _ALLOWED and key not in _MAGIC:
+            errors.extend(locate.forbidden(key, name))
+
+    def connection(keys: tuple[str, str], problem: Callable[[object], str | None]) -> str | None:
+        """The first of `keys` (a variable and its ansible_ssh_* alias) that is set, rendered: they may be
+        templates ("{{ inventory_hostname }}.lan", rendered without lookups, see the module docstring). Each
+        one set is checked, used or not."""
+        chosen = None
+        for key in keys:
+            if key not in raw or raw[key] is None:
+                continue
+            try:
+                value = _render(raw[key], raw, name=name, groups=groups)
+            except (jinja2.TemplateError, _Unrepresentable) as exc:
+                hint = ("; lmstack renders connection variables without Ansible's lookups and filters"
+                        if isinstance(exc, jinja2.UndefinedError | jinja2.TemplateAssertionError) else "")
+                error(key, raw[key], f"{key}: {exc}{hint}")
+                continue
+            if value in (None, ""):
+                continue
+            wrong = problem(value)
+            if wrong:
+                error(key, raw[key], f"{key} {_shown(value)} {wrong}")
+            elif chosen is None:
+                chosen = str(value)
+        return chosen
+
+    if not _is_address(name):
+        errors.extend(_error(file, line, f"host name {name!r} is not a host name or IP address (letters, digits, "
+                                         "'.', '-' and '_'; not starting with '-')")
+                      for file, line in locate.name(name))
+    address = connection(("ansible_host", "ansible_ssh_host"), lambda value: None if _is_address(str(value)) else (
+        "is not a host name or IP address (letters, digits, '.', '-' and '_'; not starting with '-'; ssh options "
+        "belong in the operator's ssh_config)"))
+    user = connection(("ansible_user", "ansible_ssh_user"), lambda value: None if _USER.fullmatch(str(value)) else (
+        "is not a user name (letters, digits, '.', '-' and '_')"))
+    port_value = connection(("ansible_port", "ansible_ssh_port"),
+                            lambda value: None if _port(value) is not None else "is not a port number")
+    port = _port(port_value) if port_value is not None else None
+    interpreter = raw.get(_INTERPRETER)
+    if interpreter is not None and not (isinstance(interpreter, str) and _PATH.fullmatch(interpreter)):
+        error(_INTERPRETER, interpreter, f"{_INTERPRETER} {_shown(interpreter)} is not a plain absolute path "
+                                         "(no templates, spaces or shell characters)")
     if errors:
         return errors
 
     host_vars: dict[str, object] = {}
     for key, value in raw.items():
         key = str(key)
-        if key in _MAGIC or _SECRET.match(key):
+        if key in _MAGIC or key.startswith("ansible_"):
             continue
         try:
             host_vars[key] = _plain(value)
@@ -244,41 +304,108 @@ def _host(name: str, raw: Mapping[str, Any], host: Any, capture: _Capture) -> In
             capture.omitted.add(key)
     return InventoryHost(
         name=name,
-        address=str(address) if address not in (None, "") else name,
-        port=port,
-        user=str(user) if user not in (None, "") else None,
+        address=address or name,
+        port=port or DEFAULT_PORT,
+        user=user,
         groups=groups,
         vars=MappingProxyType(host_vars),
+        python_interpreter=str(interpreter) if interpreter is not None else None,
     )
+
+
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
+_USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+_PATH = re.compile(r"/[A-Za-z0-9_.+/-]{0,255}")
+
+
+def _is_address(text: str) -> bool:
+    """A host name or an IP address: nothing ssh could take for an option (`-oProxyCommand=...`)."""
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return len(text) <= 253 and _HOSTNAME.fullmatch(text) is not None
+
+
+def _port(value: object) -> int | None:
+    try:
+        port = int(str(value))
+    except ValueError:
+        return None
+    return port if 0 < port < 65536 else None
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 class _Unrepresentable(Exception):
     pass
 
 
-_SANDBOX = jinja2.sandbox.ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False)
+class _Sandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
+    """Jinja for connection values ("{{ inventory_hostname }}.lan"): no lookups, no Ansible filters, no
+    attribute access to Python internals, and nothing that grows a value without bound (`'x' * 10**10`,
+    `'{:>999999999}'.format(1)`, `lipsum(10**6)`), so rendering stays small and quick."""
+
+    intercepted_binops = frozenset({"*", "**", "%"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (left, right))
+        if not numbers:
+            raise jinja2.exceptions.SecurityError(f"{operator!r} is only for numbers here")
+        if operator == "**" and (abs(left) > 2**64 or abs(right) > 64):
+            raise jinja2.exceptions.SecurityError("the power is too large")
+        return super().call_binop(context, operator, left, right)
+
+    def is_safe_callable(self, obj: Any) -> bool:
+        # No method calls (str.format, center, ljust... pad to any length). An undefined name is "called"
+        # only to say that it is undefined (`lookup(...)`).
+        return isinstance(obj, jinja2.Undefined)
+
+
+_SANDBOX = _Sandbox(undefined=jinja2.StrictUndefined, autoescape=False)
+_SANDBOX.globals.clear()  # range, lipsum, cycler, ...: none of them name a host
+_SANDBOX.filters = {name: _SANDBOX.filters[name] for name in (
+    "default", "d", "lower", "upper", "trim", "string", "int", "length", "count", "first", "last")}
 _MAX_RENDER_DEPTH = 10  # a variable naming a variable naming ... (and no endless self-reference)
+_MAX_TEMPLATE = 1024  # characters of a connection value, as written and as rendered
+_MAX_CONTEXT_STRING = 256  # longer variables are not offered to connection templates
 
 
 def _render(value: object, raw: Mapping[str, Any], *, name: str, groups: tuple[str, ...]) -> object:
-    """`value` with its Jinja templates rendered against the host's variables, in a sandbox: no lookups,
-    no Ansible filters, no attribute access to Python internals. Templates in the variables it uses are
-    rendered too. Raises jinja2.TemplateError."""
+    """`value` with its Jinja templates rendered against the host's variables, in a sandbox (see _Sandbox).
+    Templates in the variables it uses are rendered too. Raises jinja2.TemplateError."""
     value = _plain(value)
     if not isinstance(value, str) or ("{{" not in value and "{%" not in value):
         return value
+    if "{%" in value:
+        raise jinja2.TemplateError("only {{ }} expressions are allowed here, not {% %} statements")
+    if len(value) > _MAX_TEMPLATE:
+        raise jinja2.TemplateError(f"the template is longer than {_MAX_TEMPLATE} characters")
+    # Only short scalars: the rendered value is bounded by the template's length times theirs.
     context: dict[str, object] = {}
     for key, item in raw.items():
         try:
-            context[str(key)] = _plain(item)
+            plain = _plain(item)
         except _Unrepresentable:
             continue  # e.g. vault-encrypted: cannot be used in a connection variable either
-    context.update(inventory_hostname=name, inventory_hostname_short=name.split(".")[0],
-                   group_names=[group for group in groups if group != "ungrouped"])
+        if isinstance(plain, int | float | bool) or (isinstance(plain, str) and len(plain) <= _MAX_CONTEXT_STRING):
+            context[str(key)] = plain
+    group_names = [group for group in groups if group != "ungrouped"]
+    context.update(inventory_hostname=name, inventory_hostname_short=name.split(".")[0])
+    if sum(len(group) for group in group_names) <= _MAX_CONTEXT_STRING:
+        context["group_names"] = group_names
     rendered: str = value
     for _ in range(_MAX_RENDER_DEPTH):
         rendered = _SANDBOX.from_string(rendered).render(context)
-        if "{{" not in rendered and "{%" not in rendered:
+        if len(rendered) > _MAX_TEMPLATE:
+            raise jinja2.TemplateError(f"the rendered value is longer than {_MAX_TEMPLATE} characters")
+        if "{%" in rendered:
+            raise jinja2.TemplateError("only {{ }} expressions are allowed here, not {% %} statements")
+        if "{{" not in rendered:
             return rendered
     raise jinja2.TemplateError(f"{value!r} still has templates after {_MAX_RENDER_DEPTH} renderings")
 
@@ -300,6 +427,104 @@ def _plain(value: object) -> object:
     if isinstance(value, list | tuple | set | frozenset):
         return [_plain(item) for item in value]
     raise _Unrepresentable(type(value).__name__)
+
+
+# --- bounds on the files -----------------------------------------------------------------------------
+
+_YAML_CANDIDATES = ("", *_YAML_SUFFIXES)  # ansible's yaml plugin and vars files also read files without one
+# A host range as ansible expands it: [0:99], [01:99:2], [a:f]
+_RANGE = re.compile(r"\[([^\[\]:]*):([^\[\]:]*)(?::([^\[\]:]*))?\]")
+
+
+def _limits(files: Mapping[str, bytes]) -> list[ManifestError]:
+    """What ansible's parser would take unbounded time or memory for: too many or too large files, YAML alias
+    bombs and deep nesting (refused as the manifests loader refuses them), host ranges of millions."""
+    prefix = f"{INVENTORY_DIR}/"
+    errors = []
+    if len(files) > MAX_FILES:
+        errors.append(_error(prefix, 0, f"{len(files)} files; an inventory may have at most {MAX_FILES}"))
+    total = sum(len(data) for data in files.values())
+    if total > MAX_TOTAL_BYTES:
+        errors.append(_error(prefix, 0, f"{total} bytes in all; an inventory may have at most {MAX_TOTAL_BYTES}"))
+    for relative, data in sorted(files.items()):
+        if len(data) > MAX_FILE_BYTES:
+            errors.append(_error(prefix + relative, 0, f"{len(data)} bytes; an inventory file may have at most "
+                                                       f"{MAX_FILE_BYTES}"))
+    if errors:
+        return errors  # not read any further: reading is what the limits bound
+    hosts = 0
+    for relative, data in sorted(files.items()):
+        path = PurePosixPath(relative)
+        if path.suffix.lower() in _YAML_CANDIDATES:
+            errors.extend(limit_errors(prefix + relative, data))
+        if {"group_vars", "host_vars"} & set(path.parts):
+            continue  # variables only: a "[1:9]" there is a value, not hosts
+        for number, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
+            count = _hosts_in(line)
+            hosts += count
+            if count > MAX_HOSTS:
+                errors.append(_error(prefix + relative, number, f"this host range makes {count} hosts; an "
+                                                                f"inventory may have at most {MAX_HOSTS}"))
+    if hosts > MAX_HOSTS and not errors:
+        errors.append(_error(prefix, 0, f"{hosts} hosts once ranges are expanded; at most {MAX_HOSTS}"))
+    return errors
+
+
+def _hosts_in(line: str) -> int:
+    """How many hosts ansible's expand_hostname_range makes of `line` (1 without a range); an estimate from
+    above where a range is not one ansible accepts (it then refuses the line itself)."""
+    count = 1
+    for match in _RANGE.finditer(line):
+        begin, end, step = match.group(1) or "0", match.group(2), match.group(3) or "1"
+        try:
+            size = (int(end) - int(begin)) // max(1, int(step)) + 1
+        except ValueError:
+            size = 52  # letters ([a:Z]) or not a range at all
+        count *= max(1, size)
+    return count
+
+
+class _Locator:
+    """Finds where a variable is set (`key=` in INI, `key:` in YAML, `key =` in TOML), to name FILE:LINE."""
+
+    def __init__(self, files: Mapping[str, bytes]) -> None:
+        self._lines = {
+            f"{INVENTORY_DIR}/{relative}": data.decode("utf-8", errors="replace").splitlines()
+            for relative, data in sorted(files.items())
+        }
+
+    def _find(self, pattern: re.Pattern[str], text: str | None = None) -> list[tuple[str, int]]:
+        return [
+            (file, number)
+            for file, lines in self._lines.items()
+            for number, line in enumerate(lines, 1)
+            if not line.lstrip().startswith(("#", ";")) and pattern.search(line) and (text is None or text in line)
+        ]
+
+    @staticmethod
+    def _key(key: str) -> re.Pattern[str]:
+        return re.compile(rf"(?<![\w.-])[\"']?{re.escape(key)}[\"']?\s*[=:]")
+
+    def forbidden(self, key: str, host: str) -> list[ManifestError]:
+        message = ("not allowed in the inventory: from Git, only ansible_host, ansible_port, ansible_user (or "
+                   "their ansible_ssh_* forms) and ansible_python_interpreter are taken; connection options (jump "
+                   "hosts, SSH options) belong in the operator's ssh_config on the lmstack host (LMSTACK_SSH_CONFIG)")
+        if re.search("pass|secret|key", key, re.IGNORECASE):
+            message += ", and lmstack connects with its own SSH key"
+        found = self._find(self._key(key))
+        if not found:
+            return [ManifestError(f"{INVENTORY_DIR}/", 0, key, f"set for host {host}: {message}")]
+        return [ManifestError(file, line, key, message) for file, line in found]
+
+    def value(self, key: str, raw_value: object) -> list[tuple[str, int]]:
+        """The lines that set `key` to `raw_value` as written; `inventory/` alone where none does."""
+        text = str(raw_value) if isinstance(raw_value, str | int) else None
+        found = self._find(self._key(key), text) if text else []
+        return found or [(f"{INVENTORY_DIR}/", 0)]
+
+    def name(self, host: str) -> list[tuple[str, int]]:
+        found = self._find(re.compile(rf"(?<![\w.-]){re.escape(host)}(?![\w.-])"))
+        return found[:1] or [(f"{INVENTORY_DIR}/", 0)]
 
 
 # --- errors ----------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from lmstack.gitsource.inventory import Inventory, parse_inventory
 from lmstack.gitsource.repo import MANIFESTS_DIR, Revision, Snapshot, read_commit, read_directory
 from lmstack.manifests.errors import ManifestError, ManifestValidationError
 from lmstack.manifests.loader import DesiredState, load_manifests
+from lmstack.manifests.policy import PushLimits
 
 _MANIFEST_SUFFIXES = (".yaml", ".yml")
 
@@ -20,6 +21,14 @@ class Source:
     inventory: Inventory
     revision: Revision | None  # None for a plain folder
     origin: str
+    limits: PushLimits  # the operator's limits it was validated against (secrets are read within them)
+
+
+def push_limits(settings: Settings) -> PushLimits:
+    """The operator's limits on what a push may do, from the settings of the lmstack host."""
+    return PushLimits.of(secrets_env_prefix=settings.secrets_env_prefix, mount_roots=settings.mount_roots,
+                         docker_hosts=settings.docker_hosts,
+                         secrets_dir=settings.secrets_dir or settings.home / "secrets")
 
 
 def load_source(*, repo: str | None, ref: str, directory: Path | None, settings: Settings) -> Source:
@@ -34,11 +43,12 @@ def load_source(*, repo: str | None, ref: str, directory: Path | None, settings:
     else:
         assert directory is not None
         snapshot = read_directory(directory)
-    return parse_snapshot(snapshot)
+    return parse_snapshot(snapshot, limits=push_limits(settings))
 
 
-def parse_snapshot(snapshot: Snapshot) -> Source:
-    """Parse and validate files already read; raises ManifestValidationError with every error."""
+def parse_snapshot(snapshot: Snapshot, *, limits: PushLimits) -> Source:
+    """Parse and validate files already read, within the operator's `limits`; raises ManifestValidationError
+    with every error."""
     errors: list[ManifestError] = []
     inventory: Inventory | None = None
     try:
@@ -54,10 +64,12 @@ def parse_snapshot(snapshot: Snapshot) -> Source:
     desired: DesiredState | None = None
     try:
         # Without a parsed inventory, host references cannot be checked (None skips that check).
-        desired = load_manifests(manifests, inventory_hosts=inventory.hosts.keys() if inventory else None)
+        addresses = {name: host.address for name, host in inventory.hosts.items()} if inventory else None
+        desired = load_manifests(manifests, inventory_hosts=addresses, limits=limits)
     except ManifestValidationError as error:
         errors.extend(error.errors)
 
     if errors or desired is None or inventory is None:
         raise ManifestValidationError(errors)
-    return Source(desired=desired, inventory=inventory, revision=snapshot.revision, origin=snapshot.origin)
+    return Source(desired=desired, inventory=inventory, revision=snapshot.revision, origin=snapshot.origin,
+                  limits=limits)

@@ -13,12 +13,15 @@ from pydantic import BaseModel, Tag, ValidationError
 
 from lmstack.manifests.errors import ManifestError, ManifestValidationError
 from lmstack.manifests.modelref import parse_model_file
+from lmstack.manifests.policy import DEFAULT_LIMITS, PushLimits
 from lmstack.manifests.schema import (
     API_VERSION,
     GPU_REQUIRED_BACKENDS,
     KINDS,
     MODEL_FILE_BACKENDS,
     Deployment,
+    EnvFromEnv,
+    EnvFromFile,
     Worker,
     closest,
 )
@@ -50,12 +53,16 @@ class _Parsed:
 
 
 def load_manifests(
-    files: Mapping[str, bytes | str], *, inventory_hosts: Collection[str] | None
+    files: Mapping[str, bytes | str], *, inventory_hosts: Mapping[str, str] | Collection[str] | None,
+    limits: PushLimits = DEFAULT_LIMITS,
 ) -> DesiredState:
     """Validate every document in `files` (repository-relative path -> content).
 
-    `inventory_hosts` is the set of inventory host names workers may refer to; None skips that check
-    (when no inventory is at hand). Raises ManifestValidationError listing every problem found.
+    `inventory_hosts` is the inventory host names workers may refer to: a mapping name -> address also
+    checks that an ssh:// dockerHost goes to the worker's own address (a plain collection of names checks
+    only its form); None skips the host checks (when no inventory is at hand). `limits` are the operator's
+    (secrets, Docker endpoints, mounts); the default is the strictest. Raises ManifestValidationError
+    listing every problem found.
     """
     errors: list[ManifestError] = []
     parsed: list[_Parsed] = []
@@ -67,6 +74,7 @@ def load_manifests(
             if resource is not None:
                 parsed.append(_Parsed(document, resource))
     state = _check_references(parsed, inventory_hosts, errors)
+    _check_limits(state, parsed, inventory_hosts, limits, errors)
     if errors:
         raise ManifestValidationError(errors)
     return state
@@ -351,6 +359,34 @@ def _check_references(
                       f"unknown worker {worker_name!r}{hint}")
         _check_possible(document, deployment, workers, error)
     return DesiredState(workers=workers, deployments=deployments, origins=origins)
+
+
+def _check_limits(state: DesiredState, parsed: Iterable[_Parsed],
+                  inventory_hosts: Mapping[str, str] | Collection[str] | None, limits: PushLimits,
+                  errors: list[ManifestError]) -> None:
+    """What a push may reach: the lmstack host's secrets, Docker endpoints, directories mounted on workers."""
+    addresses = inventory_hosts if isinstance(inventory_hosts, Mapping) else {}
+    for item in parsed:
+        resource, document = item.resource, item.document
+        declared = state.workers if isinstance(resource, Worker) else state.deployments
+        if declared.get(resource.metadata.name) is not resource:
+            continue  # a duplicate, already reported
+        found: list[tuple[Path, str | None]] = []
+        if isinstance(resource, Worker):
+            spec = resource.spec
+            found.append((("spec", "modelCache"), limits.model_cache_problem(spec.model_cache)))
+            if spec.docker_host is not None:
+                found.append((("spec", "dockerHost"),
+                              limits.docker_host_problem(spec.docker_host, addresses.get(spec.host))))
+        else:
+            for name, value in resource.spec.env.items():
+                if isinstance(value, EnvFromEnv):
+                    found.append((("spec", "env", name, "fromEnv"), limits.env_name_problem(value.from_env)))
+                elif isinstance(value, EnvFromFile):
+                    found.append((("spec", "env", name, "fromFile"), limits.secret_file_problem(value.from_file)))
+        for path, problem in found:
+            if problem is not None:
+                errors.append(ManifestError(document.file, document.line_of(path), dotted(path), problem))
 
 
 def _check_possible(document: Document, deployment: Deployment, workers: Mapping[str, Worker],

@@ -210,7 +210,7 @@ def load_documents(file: str, text: str | bytes) -> tuple[list[Document], list[M
     except UnicodeDecodeError:
         return [], [ManifestError(file, 1, "", "not UTF-8 text")]
     except _TooDeep as exc:
-        return [], [ManifestError(file, exc.line, "", f"YAML is nested more than {_MAX_DEPTH} levels deep")]
+        return [], [_too_deep(file, exc.line)]
     except RecursionError:
         return [], [ManifestError(file, 1, "", "YAML is nested too deeply")]
     for index, node in enumerate(nodes):
@@ -221,9 +221,7 @@ def load_documents(file: str, text: str | bytes) -> tuple[list[Document], list[M
         try:
             document.data = builder.build(node, ())
         except _TooLarge as exc:
-            errors.append(ManifestError(file, node.start_mark.line + 1, "",
-                                        f"document has more than {_MAX_NODES} values once its aliases are "
-                                        f"expanded (the limit was passed on line {exc.line})"))
+            errors.append(_too_large(file, node, exc.line))
             continue
         except RecursionError:
             errors.append(ManifestError(file, node.start_mark.line + 1, "", "document is nested too deeply"))
@@ -231,6 +229,41 @@ def load_documents(file: str, text: str | bytes) -> tuple[list[Document], list[M
         errors.extend(builder.errors)
         documents.append(document)
     return documents, errors
+
+
+def limit_errors(file: str, text: str | bytes) -> list[ManifestError]:
+    """Only the limits `load_documents` enforces (alias expansion, nesting), for YAML that another parser reads
+    next without such limits (ansible's, for the inventory). Syntax and tag errors are left to that parser:
+    YAML it cannot read, it cannot expand either."""
+    try:
+        nodes = list(_compose_all(text))
+    except _TooDeep as exc:
+        return [_too_deep(file, exc.line)]
+    except RecursionError:
+        return [ManifestError(file, 1, "", "YAML is nested too deeply")]
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return []
+    errors = []
+    for node in nodes:
+        if node is None:
+            continue
+        try:
+            _Builder(Document(file=file, index=0, data=None)).build(node, ())
+        except _TooLarge as exc:
+            errors.append(_too_large(file, node, exc.line))
+        except RecursionError:
+            errors.append(ManifestError(file, node.start_mark.line + 1, "", "document is nested too deeply"))
+    return errors
+
+
+def _too_deep(file: str, line: int) -> ManifestError:
+    return ManifestError(file, line, "", f"YAML is nested more than {_MAX_DEPTH} levels deep")
+
+
+def _too_large(file: str, node: yaml.Node, line: int) -> ManifestError:
+    return ManifestError(file, node.start_mark.line + 1, "",
+                         f"document has more than {_MAX_NODES} values once its aliases are expanded (the limit was "
+                         f"passed on line {line})")
 
 
 def _reader_error(file: str, text: str | bytes, exc: yaml.reader.ReaderError) -> ManifestError:

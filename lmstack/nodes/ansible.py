@@ -1,10 +1,15 @@
 """Running lmstack's playbooks with ansible-runner; the only module that imports `ansible_runner`.
 
 As AWX and ansible-navigator drive it: each run gets a fresh `private_data_dir` (the playbooks, the
-inventory, the SSH key for ssh-agent, environment variables that make ssh check host keys against the
-given known_hosts file), runs in JSON mode and quietly, and a cheap event handler keeps only the
-per-host outcomes. The result is data; nothing here stores anything or decides what a failure means
-for a worker.
+inventory, environment variables that make ssh use the operator's key file and ssh_config and check host
+keys against the given known_hosts file), runs in JSON mode and quietly, and a cheap event handler keeps
+only the per-host outcomes. The result is data; nothing here stores anything or decides what a failure
+means for a worker.
+
+Nothing a run is given is ever a template to ansible: per-host data (from manifests in Git) is written into
+the inventory with every string tagged `!unsafe`, and extra variables (which ansible renders) may only be
+numbers and booleans. The SSH private key is never copied: ssh reads the operator's file, so a killed run
+leaves no key behind, and private data dirs of runs whose process is gone are removed at the next start.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import os
 import re
 import shlex
 import shutil
+import stat
 import sys
 import tempfile
 import threading
@@ -25,11 +31,15 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 import ansible_runner  # type: ignore[import-untyped]  # noqa: TID251 (this is the one allowed place)
+import yaml
 
 PLAYBOOKS_DIR = Path(__file__).resolve().parents[2] / "playbooks"
 FACTS_PLAYBOOK = "facts.yml"
 FACTS_MODULE = "lmstack_facts"
 MAX_FORKS = 50
+PRIVATE_DIR_PREFIX = "lmstack-ansible-"
+HOST_VARS_FILE = "zz-lmstack-data.yml"  # beside the given inventory: lmstack's per-host data
+_DATA_KEY = re.compile(r"lmstack_[a-z0-9_]+")
 
 RunStatus = Literal["successful", "failed", "timeout", "canceled"]
 # unreachable: no SSH connection (refused, timed out, no route, DNS); auth_failed: the server refused
@@ -113,7 +123,9 @@ def run_playbook(
     hosts: Sequence[str],
     ssh_key: Path,
     known_hosts: Path,
-    extravars: Mapping[str, Any] | None = None,
+    ssh_config: Path | None = None,
+    host_vars: Mapping[str, Mapping[str, object]] | None = None,
+    extravars: Mapping[str, bool | int] | None = None,
     forks: int = 20,
     timeout_s: int = 600,
     connect_timeout_s: int = 10,
@@ -122,21 +134,31 @@ def run_playbook(
 ) -> PlaybookRun:
     """Run `playbook` (a file in `playbooks_dir`) on `hosts` (the `--limit`), return per-host outcomes.
 
-    ssh authenticates with `ssh_key` (through a per-run ssh-agent) and trusts only the host keys in
-    `known_hosts`. `cancel` is polled about once a second; returning True stops the run (status
-    "canceled"). Raises AnsibleSetupError only when nothing could be run.
+    ssh authenticates with the key file `ssh_key` (read in place, never copied), reads the operator's
+    `ssh_config` when given (jump hosts, extra options), and trusts only the host keys in `known_hosts`.
+    `host_vars` ({host: {lmstack_*: value}}) reach the playbook as host variables that ansible never renders;
+    `extravars` are rendered by ansible, so only numbers and booleans are taken. `cancel` is polled about once
+    a second; returning True stops the run (status "canceled"). Raises AnsibleSetupError only when nothing
+    could be run.
     """
     if not hosts:
         return PlaybookRun(status="successful", rc=0, hosts=MappingProxyType({}))
-    _check_file(ssh_key, "SSH private key")
+    _check_key(ssh_key)
     _check_file(known_hosts, "known_hosts file")
+    if ssh_config is not None:
+        _check_file(ssh_config, "ssh_config file")
     if not (playbooks_dir / playbook).is_file():
         raise AnsibleSetupError(f"playbook {playbooks_dir / playbook} does not exist")
+    extra = _extravars(extravars or {})
+    data = _host_vars_file(host_vars or {})
+    remove_leftovers()
     collector = _Collector()
-    with tempfile.TemporaryDirectory(prefix="lmstack-ansible-") as temp:
+    # The process id in the name tells a later run whether this one is still going (see remove_leftovers).
+    with tempfile.TemporaryDirectory(prefix=f"{PRIVATE_DIR_PREFIX}{os.getpid()}-") as temp:
         private = Path(temp)
-        _write_private_data_dir(private, inventory=inventory, ssh_key=ssh_key, known_hosts=known_hosts,
-                                connect_timeout_s=connect_timeout_s, playbooks_dir=playbooks_dir)
+        _write_private_data_dir(private, inventory=inventory, host_vars=data, ssh_key=ssh_key,
+                                known_hosts=known_hosts, ssh_config=ssh_config, connect_timeout_s=connect_timeout_s,
+                                playbooks_dir=playbooks_dir)
         started = time.monotonic()
         try:
             runner = ansible_runner.run(
@@ -144,7 +166,7 @@ def run_playbook(
                 playbook=playbook,
                 limit=",".join(hosts),
                 forks=max(1, min(forks, len(hosts), MAX_FORKS)),
-                extravars=dict(extravars or {}),
+                extravars=extra,
                 json_mode=True,
                 quiet=True,
                 timeout=timeout_s,
@@ -174,6 +196,7 @@ def run_facts(
     *,
     ssh_key: Path,
     known_hosts: Path,
+    ssh_config: Path | None = None,
     model_cache: Mapping[str, str] | None = None,
     forks: int = 20,
     timeout_s: int = 300,
@@ -190,7 +213,8 @@ def run_facts(
         hosts=hosts,
         ssh_key=ssh_key,
         known_hosts=known_hosts,
-        extravars={"lmstack_model_cache": dict(model_cache or {})},
+        ssh_config=ssh_config,
+        host_vars={host: {"lmstack_model_cache": directory} for host, directory in (model_cache or {}).items()},
         forks=forks,
         timeout_s=timeout_s,
         cancel=cancel,
@@ -209,14 +233,97 @@ def run_facts(
     return gathered
 
 
+# --- data for the playbooks ------------------------------------------------------------------------
+
+
+def inventory_yaml(hosts: Mapping[str, Mapping[str, object]]) -> str:
+    """A YAML inventory of `hosts` ({name: {variable: value}}) in which every string is tagged `!unsafe`:
+    ansible takes it as written and never renders a template in it, however deep in lists and mappings."""
+    document = {"all": {"hosts": {
+        str(name): {str(key): _unsafe(value) for key, value in variables.items()}
+        for name, variables in sorted(hosts.items())
+    }}}
+    return yaml.dump(document, Dumper=_InventoryDumper, sort_keys=True, default_flow_style=False, allow_unicode=True)
+
+
+class _Unsafe(str):
+    """A string ansible must not render: written with the `!unsafe` tag."""
+
+
+class _InventoryDumper(yaml.SafeDumper):
+    pass
+
+
+_InventoryDumper.add_representer(_Unsafe, lambda dumper, value: dumper.represent_scalar("!unsafe", str(value)))
+
+
+def _unsafe(value: object) -> object:
+    """`value` with every string in it (not the keys) marked unsafe."""
+    if isinstance(value, str):
+        return _Unsafe(value)
+    if isinstance(value, Mapping):
+        return {str(key): _unsafe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_unsafe(item) for item in value]
+    return value
+
+
+def _host_vars_file(host_vars: Mapping[str, Mapping[str, object]]) -> str | None:
+    for variables in host_vars.values():
+        for key in variables:
+            if not _DATA_KEY.fullmatch(key):  # never a connection variable, never ansible's own
+                raise ValueError(f"host variable {key!r} is not lmstack_*")
+    return inventory_yaml(host_vars) if host_vars else None
+
+
+def _extravars(extravars: Mapping[str, bool | int]) -> dict[str, bool | int]:
+    # ansible renders extra variables as templates (a string from Git could run a lookup on this machine)
+    for key, value in extravars.items():
+        if not isinstance(value, bool | int):
+            raise ValueError(f"extra variable {key!r} must be a number or a boolean; pass data as host_vars")
+    return dict(extravars)
+
+
 # --- the private data dir --------------------------------------------------------------------------
 
 
+def remove_leftovers(temp_root: Path | None = None) -> list[Path]:
+    """Remove the private data dirs of runs whose process is gone (killed: nothing removed them), and those of
+    lmstack versions that named no process (they held a copy of the SSH key). Returns what was removed."""
+    root = Path(temp_root or tempfile.gettempdir())
+    removed = []
+    for path in root.glob(f"{PRIVATE_DIR_PREFIX}*"):
+        try:
+            info = path.lstat()
+        except OSError:
+            continue
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+            continue  # someone else's: not ours to judge
+        owner = re.match(rf"{re.escape(PRIVATE_DIR_PREFIX)}(\d+)-", path.name)
+        if owner is not None and _alive(int(owner.group(1))):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
 def _write_private_data_dir(
-    private: Path, *, inventory: Inventory, ssh_key: Path, known_hosts: Path, connect_timeout_s: int,
-    playbooks_dir: Path,
+    private: Path, *, inventory: Inventory, host_vars: str | None, ssh_key: Path, known_hosts: Path,
+    ssh_config: Path | None, connect_timeout_s: int, playbooks_dir: Path,
 ) -> None:
-    """project/ (the playbooks and their library/), inventory/, env/ssh_key and env/envvars."""
+    """project/ (the playbooks and their library/), inventory/ and env/envvars; no env/ssh_key (see above)."""
     shutil.copytree(playbooks_dir, private / "project", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     inventory_dir = private / "inventory"
     inventory_dir.mkdir()
@@ -225,25 +332,30 @@ def _write_private_data_dir(
     else:
         for relative, data in inventory.items():
             parts = PurePosixPath(relative).parts
-            if not parts or ".." in parts or PurePosixPath(relative).is_absolute():
+            if not parts or ".." in parts or PurePosixPath(relative).is_absolute() or relative == HOST_VARS_FILE:
                 raise AnsibleSetupError(f"inventory file path {relative!r} is not inside inventory/")
             target = inventory_dir.joinpath(*parts)
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)  # not executable: a script inventory from Git is never run
+    if host_vars is not None:
+        (inventory_dir / HOST_VARS_FILE).write_text(host_vars)
     env = private / "env"
     env.mkdir(mode=0o700)
-    key = env / "ssh_key"
-    key.touch(mode=0o600)
-    key.write_text(_read_key(ssh_key))
-    ssh_args = " ".join([
-        "-o", shlex.quote(f"UserKnownHostsFile={known_hosts.resolve()}"),
+    options = ["-F", str(ssh_config.resolve())] if ssh_config is not None else []
+    options += [
+        # Given on the command line, these win over anything in an ssh_config: host keys are always checked.
+        "-o", f"UserKnownHostsFile={known_hosts.resolve()}",
         "-o", "StrictHostKeyChecking=yes",
         # No prompt may ever wait for a person (a passphrase, an unknown host): fail instead.
         "-o", "BatchMode=yes",
-    ])
+        # Only the key file given (ANSIBLE_PRIVATE_KEY_FILE below), not whatever an ssh-agent holds.
+        "-o", "IdentitiesOnly=yes",
+    ]
     envvars = {
         "ANSIBLE_HOST_KEY_CHECKING": "True",
-        "ANSIBLE_SSH_ARGS": ssh_args,
+        "ANSIBLE_SSH_ARGS": " ".join(shlex.quote(option) for option in options),
+        "ANSIBLE_PRIVATE_KEY_FILE": str(ssh_key.resolve()),
+        "ANSIBLE_TRANSPORT": "ssh",
         "ANSIBLE_TIMEOUT": str(connect_timeout_s),
         # One SSH connection per task (the module goes over stdin) instead of mkdir, sftp, run, rm.
         "ANSIBLE_PIPELINING": "True",
@@ -259,13 +371,18 @@ def _write_private_data_dir(
     (env / "envvars").write_text(json.dumps(envvars))
 
 
-def _read_key(path: Path) -> str:
+def _check_key(path: Path) -> None:
+    _check_file(path, "SSH private key")
     try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise AnsibleSetupError(f"cannot read the SSH private key {path}: {exc}") from exc
-    # ssh-add refuses a key file without its final newline ("invalid format").
-    return text if text.endswith("\n") else text + "\n"
+        with path.open("rb"):
+            pass
+        mode = path.stat()
+    except OSError as exc:
+        raise AnsibleSetupError(f"cannot read the SSH private key {path}: {exc.strerror or exc}") from exc
+    # ssh ignores a key of its own user that others may read; say so here rather than "Permission denied".
+    if mode.st_uid == os.geteuid() and mode.st_mode & 0o077:
+        raise AnsibleSetupError(f"the SSH private key {path} may be read by others (mode "
+                                f"{stat.S_IMODE(mode.st_mode):04o}), so ssh will not use it: chmod 600 {path}")
 
 
 def _check_file(path: Path, what: str) -> None:

@@ -16,9 +16,13 @@ class HttpAnswer:
     error: str | None = None
 
 
-def request(url: str, *, method: str = "GET", body: Any = None, timeout_s: float = 3.0) -> HttpAnswer:
+def request(url: str, *, method: str = "GET", body: Any = None, timeout_s: float = 3.0,
+            bearer: str | None = None) -> HttpAnswer:
+    """`bearer`: the engine's API key, sent as `Authorization: Bearer` (never logged)."""
     data = None if body is None else json.dumps(body).encode()
     headers = {"Content-Type": "application/json"} if data is not None else {}
+    if bearer is not None:
+        headers["Authorization"] = f"Bearer {bearer}"
     call = urllib.request.Request(url, data=data, method=method, headers=headers)  # noqa: S310 - http(s) only
     if not url.startswith(("http://", "https://")):
         raise ValueError(f"not an http(s) URL: {url}")

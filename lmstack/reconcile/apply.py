@@ -11,7 +11,7 @@ import os
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,8 @@ class Prepared:
     facts: FactsReport
     live: LiveView
     plan: Plan
+    # worker -> (its Docker endpoint, its target): where the plan's containers are made and what they mount
+    targets: Mapping[str, tuple[str, WorkerTarget]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -60,11 +62,12 @@ class Applier:
 
     def __init__(self, source: Source, database: Database, *, ssh_key: Path, known_hosts: Path,
                  parallel: int = 8, environ: Mapping[str, str] | None = None, trigger: str = "cli",
-                 poll_s: float = 1.0) -> None:
+                 poll_s: float = 1.0, ssh_config: Path | None = None) -> None:
         self.source = source
         self.database = database
         self.ssh_key = ssh_key
         self.known_hosts = known_hosts
+        self.ssh_config = ssh_config
         self.parallel = parallel
         self.environ = dict(os.environ) if environ is None else environ
         self.trigger = trigger
@@ -84,7 +87,8 @@ class Applier:
     # -- phases ------------------------------------------------------------------------------------
 
     def prepare(self) -> Prepared:
-        facts = gather_facts(self.source, self.database, ssh_key=self.ssh_key, known_hosts=self.known_hosts)
+        facts = gather_facts(self.source, self.database, ssh_key=self.ssh_key, known_hosts=self.known_hosts,
+                             ssh_config=self.ssh_config)
         with self.database.session() as session:
             stored = load_observed(session)
         workers = {name for name in self.source.desired.workers if name in self.targets}
@@ -93,7 +97,7 @@ class Applier:
         live = observe_live(stored, self.pool, sorted(w for w in workers if w in ready
                                                       or w not in self.source.desired.workers),
                             parallel=self.parallel)
-        return Prepared(facts, live, make_plan(self.source.desired, live.observed))
+        return Prepared(facts, live, make_plan(self.source.desired, live.observed), self.targets)
 
     def execute(self, prepared: Prepared, *, progress: Progress | None = None) -> ApplyReport:
         plan = prepared.plan
@@ -108,7 +112,8 @@ class Applier:
             pool=self.pool, database=self.database,
             targets={name: target for name, (_url, target) in self.targets.items()},
             specs=specs, revision=revision.sha if revision else None, sync_run=run_id, environ=self.environ,
-            containers=prepared.live.containers, progress=progress or (lambda action, status: None),
+            limits=self.source.limits, containers=prepared.live.containers,
+            progress=progress or (lambda action, status: None),
             poll_s=self.poll_s,
         )
         errors: list[str] = []
@@ -178,10 +183,11 @@ def _result_json(results: list[ActionResult], removed: int, errors: list[str]) -
 
 def apply_source(source: Source, database: Database, *, ssh_key: Path, known_hosts: Path,
                  confirm: Callable[[Prepared], bool] = lambda prepared: True, progress: Progress | None = None,
-                 parallel: int = 8) -> tuple[Prepared, ApplyReport | None]:
+                 parallel: int = 8, ssh_config: Path | None = None) -> tuple[Prepared, ApplyReport | None]:
     """Plan, ask (only when there is something to change), and apply. Returns the report, or None when the
     user said no. A pass with nothing to change is still recorded: the revision is then the one in sync."""
-    with Applier(source, database, ssh_key=ssh_key, known_hosts=known_hosts, parallel=parallel) as applier:
+    with Applier(source, database, ssh_key=ssh_key, known_hosts=known_hosts, parallel=parallel,
+                 ssh_config=ssh_config) as applier:
         prepared = applier.prepare()
         if (prepared.plan.has_changes or prepared.live.orphans) and not confirm(prepared):
             return prepared, None

@@ -10,17 +10,18 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from secrets import token_urlsafe
 from typing import Any
 
 from lmstack.backends import backend_for
 from lmstack.backends.base import ReplicaContext
 from lmstack.backends.container import LABEL_DEPLOYMENT, LABEL_REPLICA
+from lmstack.manifests.policy import PushLimits
 from lmstack.manifests.quantity import parse_duration
 from lmstack.nodes.docker import DockerPool, ManagedContainer, NodeError
 from lmstack.nodes.http import request
 from lmstack.reconcile.model import Action, ActionKind
-from lmstack.reconcile.records import add_event, delete_replica, set_replica_status, upsert_replica
+from lmstack.reconcile.records import add_event, delete_replica, engine_key_of, set_replica_status, upsert_replica
 from lmstack.reconcile.secrets import SecretError, resolve_env
 from lmstack.state import Database
 
@@ -54,7 +55,7 @@ class Executor:
     revision: str | None
     sync_run: int | None
     environ: Mapping[str, str]
-    base_dir: Path | None = None
+    limits: PushLimits  # where secrets may come from (the operator's, as the source was validated against)
     containers: Mapping[tuple[str, int], ManagedContainer] = field(default_factory=dict)
     progress: Progress = lambda action, status: None
     poll_s: float = 1.0
@@ -112,13 +113,15 @@ class Executor:
         container = self.containers.get((action.deployment, action.replica))
         port = _port_of(container) or backend.default_port
         endpoint = f"http://{self.targets[placement.worker].address}:{port}"
-        self._after_start(action, spec, endpoint)
-        self._wait_ready(action, spec, placement.worker, container.id if container else None, endpoint)
+        with self.database.session() as session:
+            key = engine_key_of(session, action.deployment, action.replica)  # the running container's
+        self._after_start(action, spec, endpoint, key)
+        self._wait_ready(action, spec, placement.worker, container.id if container else None, endpoint, key)
         with self.database.session() as session:
             upsert_replica(session, deployment=action.deployment, ordinal=action.replica, worker=placement.worker,
                            gpus=placement.gpus, container_id=container.id if container else None,
                            endpoint=endpoint, spec=spec, spec_hash=action.spec_hash or "", revision=self.revision,
-                           status="ready", message=action.reason)
+                           status="ready", message=action.reason, engine_key=key)
         self._event("Normal", "Deployment", action.deployment, "ReplicaUpdated",
                     f"replica {action.replica} on {placement.worker} updated in place: {action.reason}")
         return "updated in place", endpoint
@@ -131,7 +134,7 @@ class Executor:
         target = self.targets.get(placement.worker)
         if target is None:
             raise _ReplicaFailed(f"{placement.worker}: no connection details (not in the inventory)")
-        env = resolve_env(action.deployment, spec.get("env", {}), environ=self.environ, base_dir=self.base_dir)
+        env = resolve_env(action.deployment, spec.get("env", {}), environ=self.environ, limits=self.limits)
         moving = previous is not None and previous.worker != placement.worker
         old = self.containers.get((action.deployment, action.replica))
         keep_port = _port_of(old) if old is not None and not moving else None
@@ -142,10 +145,12 @@ class Executor:
                 self.pool.remove(previous.worker, old.id)
             self._remove_by_name(previous.worker, action)
         port = self._claim_port(placement.worker, backend.default_port, keep_port)
+        # A new key for every new container: one leaked with an old container opens nothing now.
+        key = token_urlsafe(32) if backend.takes_engine_key else None
         context = ReplicaContext(
             deployment=action.deployment, ordinal=action.replica, served_name=str(spec["servedName"]),
             gpus=placement.gpus, port=port, model_cache=target.model_cache, revision=self.revision,
-            spec_hash=action.spec_hash or "",
+            spec_hash=action.spec_hash or "", engine_key=key,
         )
         container_spec = backend.container(spec, context, env)
         endpoint = f"http://{target.address}:{port}"
@@ -160,9 +165,9 @@ class Executor:
             upsert_replica(session, deployment=action.deployment, ordinal=action.replica, worker=placement.worker,
                            gpus=placement.gpus, container_id=created.id, endpoint=endpoint, spec=spec,
                            spec_hash=action.spec_hash or "", revision=self.revision, status="starting",
-                           message=action.reason)
-        self._after_start(action, spec, endpoint)
-        self._wait_ready(action, spec, placement.worker, created.id, endpoint)
+                           message=action.reason, engine_key=key)
+        self._after_start(action, spec, endpoint, key)
+        self._wait_ready(action, spec, placement.worker, created.id, endpoint, key)
         with self.database.session() as session:
             set_replica_status(session, action.deployment, action.replica, "ready", action.reason)
         if moving and previous is not None:
@@ -183,7 +188,7 @@ class Executor:
 
     # -- readiness ---------------------------------------------------------------------------------
 
-    def _after_start(self, action: Action, spec: Mapping[str, Any], endpoint: str) -> None:
+    def _after_start(self, action: Action, spec: Mapping[str, Any], endpoint: str, key: str | None) -> None:
         calls = backend_for(spec["backend"]).after_start(spec)
         if not calls:
             return
@@ -194,13 +199,14 @@ class Executor:
             time.sleep(self.poll_s)
         for call in calls:
             self.progress(action, f"{call.method} {call.path}")
-            answer = request(endpoint + call.path, method=call.method, body=call.json, timeout_s=call.timeout_s)
+            answer = request(endpoint + call.path, method=call.method, body=call.json, timeout_s=call.timeout_s,
+                             bearer=key)
             if answer.status is None or answer.status >= 400:
                 raise _ReplicaFailed(f"{call.method} {call.path} on {endpoint} failed: "
                                      f"{answer.error or answer.status}")
 
     def _wait_ready(self, action: Action, spec: Mapping[str, Any], worker: str, container_id: str | None,
-                    endpoint: str) -> None:
+                    endpoint: str, key: str | None) -> None:
         backend = backend_for(spec["backend"])
         timeout = _startup_timeout(spec)
         deadline = time.monotonic() + timeout
@@ -209,10 +215,10 @@ class Executor:
         while True:
             # A health path (llama.cpp's /health) must answer 200 before the model list is asked.
             path = backend.health_path or backend.ready_path
-            answer = request(endpoint + path, timeout_s=3)
+            answer = request(endpoint + path, timeout_s=3, bearer=key)
             if path != backend.ready_path and answer.status == 200:
                 path = backend.ready_path
-                answer = request(endpoint + path, timeout_s=3)
+                answer = request(endpoint + path, timeout_s=3, bearer=key)
             if path == backend.ready_path and backend.is_ready(answer.status, answer.payload, served):
                 return
             checks += 1

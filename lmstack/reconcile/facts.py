@@ -14,12 +14,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
 from sqlalchemy import func
 from sqlalchemy.dialects.postgresql import insert
 
 from lmstack.gitsource import Inventory, Source
-from lmstack.nodes.ansible import PLAYBOOKS_DIR, AnsibleSetupError, HostError, run_facts
+from lmstack.nodes.ansible import PLAYBOOKS_DIR, AnsibleSetupError, HostError, inventory_yaml, run_facts
 from lmstack.state import Database, Worker
 
 INVENTORY_FILE = "lmstack.yml"
@@ -80,6 +79,7 @@ def gather_facts(
     *,
     ssh_key: Path,
     known_hosts: Path,
+    ssh_config: Path | None = None,
     forks: int = 20,
     timeout_s: int = 300,
     cancel: Callable[[], bool] | None = None,
@@ -87,6 +87,7 @@ def gather_facts(
 ) -> FactsReport:
     """Gather facts from every worker of `source` in one Ansible run and upsert their `workers` rows.
 
+    `ssh_config` is the operator's (jump hosts, SSH options): connection options never come from Git.
     Raises FactsError when nothing could be run (then no row is touched).
     """
     workers = source.desired.workers
@@ -98,6 +99,7 @@ def gather_facts(
             sorted(set(host_of.values())),
             ssh_key=ssh_key,
             known_hosts=known_hosts,
+            ssh_config=ssh_config,
             model_cache={worker.spec.host: worker.spec.model_cache for worker in workers.values()},
             forks=forks,
             timeout_s=timeout_s,
@@ -185,53 +187,21 @@ def _int_or_none(value: object) -> int | None:
     return None
 
 
-_CONNECTION_KEYS = frozenset({"ansible_host", "ansible_ssh_host", "ansible_port", "ansible_ssh_port", "ansible_user",
-                              "ansible_ssh_user"})
-
-
 def runner_inventory(inventory: Inventory) -> str:
-    """The validated inventory as a YAML inventory for ansible-playbook: each host with the variables
-    gitsource resolved (group_vars and host_vars applied), in the same groups.
+    """The inventory ansible-playbook gets: each host with only the connection values lmstack decided from the
+    validated inventory (address, port, user, Python), over ssh. No other variable from Git reaches ansible
+    (our playbooks need none), so nothing in the repository can configure how ansible connects or runs.
 
-    Built from the parsed inventory rather than the repository's files so the run uses exactly the
-    snapshot that was validated, with the connection variables as gitsource rendered them (sandboxed, no
-    lookups) and every other string marked `!unsafe`: ansible takes it as written and never renders a
-    template from Git on this machine. Connection secrets were removed by gitsource: lmstack connects
-    with its own SSH key.
+    Strings are written `!unsafe` (ansible never renders them). Data for the playbooks (model cache, images)
+    goes to run_playbook as host_vars, written the same way.
     """
-    groups: dict[str, dict[str, Any]] = {}
-    hosts: dict[str, dict[str, Any]] = {}
+    hosts: dict[str, dict[str, object]] = {}
     for name, host in inventory.hosts.items():
-        values = {key: value for key, value in host.vars.items() if key not in _CONNECTION_KEYS}
-        values.update(ansible_host=host.address, ansible_port=host.port)
+        values: dict[str, object] = {"ansible_connection": "ssh", "ansible_host": host.address,
+                                     "ansible_port": host.port}
         if host.user is not None:
             values["ansible_user"] = host.user
-        hosts[name] = {key: _unsafe(value) for key, value in values.items()}
-        for group in host.groups:
-            if group == "ungrouped":  # ansible's own, implied
-                continue
-            groups.setdefault(group, {"hosts": {}})["hosts"][name] = {}
-    document = {"all": {"hosts": hosts, "children": dict(sorted(groups.items()))}}
-    return yaml.dump(document, Dumper=_InventoryDumper, sort_keys=True, default_flow_style=False, allow_unicode=True)
-
-
-class _Unsafe(str):
-    """A string ansible must not render: written with the `!unsafe` tag."""
-
-
-class _InventoryDumper(yaml.SafeDumper):
-    pass
-
-
-_InventoryDumper.add_representer(_Unsafe, lambda dumper, value: dumper.represent_scalar("!unsafe", str(value)))
-
-
-def _unsafe(value: object) -> object:
-    """`value` with every string in it (not the keys) marked unsafe."""
-    if isinstance(value, str):
-        return _Unsafe(value)
-    if isinstance(value, Mapping):
-        return {str(key): _unsafe(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_unsafe(item) for item in value]
-    return value
+        if host.python_interpreter is not None:
+            values["ansible_python_interpreter"] = host.python_interpreter
+        hosts[name] = values
+    return inventory_yaml(hosts)

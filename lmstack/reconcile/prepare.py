@@ -239,6 +239,7 @@ def prepare_workers(
     *,
     ssh_key: Path,
     known_hosts: Path,
+    ssh_config: Path | None = None,
     install: bool = False,
     images: Mapping[str, Sequence[str]] | None = None,
     workers: Collection[str] | None = None,
@@ -254,7 +255,11 @@ def prepare_workers(
     None: every image of every deployment that may be placed on the worker (`worker_needs`). Whether a
     worker needs the NVIDIA runtime always comes from the desired state. Raises PrepareError when nothing
     could be run. `timeout_s` bounds the whole run (default: 10 minutes plus `pull_timeout_s` for each
-    image of the worker with the most); one pull gives up after `pull_timeout_s`.
+    image of the worker with the most); one pull gives up after `pull_timeout_s`. `ssh_config` is the
+    operator's (jump hosts, SSH options).
+
+    What comes from the manifests (images, model files, the cache directory) reaches the playbook as host
+    variables that ansible never renders as templates; only lmstack's own flags are extra variables.
     """
     desired = source.desired
     chosen = sorted(desired.workers if workers is None else set(workers) & set(desired.workers))
@@ -265,13 +270,14 @@ def prepare_workers(
     }
     host_of = {name: desired.workers[name].spec.host for name in chosen}
     cache_of = {name: desired.workers[name].spec.model_cache for name in chosen}
-    extravars = {
-        "lmstack_model_cache": {host_of[name]: cache_of[name] for name in chosen},
-        "lmstack_images": {host_of[name]: list(wanted[name]) for name in chosen},
-        "lmstack_needs_gpu_runtime": {host_of[name]: needs[name].needs_gpu_runtime for name in chosen},
-        "lmstack_models": {host_of[name]: [_model_param(model) for model in needs[name].models] for name in chosen},
-        "lmstack_install": install,
-        "lmstack_pull_timeout": pull_timeout_s,
+    host_vars: dict[str, dict[str, object]] = {
+        host_of[name]: {
+            "lmstack_model_cache": cache_of[name],
+            "lmstack_images": list(wanted[name]),
+            "lmstack_needs_gpu_runtime": needs[name].needs_gpu_runtime,
+            "lmstack_models": [_model_param(model) for model in needs[name].models],
+        }
+        for name in chosen
     }
     if timeout_s is None:
         timeout_s = 600 + pull_timeout_s * max((len(wanted[name]) + len(needs[name].models) for name in chosen),
@@ -284,7 +290,9 @@ def prepare_workers(
             hosts=sorted(set(host_of.values())),
             ssh_key=ssh_key,
             known_hosts=known_hosts,
-            extravars=extravars,
+            ssh_config=ssh_config,
+            host_vars=host_vars,
+            extravars={"lmstack_install": install, "lmstack_pull_timeout": pull_timeout_s},
             forks=forks,
             timeout_s=timeout_s,
             cancel=cancel,

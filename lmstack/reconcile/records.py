@@ -24,12 +24,15 @@ def condition(kind: str, status: bool, reason: str, message: str = "") -> dict[s
 
 def upsert_replica(session: Session, *, deployment: str, ordinal: int, worker: str, gpus: Sequence[int],
                    container_id: str | None, endpoint: str | None, spec: Mapping[str, Any], spec_hash: str,
-                   revision: str | None, status: ReplicaStatus, message: str | None) -> None:
+                   revision: str | None, status: ReplicaStatus, message: str | None,
+                   engine_key: str | None = None) -> None:
+    """Insert or replace the replica's row. `engine_key`: the key its (new) container was started with."""
     values = {
         "deployment_name": deployment, "ordinal": ordinal, "worker_name": worker, "gpu_indices": list(gpus),
         "container_id": container_id, "endpoint": endpoint, "spec": dict(spec), "spec_hash": spec_hash,
         "revision": revision, "status": status, "message": message,
         "conditions": [condition("Ready", status == "ready", status.capitalize(), message or "")],
+        "engine_key": engine_key,
     }
     statement = insert(Replica).values(**values)
     session.execute(statement.on_conflict_do_update(
@@ -37,6 +40,12 @@ def upsert_replica(session: Session, *, deployment: str, ordinal: int, worker: s
         set_={**{key: statement.excluded[key] for key in values if key not in ("deployment_name", "ordinal")},
               "updated_at": func.now()},
     ))
+
+
+def engine_key_of(session: Session, deployment: str, ordinal: int) -> str | None:
+    """The API key the replica's engine was started with (None: it has none, or no such replica)."""
+    return session.scalar(select(Replica.engine_key).where(Replica.deployment_name == deployment,
+                                                           Replica.ordinal == ordinal))
 
 
 def set_replica_status(session: Session, deployment: str, ordinal: int, status: ReplicaStatus,

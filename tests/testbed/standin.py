@@ -6,7 +6,7 @@ streaming) can be tested end to end without a GPU or a model. It takes the comma
 real engines and ignores the options it does not know, so a backend's generated command line works:
 
     standin.py [serve] [MODEL] [--model M | --model-path M] [--served-model-name NAME ...]
-               [--host H] [--port P] [--startup-delay S] [--token-delay S] [--fail-health]
+               [--host H] [--port P] [--startup-delay S] [--token-delay S] [--fail-health] [--api-key K]
 
 Every option can also come from the environment (STANDIN_PORT, STANDIN_SERVED_MODEL_NAME, ...).
 Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions (also with "stream": true, and usage
@@ -14,12 +14,15 @@ when "stream_options": {"include_usage": true}), POST /v1/completions, POST /v1/
 GET /metrics, GET /version. /health and /v1/models report the GPUs the container was given
 (NVIDIA_VISIBLE_DEVICES / CUDA_VISIBLE_DEVICES). Every request is logged on stdout (for log tests).
 SIGTERM and SIGINT stop it at once (a Python PID 1 would otherwise ignore SIGTERM).
+With an API key (`--api-key`, or VLLM_API_KEY / LLAMA_API_KEY as the real engines read it), /v1/* answers
+401 without `Authorization: Bearer <key>`, as vLLM does; /health, /metrics and /version stay open.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import hmac
 import json
 import math
 import os
@@ -49,6 +52,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--fail-health", action="store_true",
                         default=env("STANDIN_FAIL_HEALTH", "") not in ("", "0", "false"),
                         help="answer /health with 503 (an engine that never becomes ready)")
+    parser.add_argument("--api-key", default=env("VLLM_API_KEY") or env("LLAMA_API_KEY") or None)
     args, unknown = parser.parse_known_args(argv)
     positional = [p for p in args.positional if p != "serve"]
     if args.model is None:
@@ -153,11 +157,25 @@ class Handler(BaseHTTPRequestHandler):
             return None
         return str(model)
 
+    def authorized(self, path: str) -> bool:
+        key = self.engine.args.api_key
+        if not key or not path.startswith("/v1/"):
+            return True
+        sent = self.headers.get("Authorization", "")
+        if hmac.compare_digest(sent.encode(), f"Bearer {key}".encode()):
+            return True
+        if self.command == "POST":  # the body is not read: the connection cannot be reused
+            self.close_connection = True
+        self.send_json(401, {"error": "Unauthorized"})
+        return False
+
     # -- routes ----------------------------------------------------------------------------------
     def do_GET(self) -> None:
         engine = self.engine
         path = self.path.split("?", 1)[0]
         engine.count(path)
+        if not self.authorized(path):
+            return
         if path == "/health":
             if engine.args.fail_health:
                 self.error(503, "the engine is not ready", "ServiceUnavailableError")
@@ -186,6 +204,8 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         path = self.path.split("?", 1)[0]
         self.engine.count(path)
+        if not self.authorized(path):
+            return
         routes = {"/v1/chat/completions": self.chat, "/v1/completions": self.completions,
                   "/v1/embeddings": self.embeddings}
         route = routes.get(path)
@@ -325,7 +345,7 @@ def _list_modules() -> None:
     """Exercise every route in-process, then print the files of all loaded modules (for image.py)."""
     import http.client
 
-    server = make_server(parse_args(["--host", "127.0.0.1", "--port", "0", "--token-delay", "0"]))
+    server = make_server(parse_args(["--host", "127.0.0.1", "--port", "0", "--token-delay", "0", "--api-key", "k"]))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     port = server.server_address[1]
@@ -335,10 +355,11 @@ def _list_modules() -> None:
              ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}),
              ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "stream": True,
                                                "stream_options": {"include_usage": True}})]
-    for method, path, body in calls:
+    for index, (method, path, body) in enumerate([*calls, ("GET", "/v1/models", None)]):
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         data = json.dumps(body).encode() if isinstance(body, dict) else (body or "").encode()
-        conn.request(method, path, body=data if method == "POST" else None)
+        headers = {"Authorization": "Bearer k"} if index < len(calls) else {}  # the last one: a 401
+        conn.request(method, path, body=data if method == "POST" else None, headers=headers)
         conn.getresponse().read()
         conn.close()
     server.shutdown()

@@ -19,6 +19,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from lmstack.api import schemas
 from lmstack.api.deps import CurrentPrincipal, Principal, SessionDep, StateDep, principal_for
 from lmstack.api.errors import ApiError, error_response, internal_error
 from lmstack.api.services.proxy import Call, forward
@@ -36,14 +37,14 @@ def _model_card(name: str, created: int) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": created, "owned_by": "lmstack"}
 
 
-@router.get("/v1/models", tags=["gateway"])
+@router.get("/v1/models", tags=["gateway"], responses=schemas.errors(401, 503))
 async def list_models(principal: CurrentPrincipal, state: StateDep) -> dict[str, Any]:
     """The served names with at least one Ready replica (with an API key: those its allowlist permits)."""
     return {"object": "list", "data": [_model_card(name, created) for name, created in state.registry.models()
                                        if _allowed(principal, name)]}
 
 
-@router.get("/v1/models/{model:path}", tags=["gateway"])
+@router.get("/v1/models/{model:path}", tags=["gateway"], responses=schemas.errors(401, 404, 503))
 async def get_model(model: str, principal: CurrentPrincipal, state: StateDep) -> dict[str, Any]:
     for name, created in state.registry.models():
         if name == model and _allowed(principal, name):
@@ -53,20 +54,24 @@ async def get_model(model: str, principal: CurrentPrincipal, state: StateDep) ->
 
 
 # The three POST routes are answered by answer_fast (below) before FastAPI sees them (app.py's _App): these
-# declarations are what the OpenAPI document shows (paths, auth), and are never called.
+# declarations are what the OpenAPI document shows (paths, auth, answers), and are never called.
+_PROXIED = schemas.errors(400, 401, (403, "The API key may not use this model"), (404, "No such model"), 413,
+                          (429, "The API key is over its requests per minute (see Retry-After)"),
+                          (502, "The engine failed"), (503, "No Ready replica, or credentials cannot be checked now"),
+                          (504, "The engine did not answer in time"))
 
 
-@router.post("/v1/chat/completions", tags=["gateway"])
+@router.post("/v1/chat/completions", tags=["gateway"], responses=_PROXIED)
 async def chat_completions(principal: CurrentPrincipal) -> Response:
     _not_routed()
 
 
-@router.post("/v1/completions", tags=["gateway"])
+@router.post("/v1/completions", tags=["gateway"], responses=_PROXIED)
 async def completions(principal: CurrentPrincipal) -> Response:
     _not_routed()
 
 
-@router.post("/v1/embeddings", tags=["gateway"])
+@router.post("/v1/embeddings", tags=["gateway"], responses=_PROXIED)
 async def embeddings(principal: CurrentPrincipal) -> Response:
     _not_routed()
 
@@ -170,10 +175,15 @@ async def _read_body(receive: Receive, *, limit: int) -> bytes | None:
 
 
 def _parse(raw: bytes) -> dict[str, Any]:
+    """The body as JSON, with the fields the gateway itself reads checked: `model` a non-empty string,
+    `stream` a boolean (`"stream": 1` would stream while usage counted it as not streaming) and
+    `stream_options` an object. The rest is the engine's to judge."""
     try:
         body = json.loads(raw)
     except ValueError as exc:  # UnicodeDecodeError is a ValueError too
         raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply", code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object", code="invalid_request")
     model = body.get("model")
@@ -181,10 +191,21 @@ def _parse(raw: bytes) -> dict[str, Any]:
         what = "missing" if model is None else "not a non-empty string"
         raise ApiError(400, f"'model' is {what}: name the model to use (GET /v1/models lists them)",
                        code="missing_model" if model is None else "invalid_model", param="model")
+    stream = body.get("stream")
+    if stream is not None and stream.__class__ is not bool:  # not isinstance: 1 and 0 are not booleans here
+        raise ApiError(400, "'stream' must be true or false", code="invalid_type", param="stream")
+    options = body.get("stream_options")
+    if options is not None:
+        if options.__class__ is not dict:
+            raise ApiError(400, "'stream_options' must be an object", code="invalid_type", param="stream_options")
+        usage = options.get("include_usage")
+        if usage is not None and usage.__class__ is not bool:
+            raise ApiError(400, "'stream_options.include_usage' must be true or false", code="invalid_type",
+                           param="stream_options.include_usage")
     return body
 
 
-@router.get("/api/usage", tags=["usage"])
+@router.get("/api/usage", tags=["usage"], responses=schemas.errors(400, 401, 503))
 def usage(
     principal: CurrentPrincipal,
     session: SessionDep,
@@ -194,10 +215,12 @@ def usage(
     key: Annotated[int | None, Query(description="only this API key id")] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> dict[str, Any]:
-    """Usage rolled up per API key, model and hour, newest first: admins see all, others their own keys'.
+    """Usage rolled up per API key, model and hour, newest first: an admin's login sees all, others their own
+    keys'. An API key acts as at most its own user, limited to its models (an admin's key too).
 
     Written every few seconds (LMSTACK_USAGE_FLUSH_S), so the current hour lags slightly.
     """
-    rows = query_usage(session, user=None if principal.is_admin else principal.user, since=since, until=until,
-                       model=model, key_id=key, limit=limit)
+    everyone = principal.is_admin and principal.key is None
+    rows = query_usage(session, user=None if everyone else principal.user, models=principal.models, since=since,
+                       until=until, model=model, key_id=key, limit=limit)
     return {"object": "list", "data": rows}

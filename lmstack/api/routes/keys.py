@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Path
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
+from lmstack.api import schemas
 from lmstack.api.deps import LoginPrincipal, SessionDep
 from lmstack.api.errors import ApiError
 from lmstack.api.services.keys import (
@@ -17,12 +18,14 @@ from lmstack.api.services.keys import (
     InvalidKeyRequest,
     KeyRecord,
     KeyStatus,
+    Scope,
     create_key,
     list_keys,
     revoke_key,
 )
 
-router = APIRouter(prefix="/api/keys", tags=["keys"])
+router = APIRouter(prefix="/api/keys", tags=["keys"], responses=schemas.errors(
+    401, (403, "An API key cannot manage keys (log in), or a viewer asked for another user's key"), 503))
 _INT_MAX = 2**31 - 1  # the database's integer columns
 
 
@@ -34,6 +37,9 @@ class KeyCreate(BaseModel):
     models: list[str] | None = Field(default=None, min_length=1, description="allowed models; default: all")
     rpm_limit: int | None = Field(default=None, ge=1, le=_INT_MAX, description="requests per minute; default: no limit")
     expires_at: AwareDatetime | None = Field(default=None, description="default: never")
+    scopes: list[Scope] = Field(default_factory=list, max_length=3, description=(
+        "what the key reaches beyond /v1 and its own usage: status (the read-only /api), metrics (/metrics), "
+        "logs (live logs, for an admin's key); default: nothing more"))
 
 
 class KeyOut(BaseModel):
@@ -42,6 +48,7 @@ class KeyOut(BaseModel):
     user: str
     prefix: str = Field(description="the key's first characters, to recognise it")
     models: list[str] | None
+    scopes: list[str]
     rpm_limit: int | None
     expires_at: datetime | None
     revoked_at: datetime | None
@@ -52,7 +59,8 @@ class KeyOut(BaseModel):
     @classmethod
     def of(cls, record: KeyRecord) -> KeyOut:
         return cls(id=record.id, name=record.name, user=record.user, prefix=record.prefix,
-                   models=list(record.models) if record.models is not None else None, rpm_limit=record.rpm_limit,
+                   models=list(record.models) if record.models is not None else None, scopes=list(record.scopes),
+                   rpm_limit=record.rpm_limit,
                    expires_at=record.expires_at, revoked_at=record.revoked_at, created_at=record.created_at,
                    last_used_at=record.last_used_at, status=record.status)
 
@@ -66,7 +74,7 @@ class KeyList(BaseModel):
     data: list[KeyOut]
 
 
-@router.post("", status_code=201)
+@router.post("", status_code=201, responses=schemas.errors(400, 404, 413))
 def create(body: KeyCreate, principal: LoginPrincipal, session: SessionDep) -> CreatedKeyOut:
     """A new API key. The response is the only time the key is shown."""
     owner = body.user or principal.user
@@ -74,7 +82,7 @@ def create(body: KeyCreate, principal: LoginPrincipal, session: SessionDep) -> C
         raise ApiError(403, "only an admin can create keys for another user", code="forbidden", param="user")
     try:
         created = create_key(session, user=owner, name=body.name, models=body.models, rpm_limit=body.rpm_limit,
-                             expires_at=body.expires_at)
+                             expires_at=body.expires_at, scopes=body.scopes)
     except ApiKeyNotFound as exc:
         raise ApiError(404, str(exc), code="user_not_found", param="user") from None
     except InvalidKeyRequest as exc:
@@ -89,7 +97,7 @@ def list_(principal: LoginPrincipal, session: SessionDep) -> KeyList:
     return KeyList(data=[KeyOut.of(record) for record in records])
 
 
-@router.delete("/{key_id}")
+@router.delete("/{key_id}", responses=schemas.errors(400, 404))
 def revoke(key_id: Annotated[int, Path(ge=1, le=_INT_MAX)], principal: LoginPrincipal, session: SessionDep) -> KeyOut:
     """Revoke a key (the caller's own, or any for an admin). Every server refuses it within about a second."""
     try:

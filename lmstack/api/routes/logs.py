@@ -2,12 +2,14 @@
 text frame per line.
 
 Browsers cannot set headers on a WebSocket, so the login token or API key may also come as `?token=`.
-Reading logs needs an admin: engines may log prompts. The handshake is accepted first and a refusal is a
-close with 4000 + the HTTP status it stands for and a reason (a close before accepting reaches clients as
-a bare HTTP 403, so browsers could not tell why): 4401 (no valid credentials), 4403 (not an admin), 4404
-(no such deployment, replica or container), 4502 (the worker or its Docker failed), 4503 (the server
-cannot reach workers: no repository or SSH key configured; or credentials cannot be checked now). Nothing
-is sent before the checks pass. Once streaming: 1000 when the container's stream ends, 4502 when reading
+Reading logs needs an admin (engines may log prompts): an admin's login, or an admin's key with the "logs"
+scope whose model allowlist (if any) names the deployment's served name. The handshake is accepted first
+and a refusal is a close with 4000 + the HTTP status it stands for and a reason (a close before accepting
+reaches clients as a bare HTTP 403, so browsers could not tell why): 4401 (no valid credentials), 4403 (not
+an admin, or a key without the "logs" scope), 4404 (no such deployment, replica or container, or one the
+key may not see), 4502 (the worker or its Docker failed), 4503 (the server cannot reach workers: no
+repository or SSH key configured; or credentials cannot be checked now). Nothing is sent before the checks
+pass. Once streaming: 1000 when the container's stream ends, 4502 when reading
 it fails. The client leaving closes the Docker stream and its SSH connection.
 """
 
@@ -25,6 +27,7 @@ from starlette.requests import HTTPConnection
 from lmstack.api.deps import Principal, authenticate
 from lmstack.api.errors import ApiError
 from lmstack.api.services.logs import End, LineReader, LogsError, open_stream, resolve
+from lmstack.api.services.status import served_name
 from lmstack.api.state import AppState
 
 log = logging.getLogger(__name__)
@@ -53,7 +56,18 @@ async def _ws_admin(websocket: WebSocket, token: str | None) -> Principal:
         raise WebSocketException(4000 + exc.status, _reason(exc.message)) from None
     if not principal.is_admin:
         raise WebSocketException(4403, "reading logs needs an admin (engines may log prompts)")
+    if not principal.has_scope("logs"):
+        raise WebSocketException(4403, "this API key has no 'logs' scope (lmstack keys create --scope logs)")
     return principal
+
+
+def _may_see(state: AppState, principal: Principal, deployment: str) -> bool:
+    """Whether a key's model allowlist names the deployment (blocking: a query)."""
+    if principal.models is None:
+        return True
+    with state.database.session() as session:
+        served = served_name(session=session, deployment=deployment)
+    return served is not None and principal.sees(served)
 
 
 @router.websocket("/api/deployments/{name}/logs")
@@ -67,7 +81,9 @@ async def deployment_logs(
     state: AppState = websocket.app.state.lmstack
     await websocket.accept()
     try:
-        await _ws_admin(websocket, token)
+        principal = await _ws_admin(websocket, token)
+        if not await run_in_threadpool(_may_see, state, principal, name):
+            raise WebSocketException(4404, _reason(f"no deployment {name!r}"))
         target = await run_in_threadpool(resolve, database=state.database, repo=state.repo, deployment=name,
                                          ordinal=replica)
         session = await run_in_threadpool(open_stream, target=target, settings=state.settings, tail=tail)

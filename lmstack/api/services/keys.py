@@ -14,6 +14,10 @@ re-reads all of them in one query and renews their entries from the time that re
 use never waits on the database, not even for its first request after a pause, and a revocation still
 lands within `ttl_s` (an entry is never trusted longer than `ttl_s` after the read it came from).
 
+A key is for the gateway (/v1) and its own usage. Anything more is a scope, set when it is created:
+"status" (the read-only /api), "metrics" (/metrics) and "logs" (live logs; its user must be an admin). A key
+with a model allowlist sees only those models wherever it reaches (deps.Principal.sees).
+
 `last_used_at` is written at most once a minute per key, by the lookup or re-check that finds it older
 than that (so not per request, and not per server).
 `KeyCache.check_rate(info)` applies the key's requests-per-minute limit (see services/ratelimit.py).
@@ -45,6 +49,8 @@ LAST_USED_EVERY = timedelta(seconds=60)
 # Keys and users asked for within this long are re-checked in the background (one query per ttl_s / 2).
 WARM_FOR_S = 300.0
 MAX_NAME_LENGTH = 100
+Scope = Literal["status", "metrics", "logs"]
+SCOPES: tuple[Scope, ...] = ("status", "metrics", "logs")
 _MAX_TOKEN_LENGTH = 128  # keys are 48 characters; anything much longer is not worth hashing
 # Compared against when no row has the key's prefix, so a miss costs what a wrong key costs.
 _NO_DIGEST = "0" * 64
@@ -62,6 +68,7 @@ class KeyInfo:
     rpm_limit: int | None
     expires_at: datetime | None
     prefix: str = ""  # `lmsk_` and the stored lookup characters, for logs
+    scopes: frozenset[str] = frozenset()  # what it reaches beyond /v1 and its own usage (SCOPES)
 
     def allows(self, model: str) -> bool:
         return self.models is None or model in self.models
@@ -84,6 +91,7 @@ class KeyRecord:
     revoked_at: datetime | None
     created_at: datetime
     last_used_at: datetime | None
+    scopes: tuple[str, ...] = ()
 
     @property
     def status(self) -> KeyStatus:
@@ -121,7 +129,7 @@ def _record(key: ApiKey, user: str) -> KeyRecord:
         id=key.id, name=key.name, user=user, prefix=KEY_PREFIX + key.prefix,
         models=tuple(key.models) if key.models is not None else None, rpm_limit=key.rpm_limit,
         expires_at=key.expires_at, revoked_at=key.revoked_at, created_at=key.created_at,
-        last_used_at=key.last_used_at)
+        last_used_at=key.last_used_at, scopes=tuple(key.scopes or ()))
 
 
 def _clean_models(models: Sequence[str] | None) -> list[str] | None:
@@ -133,13 +141,24 @@ def _clean_models(models: Sequence[str] | None) -> list[str] | None:
     return cleaned
 
 
+def _clean_scopes(scopes: Sequence[str]) -> list[str]:
+    cleaned = list(dict.fromkeys(s.strip() for s in scopes))
+    unknown = [s for s in cleaned if s not in SCOPES]
+    if unknown:
+        raise InvalidKeyRequest(f"scopes: unknown scope {unknown[0]!r}; the scopes are {', '.join(SCOPES)}")
+    return cleaned
+
+
 def create_key(session: Session, *, user: str, name: str, models: Sequence[str] | None = None,
-               rpm_limit: int | None = None, expires_at: datetime | None = None) -> CreatedKey:
-    """A new key for `user`. The returned token is the only copy of the key."""
+               rpm_limit: int | None = None, expires_at: datetime | None = None,
+               scopes: Sequence[str] = ()) -> CreatedKey:
+    """A new key for `user`. The returned token is the only copy of the key. `scopes`: what it reaches
+    beyond /v1 and its own usage (SCOPES)."""
     name = name.strip()
     if not name or len(name) > MAX_NAME_LENGTH:
         raise InvalidKeyRequest(f"name: 1 to {MAX_NAME_LENGTH} characters")
     allowed = _clean_models(models)
+    granted = _clean_scopes(scopes)
     if rpm_limit is not None and rpm_limit < 1:
         raise InvalidKeyRequest("rpm_limit: at least 1 (or leave it out for no limit)")
     if expires_at is not None:
@@ -154,7 +173,7 @@ def create_key(session: Session, *, user: str, name: str, models: Sequence[str] 
         raise InvalidKeyRequest(f"user {user!r} is disabled")
     new = new_api_key()
     key = ApiKey(name=name, user_id=owner.id, prefix=new.lookup, key_hash=new.digest, models=allowed,
-                 rpm_limit=rpm_limit, expires_at=expires_at)
+                 rpm_limit=rpm_limit, expires_at=expires_at, scopes=granted)
     session.add(key)
     session.flush()
     session.refresh(key)
@@ -392,7 +411,7 @@ class KeyCache:
 
 
 _KEY_COLUMNS = (select(ApiKey.id, ApiKey.name, ApiKey.prefix, ApiKey.key_hash, ApiKey.models, ApiKey.rpm_limit,
-                       ApiKey.expires_at, ApiKey.revoked_at, ApiKey.last_used_at,
+                       ApiKey.scopes, ApiKey.expires_at, ApiKey.revoked_at, ApiKey.last_used_at,
                        User.name.label("user"), User.role, User.disabled)
                 .join(User, User.id == ApiKey.user_id))
 
@@ -405,7 +424,7 @@ def _usable(row: Row[*tuple[Any, ...]], now: datetime) -> bool:
 def _key_info(row: Row[*tuple[Any, ...]]) -> KeyInfo:
     return KeyInfo(id=row.id, name=row.name, user=row.user, role=row.role,
                    models=tuple(row.models) if row.models is not None else None, rpm_limit=row.rpm_limit,
-                   expires_at=row.expires_at, prefix=KEY_PREFIX + row.prefix)
+                   expires_at=row.expires_at, prefix=KEY_PREFIX + row.prefix, scopes=frozenset(row.scopes or ()))
 
 
 def _touch(which: ColumnElement[bool]) -> Update:

@@ -4,7 +4,8 @@ scrape time.
 Each `Metrics()` has its own registry (two apps in one process, as in tests, do not share counters). The
 gateway calls `observe_request`, `add_tokens`, `upstream_failed` and (through the usage recorder)
 `usage_dropped`; every method is cheap and thread-safe. `exposition()` renders the text format; it
-queries the database, so it is called off the event loop.
+queries the database, so it is called off the event loop. With a `View` limited to some models (an API key's
+allowlist) only the series of those models and their deployments are shown.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_late
 from sqlalchemy.exc import SQLAlchemyError
 
 from lmstack import __version__
-from lmstack.api.services.status import fleet_counts
+from lmstack.api.services.status import EVERYTHING, View, fleet_counts, visible_deployments
 from lmstack.state import Database
 from lmstack.state.models import ReplicaStatus
 
@@ -106,10 +107,20 @@ class Metrics:
 
     # -- for /metrics -----------------------------------------------------------------------------------------
 
-    def exposition(self, *, database: Database | None) -> bytes:
+    def exposition(self, *, database: Database | None, view: View = EVERYTHING) -> bytes:
         """The Prometheus text: this process's metrics and, read from `database` now, replicas by
-        deployment and state. Blocking (a query): run it in a thread."""
-        return generate_latest(_Scrape(self.registry, database))
+        deployment and state; only `view`'s models. Blocking (a query): run it in a thread."""
+        scrape = _Scrape(self.registry, database)
+        if view.models is None:
+            return generate_latest(scrape)
+        deployments: set[str] = set()
+        if database is not None:
+            try:
+                with database.session() as session:
+                    deployments = visible_deployments(session, view) or set()
+            except SQLAlchemyError:
+                pass  # no deployment series then; the scrape itself reports the database down
+        return generate_latest(_Only(scrape, models=view.models, deployments=deployments))
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +131,24 @@ class _ModelSeries:
     ttft: Histogram
     prompt: Counter
     completion: Counter
+
+
+class _Only:
+    """A scrape with only the samples of some models (label `model`) and deployments (label `deployment`)."""
+
+    def __init__(self, scrape: _Scrape, *, models: frozenset[str], deployments: set[str]) -> None:
+        self.scrape = scrape
+        self.models = models
+        self.deployments = deployments
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self.scrape.collect():  # each collect() builds new Metric objects: ours to trim
+            metric.samples = [sample for sample in metric.samples if self._keeps(sample.labels)]
+            yield metric
+
+    def _keeps(self, labels: dict[str, str]) -> bool:
+        model, deployment = labels.get("model"), labels.get("deployment")
+        return (model is None or model in self.models) and (deployment is None or deployment in self.deployments)
 
 
 class _Scrape:

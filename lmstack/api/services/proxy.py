@@ -181,12 +181,15 @@ async def forward(call: Call, *, client: UpstreamClient, registry: Registry, usa
 
 async def _ask(client: UpstreamClient, target: Target, call: Call, counters: GatewayCounters) -> _Answer:
     """Send the request and read the answer's status (and first chunk, for a stream); _Failure if it fails."""
-    where = f"replica {target.name} of {target.served_name!r} ({target.endpoint})"
+    # Clients learn which replica failed, never where it runs (engine addresses are for admins).
+    where = f"replica {target.name} of {target.served_name!r}"
     response: UpstreamResponse | None = None
     try:
         # Redirects are relayed as they are, never followed (that would resend the body elsewhere).
         data = upstream_body(call, target.upstream_model)
         headers = _SSE_HEADERS if call.stream else _JSON_HEADERS
+        if target.auth:
+            headers = {**headers, **target.auth}
         try:
             response = await client.post(target.endpoint, call.path, data, headers)
         except Dropped as exc:

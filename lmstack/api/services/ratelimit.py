@@ -1,16 +1,20 @@
-"""Rate limits, in memory and per server process: failed logins, and requests per API key.
+"""Rate limits, in memory and per server process: failed logins, password checks at once, and requests per
+API key.
 
-Both limiters keep a sliding window as the times of the last N events per subject, so a subject costs
-at most N timestamps and a check is O(1): the (N+1)-th event is refused while the oldest of the last N
-is younger than the window, and the wait returned is exactly when that one leaves the window.
+The limiters keep a sliding window as the times of the last N events per subject, so a subject costs at
+most N timestamps and a check is O(1): the (N+1)-th event is refused while the oldest of the last N is
+younger than the window, and the wait returned is exactly when that one leaves the window.
 
 Counts are per process: with several `lmstack serve` processes behind a load balancer a client can
 get up to (processes x limit). Nothing here touches the database, so a limit costs no round-trip.
 
-- `LoginLimiter(*, attempts, window_s=60)`: failed logins per subject ("user:NAME", "ip:ADDR").
-  `retry_after(*subjects)` before checking a password (seconds to wait, or None), `failed(*subjects)`
-  after a wrong one, `succeeded(subject)` to clear one (a user's count after a good login; an IP's
-  count is never cleared early, so logging in to one's own account cannot reset guessing elsewhere).
+- `LoginLimiter(*, attempts, concurrency, window_s=60)`: logins. `admit(user, address)` counts the
+  attempt as a failure BEFORE its password is checked (so concurrent guesses cannot all slip past the
+  count) and returns a `LoginAttempt`, or raises `Throttled(retry_after)`. The attempt's `succeeded()`
+  takes the count back (and resets that user and address's failures), `cancel()` takes it back when no
+  password was checked. Three windows (see the class): per (user, address), per address, and per user
+  across addresses, which slows guessing from many addresses without locking the user out of their own.
+  `checks` (a `PasswordChecks`) bounds the argon2 checks running at once (64 MiB each).
 - `KeyRateLimiter(*, window_s=60)`: requests per minute per API key, `check(key_id, limit)`.
   The gateway calls it through the key cache: `state.keys.check_rate(info) -> float | None` —
   None: allowed, and the request is counted; a number: refused (not counted), retry after that many
@@ -20,12 +24,31 @@ get up to (processes x limit). Nothing here touches the database, so a limit cos
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
-from collections import deque
-from collections.abc import Callable
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 
 Clock = Callable[[], float]
+
+# Per address: one address trying many user names gets this many times a pair's failures.
+ADDRESS_FACTOR = 4
+# Per user, across every address: past this many times a pair's failures the user is under attack (see
+# LoginLimiter).
+USER_FACTOR = 10
+KNOWN_FOR_S = 30 * 24 * 3600.0  # an address a user logged in from stays known this long ...
+MAX_KNOWN = 10_000  # ... and at most this many (user, address) pairs are remembered (the oldest go first)
+QUEUE_FACTOR = 4  # password checks waiting for a slot, per slot; beyond that a login is refused at once
+
+
+class Throttled(Exception):
+    """Refused by a limit; retry after `retry_after` seconds."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"retry after {retry_after:.1f} s")
+        self.retry_after = retry_after
 
 
 class _SlidingLog:
@@ -54,6 +77,12 @@ class _SlidingLog:
             self._events[subject] = events
         events.append(now)
 
+    def take_back(self, subject: object, at: float) -> None:
+        """Remove one event recorded at `at` (an attempt that turned out not to count). Call with the lock held."""
+        events = self._events.get(subject)
+        if events is not None and at in events:
+            events.remove(at)
+
     def forget(self, subject: object) -> None:
         """Drop a subject's events. Call with the lock held."""
         self._events.pop(subject, None)
@@ -70,33 +99,117 @@ class _SlidingLog:
 
 
 class LoginLimiter:
-    """At most `attempts` failed logins per subject in any `window_s` seconds (per process)."""
+    """Failed logins, counted before the password is checked, in three sliding windows of `window_s`:
 
-    def __init__(self, *, attempts: int, window_s: float = 60.0, clock: Clock = time.monotonic) -> None:
+    - per (user, address): `attempts`. Guessing from address A never locks the real user out at B.
+    - per address: `attempts * ADDRESS_FACTOR` (one address trying many user names).
+    - per user, across every address: `attempts * USER_FACTOR`. Past it the user is under attack and a
+      password is checked only from an address the user logged in from before (kept KNOWN_FOR_S, per
+      process) or for a (user, address) pair's first try in the window. So K attacker addresses get K
+      guesses a window instead of K * attempts, while the real user still gets in from their own address
+      (known, or a first try from a new one); a wrong try there waits like any other pair.
+
+    `checks` bounds the password checks running at once (see PasswordChecks).
+    """
+
+    def __init__(self, *, attempts: int, concurrency: int = 2, window_s: float = 60.0,
+                 clock: Clock = time.monotonic) -> None:
         if attempts < 1:
             raise ValueError("attempts must be >= 1")
         self.attempts = attempts
         self.window_s = window_s
+        self.checks = PasswordChecks(concurrency=concurrency, queue=QUEUE_FACTOR * concurrency)
         self._clock = clock
         self._log = _SlidingLog(window_s=window_s, clock=clock)
+        self._known: OrderedDict[tuple[str, str], float] = OrderedDict()
 
-    def retry_after(self, *subjects: str) -> float | None:
-        """Seconds until every subject may try again; None when none of them is blocked."""
-        now = self._clock()
-        with self._log.lock:
-            waits = [w for s in subjects if (w := self._log.wait(s, self.attempts, now)) is not None]
-        return max(waits) if waits else None
-
-    def failed(self, *subjects: str) -> None:
+    def admit(self, user: str, address: str) -> LoginAttempt:
+        """Count one attempt (as failed, until told otherwise); Throttled when a limit is reached."""
+        pair, per_address, per_user = ("pair", user, address), ("ip", address), ("user", user)
         now = self._clock()
         with self._log.lock:
             self._log.sweep(now)
-            for subject in subjects:
-                self._log.add(subject, self.attempts, now)
+            waits = [w for w in (self._log.wait(pair, self.attempts, now),
+                                 self._log.wait(per_address, self.attempts * ADDRESS_FACTOR, now)) if w is not None]
+            if waits:
+                raise Throttled(max(waits))
+            under_attack = self._log.wait(per_user, self.attempts * USER_FACTOR, now)
+            if under_attack is not None and not self._is_known(user, address, now):
+                first_try = self._log.wait(pair, 1, now) is None
+                if not first_try:
+                    raise Throttled(under_attack)
+            for subject, limit in ((pair, self.attempts), (per_address, self.attempts * ADDRESS_FACTOR),
+                                   (per_user, self.attempts * USER_FACTOR)):
+                self._log.add(subject, limit, now)
+        return LoginAttempt(self, pair, per_address, per_user, now)
 
-    def succeeded(self, subject: str) -> None:
+    def _is_known(self, user: str, address: str, now: float) -> bool:
+        since = self._known.get((user, address))
+        return since is not None and now - since < KNOWN_FOR_S
+
+    def _settle(self, attempt: LoginAttempt, *, succeeded: bool) -> None:
         with self._log.lock:
-            self._log.forget(subject)
+            for subject in (attempt.per_address, attempt.per_user):
+                self._log.take_back(subject, attempt.at)
+            if succeeded:
+                self._log.forget(attempt.pair)
+                known = (attempt.pair[1], attempt.pair[2])
+                self._known.pop(known, None)
+                self._known[known] = self._clock()
+                while len(self._known) > MAX_KNOWN:
+                    self._known.popitem(last=False)
+            else:
+                self._log.take_back(attempt.pair, attempt.at)
+
+
+class LoginAttempt:
+    """One admitted login attempt, counted as failed until `succeeded()` or `cancel()`."""
+
+    def __init__(self, limiter: LoginLimiter, pair: tuple[str, str, str], per_address: tuple[str, str],
+                 per_user: tuple[str, str], at: float) -> None:
+        self.limiter = limiter
+        self.pair = pair
+        self.per_address = per_address
+        self.per_user = per_user
+        self.at = at
+
+    def succeeded(self) -> None:
+        """The password was right: this attempt does not count, and the pair's earlier failures are cleared
+        (the address's and the user's are not: logging in cannot reset guessing elsewhere)."""
+        self.limiter._settle(self, succeeded=True)
+
+    def cancel(self) -> None:
+        """No password was checked (the server was busy): the attempt does not count."""
+        self.limiter._settle(self, succeeded=False)
+
+
+class PasswordChecks:
+    """At most `concurrency` password checks at once and `queue` more waiting; beyond that `slot()` raises
+    Throttled at once rather than letting requests (and argon2's memory) pile up."""
+
+    def __init__(self, *, concurrency: int, queue: int) -> None:
+        self.concurrency = concurrency
+        self.queue = queue
+        self._semaphore = asyncio.Semaphore(concurrency)
+        self._admitted = 0  # running or waiting
+        self.running = 0
+        self.most_running = 0  # the most checks seen running at once (a figure for tests)
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        if self._admitted >= self.concurrency + self.queue:
+            raise Throttled(1.0)
+        self._admitted += 1
+        try:
+            async with self._semaphore:
+                self.running += 1
+                self.most_running = max(self.most_running, self.running)
+                try:
+                    yield
+                finally:
+                    self.running -= 1
+        finally:
+            self._admitted -= 1
 
 
 class KeyRateLimiter:

@@ -56,6 +56,8 @@ class Target:
     ordinal: int
     worker: str
     load: ReplicaLoad = field(compare=False, repr=False)
+    # The engine's API key as a request header (empty when the engine has none): only the gateway holds it.
+    auth: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def key(self) -> ReplicaKey:
@@ -79,7 +81,7 @@ class GatewayCounters:
 
 @dataclass(frozen=True)
 class _Snapshot:
-    replicas: list[tuple[str, int, str, str, dict[str, Any], datetime]]
+    replicas: list[tuple[str, int, str, str, dict[str, Any], datetime, str | None]]
     served_names: set[str]
 
 
@@ -128,25 +130,26 @@ class Registry:
         with self.database.session() as session:
             rows = session.execute(
                 select(Replica.deployment_name, Replica.ordinal, Replica.worker_name, Replica.endpoint,
-                       Replica.spec, Replica.created_at)
+                       Replica.spec, Replica.created_at, Replica.engine_key)
                 .where(Replica.status == "ready", Replica.endpoint.is_not(None))
                 .order_by(Replica.deployment_name, Replica.ordinal)
             ).all()
             names = set(session.scalars(select(Deployment.served_name)).all())
-        return _Snapshot(replicas=[(r[0], r[1], r[2], str(r[3]), dict(r[4] or {}), r[5]) for r in rows],
+        return _Snapshot(replicas=[(r[0], r[1], r[2], str(r[3]), dict(r[4] or {}), r[5], r[6]) for r in rows],
                          served_names=names)
 
     def _apply(self, snapshot: _Snapshot) -> None:
         targets: dict[str, list[Target]] = {}
         created: dict[str, int] = {}
         loads: dict[ReplicaKey, ReplicaLoad] = {}
-        for deployment, ordinal, worker, endpoint, spec, created_at in snapshot.replicas:
+        for deployment, ordinal, worker, endpoint, spec, created_at, engine_key in snapshot.replicas:
             served = str(spec.get("servedName") or deployment)
             key = (deployment, ordinal, endpoint.rstrip("/"))
             load = loads[key] = self._loads.get(key) or ReplicaLoad()
             targets.setdefault(served, []).append(Target(
                 served_name=served, upstream_model=_upstream_model(spec, served), endpoint=key[2],
-                deployment=deployment, ordinal=ordinal, worker=worker, load=load))
+                deployment=deployment, ordinal=ordinal, worker=worker, load=load,
+                auth={"authorization": f"Bearer {engine_key}"} if engine_key else {}))
             stamp = int(created_at.timestamp())
             created[served] = min(created.get(served, stamp), stamp)
         # Requests in flight on a replica that just left keep their (now unreferenced) load object.

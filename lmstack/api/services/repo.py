@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from lmstack.config import Settings
 from lmstack.gitsource import Snapshot, Source, SourceError, parse_snapshot, read_commit
+from lmstack.gitsource.source import push_limits
 from lmstack.manifests import ManifestValidationError
 
 
@@ -64,7 +65,7 @@ class RepoView:
         with self._parse_lock:
             if sha is None or sha != self._parsed_sha or self._parsed is None:
                 try:
-                    self._parsed = parse_snapshot(snapshot)
+                    self._parsed = parse_snapshot(snapshot, limits=push_limits(self.settings))
                 except ManifestValidationError as exc:
                     self._parsed = exc
                 self._parsed_sha = sha

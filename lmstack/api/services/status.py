@@ -2,10 +2,15 @@
 
 Keyword-only functions that take what they read (a session, the database, the settings) and return the
 response models; routes only call them. Blocking (SQLAlchemy, git): call them from a thread.
+
+Each takes a `View` of what the caller may see: a key restricted to some models sees only those deployments
+(their replicas, events, plan actions), and only admins see addresses (engine endpoints, and addresses
+inside messages: blanked for the others).
 """
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,6 +34,40 @@ NO_REPO = ("the server has no repository configured: set LMSTACK_REPO (and LMSTA
 SyncState = Literal["Synced", "OutOfSync", "Unknown"]
 
 
+# URLs and IPv4 addresses (with a port) inside messages: an engine's or a worker's address.
+_ADDRESS = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s,;'\"()<>]+|\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b")
+HIDDEN = "[address hidden]"
+
+
+@dataclass(frozen=True)
+class View:
+    """What the caller may see. `models`: the served names (None: every one); `addresses`: whether engine
+    endpoints and addresses inside messages are shown (admins only)."""
+
+    models: frozenset[str] | None = None
+    addresses: bool = True
+
+    def sees(self, served_name: str) -> bool:
+        return self.models is None or served_name in self.models
+
+    def text(self, message: str | None) -> str | None:
+        """The message, its addresses blanked unless the caller may see them."""
+        if message is None or self.addresses:
+            return message
+        return _ADDRESS.sub(HIDDEN, message)
+
+
+EVERYTHING = View()
+
+
+def visible_deployments(session: Session, view: View) -> set[str] | None:
+    """The names of the deployments the view sees; None: all of them."""
+    if view.models is None:
+        return None
+    return {name for name, served in session.execute(select(Deployment.name, Deployment.served_name))
+            if view.sees(served)}
+
+
 class PlanUnavailable(Exception):
     """The plan cannot be made: no repository configured, or it cannot be read. The message says which."""
 
@@ -36,17 +75,19 @@ class PlanUnavailable(Exception):
 # -- workers --------------------------------------------------------------------------------------------------
 
 
-def list_workers(*, session: Session) -> schemas.WorkerList:
+def list_workers(*, session: Session, view: View = EVERYTHING) -> schemas.WorkerList:
+    visible = visible_deployments(session, view)
     placed: dict[str, list[str]] = defaultdict(list)
     for deployment, ordinal, worker in session.execute(
             select(Replica.deployment_name, Replica.ordinal, Replica.worker_name)
             .order_by(Replica.deployment_name, Replica.ordinal)):
-        placed[worker].append(f"{deployment}/{ordinal}")
-    return schemas.WorkerList(workers=[_worker(row, placed.get(row.name, []))
+        if visible is None or deployment in visible:
+            placed[worker].append(f"{deployment}/{ordinal}")
+    return schemas.WorkerList(workers=[_worker(row, placed.get(row.name, []), view)
                                        for row in session.scalars(select(Worker).order_by(Worker.name))])
 
 
-def _worker(row: Worker, replicas: list[str]) -> schemas.Worker:
+def _worker(row: Worker, replicas: list[str], view: View) -> schemas.Worker:
     # The planner's rule (reconcile.observe): an error from the last gathering makes the worker NotReady even
     # when older facts are kept; a worker never gathered has nothing to place on.
     if row.facts_error:
@@ -57,11 +98,11 @@ def _worker(row: Worker, replicas: list[str]) -> schemas.Worker:
         reason = None
     return schemas.Worker(
         name=row.name, host=row.host, labels=dict(row.labels or {}),
-        status="NotReady" if reason else "Ready", reason=reason,
-        facts=_facts(row.facts) if row.facts is not None else None, facts_at=row.facts_at, replicas=replicas)
+        status="NotReady" if reason else "Ready", reason=view.text(reason),
+        facts=_facts(row.facts, view) if row.facts is not None else None, facts_at=row.facts_at, replicas=replicas)
 
 
-def _facts(facts: Mapping[str, Any]) -> schemas.WorkerFacts:
+def _facts(facts: Mapping[str, Any], view: View) -> schemas.WorkerFacts:
     return schemas.WorkerFacts(
         gpus=[schemas.Gpu(index=int(gpu.get("index", 0)), name=str(gpu.get("name") or ""),
                           uuid=str(gpu.get("uuid") or ""), memory_total=_int(gpu.get("memory_total")),
@@ -69,9 +110,9 @@ def _facts(facts: Mapping[str, Any]) -> schemas.WorkerFacts:
                           memory_unmanaged=_int(gpu.get("memory_unmanaged")),
                           utilization=_int(gpu.get("utilization")))
               for gpu in facts.get("gpus") or [] if isinstance(gpu, Mapping)],
-        gpu_error=_str(facts.get("gpu_error")),
+        gpu_error=view.text(_str(facts.get("gpu_error"))),
         docker_version=_str(facts.get("docker_version")),
-        docker_error=_str(facts.get("docker_error")),
+        docker_error=view.text(_str(facts.get("docker_error"))),
         nvidia_runtime=facts.get("nvidia_runtime") if isinstance(facts.get("nvidia_runtime"), bool) else None,
         cpus=_int(facts.get("cpus")),
         memory_total=_int(facts.get("memory_total")),
@@ -83,15 +124,17 @@ def _facts(facts: Mapping[str, Any]) -> schemas.WorkerFacts:
 # -- deployments ----------------------------------------------------------------------------------------------
 
 
-def list_deployments(*, session: Session) -> schemas.DeploymentList:
+def list_deployments(*, session: Session, view: View = EVERYTHING) -> schemas.DeploymentList:
     ready = _ready_counts(session)
     rows = session.scalars(select(Deployment).order_by(Deployment.name))
-    return schemas.DeploymentList(deployments=[_deployment(row, ready.get(row.name, 0)) for row in rows])
+    return schemas.DeploymentList(deployments=[_deployment(row, ready.get(row.name, 0)) for row in rows
+                                               if view.sees(row.served_name)])
 
 
-def get_deployment(*, session: Session, name: str) -> schemas.DeploymentDetail | None:
+def get_deployment(*, session: Session, name: str, view: View = EVERYTHING) -> schemas.DeploymentDetail | None:
+    """The deployment with its replicas; None when there is none the view sees."""
     row = session.scalars(select(Deployment).where(Deployment.name == name)).one_or_none()
-    if row is None:
+    if row is None or not view.sees(row.served_name):
         return None
     replicas = session.scalars(select(Replica).where(Replica.deployment_name == name)
                                .order_by(Replica.ordinal)).all()
@@ -103,8 +146,9 @@ def get_deployment(*, session: Session, name: str) -> schemas.DeploymentDetail |
         gpus_per_replica=_int(resources.get("gpus")) or 0,
         replicas=[schemas.Replica(
             ordinal=replica.ordinal, name=f"{name}/{replica.ordinal}", worker=replica.worker_name,
-            gpus=list(replica.gpu_indices or []), status=replica.status, endpoint=replica.endpoint,
-            message=replica.message, container_id=replica.container_id, spec_hash=replica.spec_hash,
+            gpus=list(replica.gpu_indices or []), status=replica.status,
+            endpoint=replica.endpoint if view.addresses else None, message=view.text(replica.message),
+            container_id=replica.container_id, spec_hash=replica.spec_hash,
             revision=replica.revision, updated_at=replica.updated_at) for replica in replicas],
     )
 
@@ -132,13 +176,13 @@ def _is_condition(value: object) -> bool:
 # -- sync -------------------------------------------------------------------------------------------------------
 
 
-def sync_status(*, database: Database, repo: RepoView, limit: int) -> schemas.SyncStatus:
+def sync_status(*, database: Database, repo: RepoView, limit: int, view: View = EVERYTHING) -> schemas.SyncStatus:
     """Runs from the database; Synced when the last succeeded run applied the repository's current commit.
 
     Reading the commit fetches a remote repository, so it happens after the database session is closed.
     """
     with database.session() as session:
-        runs = [_run(row) for row in session.scalars(select(SyncRun).order_by(SyncRun.id.desc()).limit(limit))]
+        runs = [_run(row, view) for row in session.scalars(select(SyncRun).order_by(SyncRun.id.desc()).limit(limit))]
         applied = session.scalars(select(SyncRun).where(SyncRun.status == "succeeded")
                                   .order_by(SyncRun.id.desc()).limit(1)).one_or_none()
     revision = applied.revision if applied is not None else None
@@ -149,8 +193,8 @@ def sync_status(*, database: Database, repo: RepoView, limit: int) -> schemas.Sy
         state, message = "Unknown", problem
     else:
         state, message = _compare(head.revision, revision, runs[0] if runs else None)
-    return schemas.SyncStatus(state=state, message=message, revision=revision, synced_at=synced_at, head=head,
-                              runs=runs)
+    return schemas.SyncStatus(state=state, message=view.text(message) or "", revision=revision, synced_at=synced_at,
+                              head=head, runs=runs)
 
 
 def _head(repo: RepoView) -> tuple[schemas.RepoHead | None, str]:
@@ -178,11 +222,11 @@ def _compare(head: str, applied: str | None, latest: schemas.SyncRun | None) -> 
     return "OutOfSync", message
 
 
-def _run(row: SyncRun) -> schemas.SyncRun:
+def _run(row: SyncRun, view: View) -> schemas.SyncRun:
     summary = (row.plan or {}).get("summary") or {}
     return schemas.SyncRun(
         id=row.id, revision=row.revision, subject=row.subject, source=row.source, trigger=row.trigger,
-        status=row.status, started_at=row.started_at, finished_at=row.finished_at, error=row.error,
+        status=row.status, started_at=row.started_at, finished_at=row.finished_at, error=view.text(row.error),
         summary={str(key): count for key, count in summary.items() if isinstance(count, int)})
 
 
@@ -190,9 +234,13 @@ def _run(row: SyncRun) -> schemas.SyncRun:
 
 
 def list_events(*, session: Session, limit: int, object_ref: str | None = None,
-                type_: str | None = None) -> schemas.EventList:
-    """Newest first. `object_ref`: "Kind/name" (kind in any case) or a bare name (any kind)."""
+                type_: str | None = None, view: View = EVERYTHING) -> schemas.EventList:
+    """Newest first. `object_ref`: "Kind/name" (kind in any case) or a bare name (any kind). A view limited to
+    some models sees only those deployments' events."""
     query = select(Event)
+    visible = visible_deployments(session, view)
+    if visible is not None:
+        query = query.where(Event.object_kind == "Deployment", Event.object_name.in_(sorted(visible)))
     if object_ref:
         kind, _, name = object_ref.rpartition("/")
         query = query.where(Event.object_name == name)
@@ -203,14 +251,14 @@ def list_events(*, session: Session, limit: int, object_ref: str | None = None,
     rows = session.scalars(query.order_by(Event.id.desc()).limit(limit))
     return schemas.EventList(events=[
         schemas.Event(id=row.id, at=row.at, type=row.type, object_kind=row.object_kind,
-                      object_name=row.object_name, reason=row.reason, message=row.message,
+                      object_name=row.object_name, reason=row.reason, message=view.text(row.message) or "",
                       sync_run_id=row.sync_run_id) for row in rows])
 
 
 # -- plan -------------------------------------------------------------------------------------------------------
 
 
-def current_plan(*, database: Database, repo: RepoView) -> schemas.PlanResponse:
+def current_plan(*, database: Database, repo: RepoView, view: View = EVERYTHING) -> schemas.PlanResponse:
     """What the controller would do now: the configured commit planned against the recorded state.
 
     Raises PlanUnavailable (no repository, or it cannot be read) and ManifestValidationError (every error
@@ -225,12 +273,32 @@ def current_plan(*, database: Database, repo: RepoView) -> schemas.PlanResponse:
         observed = load_observed(session)
     result = make_plan(source.desired, observed)
     revision = source.revision
-    return schemas.PlanResponse.model_validate({
+    answer = schemas.PlanResponse.model_validate({
         "source": {"origin": source.origin, "revision": revision.sha if revision else None,
                    "subject": revision.subject if revision else None},
         **result.to_json(),
         "hasChanges": result.has_changes or bool(result.unplaceable),
     })
+    if view.models is None:
+        return answer
+    seen = {name for name, deployment in source.desired.deployments.items() if view.sees(deployment.served_name)}
+    seen |= {name for name, served in observed_served(database) if view.sees(served)}
+    actions = [action for action in answer.actions if action.deployment in seen]
+    unplaceable = [item for item in answer.unplaceable if item.deployment in seen]
+    summary: dict[str, int] = defaultdict(int)
+    for action in actions:
+        summary[action.kind] += 1
+    summary["unplaceable"] = len(unplaceable)
+    # Notes name workers and other deployments: left out for a key limited to some models.
+    return answer.model_copy(update={"actions": actions, "unplaceable": unplaceable, "notes": [],
+                                     "summary": {key: summary.get(key, 0) for key in answer.summary},
+                                     "has_changes": any(a.kind != "noop" for a in actions) or bool(unplaceable)})
+
+
+def observed_served(database: Database) -> list[tuple[str, str]]:
+    """(deployment, served name) of every recorded deployment."""
+    with database.session() as session:
+        return [(name, served) for name, served in session.execute(select(Deployment.name, Deployment.served_name))]
 
 
 # -- health and metrics -------------------------------------------------------------------------------------------
@@ -266,6 +334,11 @@ class ReplicaLocation:
     ordinal: int
     worker: str
     container_id: str | None
+
+
+def served_name(*, session: Session, deployment: str) -> str | None:
+    """The deployment's served name (what a key's model allowlist names); None when there is no such one."""
+    return session.scalar(select(Deployment.served_name).where(Deployment.name == deployment))
 
 
 def find_replica(*, session: Session, deployment: str, ordinal: int | None) -> ReplicaLocation | None:

@@ -320,7 +320,8 @@ class UpstreamClient:
         except TimeoutError:
             raise TimeoutError(f"could not connect within {self.connect_timeout_s:g}s") from None
         except OSError as exc:
-            raise ConnectError(f"cannot connect to {origin.host}:{origin.port}: {exc.strerror or exc}") from None
+            # No address in the message: it may reach API clients (the registry logs which replica failed).
+            raise ConnectError(f"cannot connect: {exc.strerror or type(exc).__name__}") from None
         self._open.add(protocol)
         return protocol
 

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -191,10 +191,12 @@ class UsageRecorder:
 # -- reading ---------------------------------------------------------------------------------------------
 
 
-def query_usage(session: Session, *, user: str | None, since: datetime | None = None,
+def query_usage(session: Session, *, user: str | None, models: Collection[str] | None = None,
+                since: datetime | None = None,
                 until: datetime | None = None, model: str | None = None, key_id: int | None = None,
                 limit: int = 1000) -> list[dict[str, Any]]:
-    """Rolled-up usage, newest hour first. `user`: only that user's keys (None: everything, for admins).
+    """Rolled-up usage, newest hour first. `user`: only that user's keys (None: everything, for admins);
+    `models`: only these models (None: every one).
 
     `since` is inclusive and `until` exclusive, both compared with the hour a row covers.
     """
@@ -213,6 +215,8 @@ def query_usage(session: Session, *, user: str | None, since: datetime | None = 
         stmt = stmt.where(Usage.hour < _utc(until))
     if model is not None:
         stmt = stmt.where(Usage.model == model)
+    if models is not None:
+        stmt = stmt.where(Usage.model.in_(sorted(models)))
     if key_id is not None:
         stmt = stmt.where(Usage.api_key_id == key_id)
     return [{"key_id": row.api_key_id, "key_name": key_name, "user": user_name, "model": row.model,

@@ -12,10 +12,11 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from lmstack.api.security import hash_password, issue_token, verify_password
-from lmstack.api.services.ratelimit import LoginLimiter
-from lmstack.state import ROLES, Role, User
+from lmstack.api.services.ratelimit import LoginLimiter, Throttled
+from lmstack.state import ROLES, Database, Role, User
 
 MIN_PASSWORD_LENGTH = 12
 MAX_PASSWORD_LENGTH = 1024  # argon2 reads all of it: a cap keeps a login request cheap
@@ -124,6 +125,10 @@ class TooManyAttempts(LoginRefused):
     pass
 
 
+class LoginBusy(LoginRefused):
+    """Too many password checks running and waiting: try again in a moment (nothing was counted)."""
+
+
 @dataclass(frozen=True)
 class IssuedToken:
     token: str
@@ -132,26 +137,42 @@ class IssuedToken:
     role: Role
 
 
-def log_in(session: Session, *, limiter: LoginLimiter, name: str, password: str, client: str, secret: str,
-           ttl_s: int) -> IssuedToken:
+async def log_in(database: Database, *, limiter: LoginLimiter, name: str, password: str, client: str, secret: str,
+                 ttl_s: int) -> IssuedToken:
     """A login token for a right name and password.
 
-    A wrong password and an unknown user fail alike, at the same cost (one argon2 verification either
-    way: an unknown user is checked against a dummy hash). Failures count against the user and the
-    client address; once either has had `limiter.attempts` in the window, further attempts are refused
-    before any password is checked. A good login clears the user's count, not the address's.
+    The attempt is counted against the limits (services/ratelimit.py: per user and address, per address,
+    per user across addresses) before the password is checked, so concurrent guesses cannot outrun the
+    count; a refused attempt checks nothing. The check itself waits for one of `limiter.checks`' slots
+    (argon2 takes 64 MiB each) and runs in a thread; when too many are waiting it is refused at once.
+    A wrong password and an unknown user fail alike, at the same cost (one argon2 verification either way:
+    an unknown user is checked against a dummy hash).
     """
-    subjects = (f"user:{name}", f"ip:{client}")
-    wait = limiter.retry_after(*subjects)
-    if wait is not None:
-        raise TooManyAttempts("too many failed logins; try again later", retry_after=wait)
-    user = session.scalar(select(User).where(User.name == name))
-    if not verify_password(user.password_hash if user is not None else None, password) or user is None:
-        limiter.failed(*subjects)
+    try:
+        attempt = limiter.admit(name, client)
+    except Throttled as exc:
+        raise TooManyAttempts("too many failed logins; try again later", retry_after=exc.retry_after) from None
+    try:
+        async with limiter.checks.slot():
+            # Not abandoned on cancellation: the slot is held until the check really ends.
+            user = await run_in_threadpool(_check_password, database, name, password)
+    except Throttled as exc:
+        attempt.cancel()
+        raise LoginBusy("too many logins at once; try again in a moment", retry_after=exc.retry_after) from None
+    if user is None:
         raise InvalidCredentials("wrong user name or password")
+    attempt.succeeded()
     if user.disabled:
         # Only someone who knows the password learns this.
         raise UserDisabled(f"user {name!r} is disabled")
-    limiter.succeeded(subjects[0])
     token, expires = issue_token(secret, user=user.name, role=user.role, ttl_s=ttl_s)
     return IssuedToken(token=token, expires_at=expires, user=user.name, role=user.role)
+
+
+def _check_password(database: Database, name: str, password: str) -> UserRecord | None:
+    """The user when the password is theirs; None otherwise. Blocking (a query and argon2)."""
+    with database.session() as session:
+        user = session.scalar(select(User).where(User.name == name))
+        if not verify_password(user.password_hash if user is not None else None, password) or user is None:
+            return None
+        return UserRecord.of(user)
