@@ -88,7 +88,9 @@ def _is_json(scope: Scope) -> bool:
     return True  # FastAPI reads a body without a content type as JSON
 
 
-async def _read(receive: Receive) -> bytes | None:
+async def read_body(receive: Receive, *, limit: int, too_large: str) -> bytes | None:
+    """The whole request body (None when the client went away first); 413 with `too_large` beyond `limit`
+    bytes. The gateway's bodies and the API's own are read here."""
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -97,12 +99,11 @@ async def _read(receive: Receive) -> bytes | None:
             return None
         chunk: bytes = message.get("body", b"")
         size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise ApiError(413, f"the request body is larger than {MAX_BODY_BYTES // 1024} KiB",
-                           code="request_too_large")
+        if size > limit:
+            raise ApiError(413, too_large, code="request_too_large")
         chunks.append(chunk)
         if not message.get("more_body", False):
-            return b"".join(chunks)
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _check_body(body: bytes) -> None:
@@ -125,7 +126,8 @@ async def checked(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> N
     try:
         _check_url(scope)
         if scope["type"] == "http" and scope["method"] in _BODY_METHODS and _is_json(scope):
-            body = await _read(receive)
+            body = await read_body(receive, limit=MAX_BODY_BYTES,
+                                   too_large=f"the request body is larger than {MAX_BODY_BYTES // 1024} KiB")
             if body is None:
                 return  # the client left
             _check_body(body)

@@ -22,6 +22,7 @@ from starlette.types import Receive, Scope, Send
 from lmstack.api import schemas
 from lmstack.api.deps import CurrentPrincipal, Principal, SessionDep, StateDep, principal_for
 from lmstack.api.errors import ApiError, error_response, internal_error
+from lmstack.api.inputs import read_body
 from lmstack.api.services.proxy import Call, forward
 from lmstack.api.services.usage import query_usage
 from lmstack.api.state import AppState
@@ -128,7 +129,9 @@ async def answer_fast(state: AppState, path: str, scope: Scope, receive: Receive
     try:
         principal = await principal_for(_header(scope, b"authorization"), state)
         started, at = time.perf_counter(), time.time()
-        raw = await _read_body(receive, limit=_limit(state))
+        limit = _limit(state)
+        raw = await read_body(receive, limit=limit, too_large=f"the request body is larger than "
+                              f"{limit // (1024 * 1024)} MiB (LMSTACK_MAX_REQUEST_MB)")
         if raw is None:
             return  # gone while sending its request: nobody to answer
         response = await proxy_request(state, principal, path, raw, receive=receive, started=started, at=at)
@@ -156,22 +159,6 @@ def _limit(state: AppState) -> int:
     return int(state.settings.max_request_mb * 1024 * 1024)
 
 
-async def _read_body(receive: Receive, *, limit: int) -> bytes | None:
-    """The whole request body (None when the client went away first); 413 beyond `limit` bytes."""
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return None
-        chunk: bytes = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"the request body is larger than {limit // (1024 * 1024)} MiB "
-                                f"(LMSTACK_MAX_REQUEST_MB)", code="request_too_large")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _parse(raw: bytes) -> dict[str, Any]:
