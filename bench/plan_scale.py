@@ -114,7 +114,7 @@ def steady_state(desired: DesiredState, observed: Observed, scratch: Plan) -> tu
         if action.kind is not ActionKind.CREATE or action.placement is None:
             continue
         deployment = desired.deployments[action.deployment]
-        stored = json.loads(json.dumps(effective_spec(action.deployment, deployment.spec)))
+        stored = json.loads(json.dumps(effective_spec(action.deployment, deployment.spec).to_json()))
         replicas.append(ReplicaObservation(action.deployment, action.replica, action.placement.worker,
                                            action.placement.gpus, stored, "ready"))
         placed[action.deployment] = placed.get(action.deployment, 0) + 1

@@ -5,6 +5,7 @@ and each container's mounts (plan_reach)."""
 
 from __future__ import annotations
 
+import json
 import typing
 from typing import Any
 
@@ -13,6 +14,7 @@ from rich.console import Console
 
 from lmstack.backends import (
     BACKENDS,
+    EffectiveSpec,
     HttpCall,
     ModelDownload,
     ReplicaContext,
@@ -43,21 +45,21 @@ CACHE = "/var/lib/lmstack/models"
 SECRET = "hf_s3cr3t-value-never-shown"
 
 
-def _spec(name: str, **fields: Any) -> dict[str, Any]:
+def _spec(name: str, **fields: Any) -> EffectiveSpec:
     return effective_spec(name, DeploymentSpec.model_validate(fields))
 
 
-def _replica(spec: dict[str, Any], *, gpus: tuple[int, ...], port: int | None = None, ordinal: int = 0,
+def _replica(spec: EffectiveSpec, *, gpus: tuple[int, ...], port: int | None = None, ordinal: int = 0,
              revision: str | None = SHA) -> ReplicaContext:
     return ReplicaContext(
-        deployment=spec["servedName"], ordinal=ordinal,
-        served_name=spec["servedName"], gpus=gpus, port=port or backend_for(spec["backend"]).default_port,
+        deployment=spec.served_name, ordinal=ordinal,
+        served_name=spec.served_name, gpus=gpus, port=port or backend_for(spec.backend).default_port,
         model_cache=CACHE, revision=revision, spec_hash=spec_hash(spec),
     )
 
 
-def _container(spec: dict[str, Any], replica: ReplicaContext, env: dict[str, str] | None = None) -> ContainerSpec:
-    return backend_for(spec["backend"]).container(spec, replica, env if env is not None else {})
+def _container(spec: EffectiveSpec, replica: ReplicaContext, env: dict[str, str] | None = None) -> ContainerSpec:
+    return backend_for(spec.backend).container(spec, replica, env if env is not None else {})
 
 
 # --- vLLM ----------------------------------------------------------------------------------------------
@@ -281,7 +283,7 @@ def test_llamacpp_is_ready_only_when_healthy_and_listing_its_alias() -> None:
 def test_llamacpp_runs_on_cpu_with_its_default_image_and_checks_its_model() -> None:
     state = load_manifests({"d.yaml": _deployment("{backend: llamacpp, model: m.gguf, resources: {gpus: 0}}")},
                            inventory_hosts=None)
-    assert effective_spec("d", state.deployments["d"].spec)["image"] == "ghcr.io/ggml-org/llama.cpp:server-b10133"
+    assert effective_spec("d", state.deployments["d"].spec).image == "ghcr.io/ggml-org/llama.cpp:server-b10133"
     with pytest.raises(ManifestValidationError) as info:
         load_manifests({"d.yaml": _deployment("{backend: llamacpp, model: 'hf://just-a-repo/x', "
                                               "resources: {gpus: 0}}")}, inventory_hosts=None)
@@ -377,7 +379,7 @@ def test_a_stored_spec_builds_the_same_container() -> None:
     """The executor may build from a spec read back from the database (JSON): same container."""
     spec = _spec("qwen-7b", backend="vllm", model="Qwen/Qwen2.5-7B-Instruct", resources={"gpus": 2},
                  args=["--max-model-len", "8192"], env={"A": "1"})
-    stored = normalize_applied("qwen-7b", spec)
+    stored = normalize_applied("qwen-7b", json.loads(json.dumps(spec.to_json())))
     assert stored is not None
     replica = _replica(spec, gpus=(0, 1))
     assert _container(stored, replica, {"A": "1"}) == _container(spec, replica, {"A": "1"})
@@ -405,7 +407,7 @@ def test_default_images_are_pinned() -> None:
 
 def test_declared_fields_are_effective_spec_paths() -> None:
     for name, backend in BACKENDS.items():
-        spec = _spec("d", backend=name, model="m", resources={"gpus": 1, "gpuMemory": "1Gi"})
+        spec = _spec("d", backend=name, model="m", resources={"gpus": 1, "gpuMemory": "1Gi"}).to_json()
         for path in (*backend.restart_fields, *backend.in_place_fields):
             value: Any = spec
             for part in path.split("."):
@@ -447,7 +449,7 @@ def test_gpus_one_or_more_needs_no_image(backend: str) -> None:
 def test_ollama_runs_on_cpu_with_its_default_image() -> None:
     state = load_manifests({"d.yaml": _deployment("{backend: ollama, model: phi3, resources: {gpus: 0}}")},
                            inventory_hosts=None)
-    assert effective_spec("d", state.deployments["d"].spec)["image"] == "ollama/ollama:0.12.6"
+    assert effective_spec("d", state.deployments["d"].spec).image == "ollama/ollama:0.12.6"
 
 
 # --- render_commands (lmstack plan --show-commands) ------------------------------------------------------

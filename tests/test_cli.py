@@ -127,7 +127,7 @@ def _effective(fleet: Path, env: dict[str, str]) -> dict[str, object]:
     from lmstack.gitsource import load_source
 
     source = load_source(repo=str(fleet), ref="HEAD", directory=None, settings=Settings(home=Path(env["LMSTACK_HOME"])))
-    return effective_spec("qwen-7b", source.desired.deployments["qwen-7b"].spec)
+    return effective_spec("qwen-7b", source.desired.deployments["qwen-7b"].spec).to_json()
 
 
 def test_plan_of_a_bad_commit_exits_1_and_plans_nothing(fleet: Path, env: dict[str, str], db: Database) -> None:

@@ -5,6 +5,7 @@ client. One test runs the engines in containers on the multi-host test bed.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import re
@@ -29,9 +30,12 @@ import pytest
 import uvicorn
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sqlalchemy import select
 
 from lmstack.api.app import create_app
 from lmstack.api.security import hash_password, issue_token, new_api_key
+from lmstack.api.services.metrics import Metrics
+from lmstack.api.services.registry import Registry
 from lmstack.api.state import AppState
 from lmstack.config import Settings
 from lmstack.state import ApiKey, Database, Deployment, Replica, User
@@ -696,6 +700,25 @@ def test_the_upstream_model_name_comes_from_the_backend(db, standins, start_gate
 
     assert [m.id for m in client.models.list().data] == ["llama"]
     assert chat(client, model="llama").choices[0].message.content.startswith("Hello from llama3.2:1b")
+
+
+def test_the_registry_reads_each_replicas_own_spec_again_when_it_changes(db):
+    """An in-place update (Ollama pulls another model) rewrites the replica's stored spec: the next refresh
+    routes by the new one. A stored spec that does not validate is routed by the deployment's name."""
+    spec = add_deployment(db, "llama", served="chat", backend="ollama", model="llama3.2:1b")
+    add_replica(db, "llama", 0, "http://10.9.9.9:11434", spec)
+    add_replica(db, "odd", 0, "http://10.9.9.9:8000", {"backend": "tgi", "servedName": "x"})
+    registry = Registry(db, refresh_s=60, metrics=Metrics())
+
+    def routes() -> dict[str, list[str]]:
+        asyncio.run(registry.refresh())
+        return {name: [t.upstream_model for t in registry.targets(name)] for name in ("chat", "phi", "odd", "x")}
+
+    assert routes() == {"chat": ["llama3.2:1b"], "phi": [], "odd": ["odd"], "x": []}
+    with db.session() as session:
+        replica = session.scalars(select(Replica).where(Replica.deployment_name == "llama")).one()
+        replica.spec = {**spec, "model": "phi3:mini", "servedName": "phi"}
+    assert routes() == {"chat": [], "phi": ["phi3:mini"], "odd": ["odd"], "x": []}
 
 
 def test_login_tokens_work_and_replicas_appear_without_a_restart(db, standins, start_gateway):

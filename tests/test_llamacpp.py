@@ -342,7 +342,7 @@ def test_the_plan_notes_a_model_to_fetch_and_prepare_fetches_it_where_it_may_run
     # Once the replicas run, no note.
     running = tuple(
         ReplicaObservation(a.deployment, a.replica, a.placement.worker, (),
-                           effective_spec(a.deployment, desired.deployments[a.deployment].spec),
+                           effective_spec(a.deployment, desired.deployments[a.deployment].spec).to_json(),
                            spec_hash=a.spec_hash)
         for a in first.actions if a.placement is not None)
     assert plan(desired, Observed(workers=workers, replicas=running)).notes == ()

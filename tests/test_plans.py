@@ -84,9 +84,9 @@ def load_case(path: Path) -> tuple[Any, Observed, dict[str, Any]]:
         if made_from is not None:
             base = effective_spec(deployment, load_manifests(
                 {"applied.yaml": yaml.safe_dump({"apiVersion": "lmstack.dev/v1", **made_from})},
-                inventory_hosts=None).deployments[deployment].spec)
+                inventory_hosts=None).deployments[deployment].spec).to_json()
         else:
-            base = effective_spec(deployment, desired.deployments[deployment].spec)
+            base = effective_spec(deployment, desired.deployments[deployment].spec).to_json()
         replicas.append(ReplicaObservation(
             deployment=deployment, ordinal=int(ordinal), worker=item["worker"],
             gpus=tuple(item.get("gpus", [])),

@@ -86,7 +86,7 @@ def _replicas(draw: st.DrawFn, desired: DesiredState, facts: dict[str, WorkerObs
         free = [index for index in present if conflicts or (worker, index) not in taken]
         gpus = tuple(sorted(draw(st.lists(st.sampled_from(free), unique=True, max_size=3)))) if free else ()
         taken.update((worker, index) for index in gpus)
-        spec = (effective_spec(deployment, desired.deployments[deployment].spec)
+        spec = (effective_spec(deployment, desired.deployments[deployment].spec).to_json()
                 if deployment in desired.deployments else
                 {"backend": "vllm", "model": "m", "resources": {"gpus": len(gpus)}})
         if draw(st.booleans()):

@@ -22,11 +22,7 @@ from lmstack.backends.container import (
     LABEL_SPEC_HASH,
     ContainerSpec,
 )
-
-# A deployment's spec with every default filled in, in manifest (camelCase) form: see effective_spec().
-EffectiveSpec = dict[str, Any]
-# What backends read: an effective spec (or one stored earlier), never changed.
-SpecView = Mapping[str, Any]
+from lmstack.backends.spec import EffectiveSpec
 
 # The Hugging Face cache inside vLLM's and SGLang's images (HF_HOME is set to it, so it holds either way).
 HF_CACHE = "/root/.cache/huggingface"
@@ -84,7 +80,7 @@ class Backend(ABC):
     name: str
     default_image: str
     default_port: int
-    # Effective-spec paths (camelCase, dotted) whose change needs a new container.
+    # Paths in the effective spec's JSON form (camelCase, dotted) whose change needs a new container.
     restart_fields: tuple[str, ...]
     # Paths the running engine can take without a restart (e.g. Ollama pulls another model).
     in_place_fields: tuple[str, ...] = ()
@@ -123,23 +119,23 @@ class Backend(ABC):
         """The pinned image a replica with `gpus` GPUs gets when the spec names none."""
         return self.default_gpu_image if gpus > 0 and self.default_gpu_image else self.default_image
 
-    def model_download(self, spec: SpecView) -> ModelDownload | None:
+    def model_download(self, spec: EffectiveSpec) -> ModelDownload | None:
         """A file `lmstack prepare` must place in the worker's model cache before a replica can start."""
         return None
 
     @abstractmethod
-    def engine_command(self, spec: SpecView, replica: ReplicaContext) -> list[str]:
+    def engine_command(self, spec: EffectiveSpec, replica: ReplicaContext) -> list[str]:
         """The engine's command line (after the image and its entrypoint), without the user's `args`."""
 
-    def engine_env(self, spec: SpecView, replica: ReplicaContext) -> dict[str, str]:
+    def engine_env(self, spec: EffectiveSpec, replica: ReplicaContext) -> dict[str, str]:
         """Environment the engine needs from lmstack (cache location, listen address)."""
         return {}
 
-    def upstream_model(self, spec: SpecView) -> str:
+    def upstream_model(self, spec: EffectiveSpec) -> str:
         """The `model` the gateway sends upstream: the served name, which the engine was started with."""
-        return str(spec["servedName"])
+        return spec.served_name
 
-    def after_start(self, spec: SpecView) -> list[HttpCall]:
+    def after_start(self, spec: EffectiveSpec) -> list[HttpCall]:
         """Calls to make once the engine answers HTTP, before it can be ready (e.g. a model pull)."""
         return []
 
@@ -149,14 +145,14 @@ class Backend(ABC):
 
     # --- shared -------------------------------------------------------------------------------------
 
-    def container(self, spec: SpecView, replica: ReplicaContext, env: Mapping[str, str]) -> ContainerSpec:
+    def container(self, spec: EffectiveSpec, replica: ReplicaContext, env: Mapping[str, str]) -> ContainerSpec:
         """The replica's container. `env` is the spec's env, already resolved (values may be secrets).
 
         The user's `args` come last so that they can override any flag lmstack sets (the engines'
         parsers keep the last value given). The environment lmstack sets wins over the user's: it must
         agree with the port and the cache mount that lmstack chose.
         """
-        wanted = int(spec["resources"]["gpus"])
+        wanted = spec.resources.gpus
         if len(replica.gpus) != wanted:
             raise ValueError(f"{replica.container_name}: the spec asks for {wanted} GPUs but "
                              f"{len(replica.gpus)} were given ({list(replica.gpus)})")
@@ -184,8 +180,8 @@ class Backend(ABC):
             labels[LABEL_REVISION] = replica.revision
         return ContainerSpec(
             name=replica.container_name,
-            image=str(spec["image"]),
-            command=(*command, *(str(arg) for arg in spec["args"])),
+            image=spec.image,
+            command=(*command, *spec.args),
             port=replica.port,
             gpus=replica.gpus,
             env={**env, **lmstack_env},

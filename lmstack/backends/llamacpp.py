@@ -11,7 +11,8 @@ Readiness: /health answers 200 (it says 503 while the model loads) and /v1/model
 
 from __future__ import annotations
 
-from lmstack.backends.base import Backend, ModelDownload, ReplicaContext, SpecView
+from lmstack.backends.base import Backend, ModelDownload, ReplicaContext
+from lmstack.backends.spec import EffectiveSpec
 from lmstack.manifests.modelref import HfFile, parse_model_file
 
 MODELS_PATH = "/models"
@@ -29,20 +30,20 @@ def model_path(model: str) -> str:
 
 
 class LlamaCpp(Backend):
-    def engine_command(self, spec: SpecView, replica: ReplicaContext) -> list[str]:
+    def engine_command(self, spec: EffectiveSpec, replica: ReplicaContext) -> list[str]:
         # -np and -c are defaults: the user's args come after them, and llama-server keeps the last value.
-        command = ["-m", model_path(str(spec["model"])), "--alias", replica.served_name,
+        command = ["-m", model_path(spec.model), "--alias", replica.served_name,
                    "--host", "0.0.0.0", "--port", str(replica.port),  # noqa: S104 - other hosts reach it
                    "-np", str(DEFAULT_PARALLEL), "-c", str(DEFAULT_CONTEXT)]
         if replica.gpus:
             command += ["-ngl", ALL_LAYERS]
         return command
 
-    def model_download(self, spec: SpecView) -> ModelDownload | None:
-        ref = parse_model_file(str(spec["model"]))
+    def model_download(self, spec: EffectiveSpec) -> ModelDownload | None:
+        ref = parse_model_file(spec.model)
         if not isinstance(ref, HfFile):
             return None
-        return ModelDownload(source=str(spec["model"]), url=ref.url(), path=ref.cache_path, sha256=ref.sha256)
+        return ModelDownload(source=spec.model, url=ref.url(), path=ref.cache_path, sha256=ref.sha256)
 
 
 BACKEND = LlamaCpp(

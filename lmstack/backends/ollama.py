@@ -10,27 +10,27 @@ allow only the lmstack host to reach the workers' engine ports (README, "Securit
 
 from __future__ import annotations
 
-from lmstack.backends.base import Backend, HttpCall, ReplicaContext, SpecView
-from lmstack.manifests.quantity import parse_duration
+from lmstack.backends.base import Backend, HttpCall, ReplicaContext
+from lmstack.backends.spec import EffectiveSpec
 
 _REGISTRY_PREFIXES = ("registry.ollama.ai/library/", "registry.ollama.ai/")
 
 
 class Ollama(Backend):
-    def engine_command(self, spec: SpecView, replica: ReplicaContext) -> list[str]:
+    def engine_command(self, spec: EffectiveSpec, replica: ReplicaContext) -> list[str]:
         return ["serve"]
 
-    def engine_env(self, spec: SpecView, replica: ReplicaContext) -> dict[str, str]:
+    def engine_env(self, spec: EffectiveSpec, replica: ReplicaContext) -> dict[str, str]:
         return {"OLLAMA_HOST": f"0.0.0.0:{replica.port}"}
 
-    def upstream_model(self, spec: SpecView) -> str:
-        return str(spec["model"])
+    def upstream_model(self, spec: EffectiveSpec) -> str:
+        return spec.model
 
-    def after_start(self, spec: SpecView) -> list[HttpCall]:
+    def after_start(self, spec: EffectiveSpec) -> list[HttpCall]:
         # Blocking pull (stream false: one JSON answer, {"status": "success"}); a big model may take
         # as long as the replica is allowed to take to start.
-        timeout = parse_duration(spec["health"]["startupTimeout"])
-        return [HttpCall("POST", "/api/pull", {"model": str(spec["model"]), "stream": False}, float(timeout))]
+        return [HttpCall("POST", "/api/pull", {"model": spec.model, "stream": False},
+                         float(spec.health.startup_timeout))]
 
     def lists_model(self, listed: str, model: str) -> bool:
         return _canonical(listed) == _canonical(model)

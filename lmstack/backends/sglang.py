@@ -7,12 +7,13 @@ documented `docker run ... lmsysorg/sglang python3 -m sglang.launch_server --mod
 
 from __future__ import annotations
 
-from lmstack.backends.base import HF_CACHE, Backend, ReplicaContext, SpecView, tensor_parallel
+from lmstack.backends.base import HF_CACHE, Backend, ReplicaContext, tensor_parallel
+from lmstack.backends.spec import EffectiveSpec
 
 
 class Sglang(Backend):
-    def engine_command(self, spec: SpecView, replica: ReplicaContext) -> list[str]:
-        command = ["python3", "-m", "sglang.launch_server", "--model-path", str(spec["model"]),
+    def engine_command(self, spec: EffectiveSpec, replica: ReplicaContext) -> list[str]:
+        command = ["python3", "-m", "sglang.launch_server", "--model-path", spec.model,
                    "--served-model-name", replica.served_name,
                    "--host", "0.0.0.0", "--port", str(replica.port)]  # noqa: S104 - other hosts reach it
         if tensor_parallel(replica) > 1:
@@ -21,7 +22,7 @@ class Sglang(Backend):
         # weights and KV cache, so it cannot be derived from it honestly: leave it to `args`.
         return command
 
-    def engine_env(self, spec: SpecView, replica: ReplicaContext) -> dict[str, str]:
+    def engine_env(self, spec: EffectiveSpec, replica: ReplicaContext) -> dict[str, str]:
         return {"HF_HOME": HF_CACHE}
 
 

@@ -7,12 +7,13 @@ takes the same command line.
 
 from __future__ import annotations
 
-from lmstack.backends.base import HF_CACHE, Backend, ReplicaContext, SpecView, tensor_parallel
+from lmstack.backends.base import HF_CACHE, Backend, ReplicaContext, tensor_parallel
+from lmstack.backends.spec import EffectiveSpec
 
 
 class Vllm(Backend):
-    def engine_command(self, spec: SpecView, replica: ReplicaContext) -> list[str]:
-        command = [str(spec["model"]), "--served-model-name", replica.served_name,
+    def engine_command(self, spec: EffectiveSpec, replica: ReplicaContext) -> list[str]:
+        command = [spec.model, "--served-model-name", replica.served_name,
                    "--host", "0.0.0.0", "--port", str(replica.port)]  # noqa: S104 - other hosts reach it
         if tensor_parallel(replica) > 1:
             command += ["--tensor-parallel-size", str(tensor_parallel(replica))]
@@ -20,7 +21,7 @@ class Vllm(Backend):
         # itself), not a budget: --gpu-memory-utilization is left to the engine's default or to `args`.
         return command
 
-    def engine_env(self, spec: SpecView, replica: ReplicaContext) -> dict[str, str]:
+    def engine_env(self, spec: EffectiveSpec, replica: ReplicaContext) -> dict[str, str]:
         return {"HF_HOME": HF_CACHE}
 
 

@@ -155,7 +155,7 @@ def _planned_containers(plan: Plan, desired: DesiredState,
             continue
         deployment = desired.deployments[action.deployment]
         spec = effective_spec(deployment.name, deployment.spec)
-        backend = backend_for(spec["backend"])
+        backend = backend_for(spec.backend)
         worker = action.placement.worker
         if model_cache is not None:
             cache = model_cache(worker)
@@ -163,10 +163,10 @@ def _planned_containers(plan: Plan, desired: DesiredState,
             declared = desired.workers.get(worker)
             cache = declared.spec.model_cache if declared else WorkerSpec.model_fields["model_cache"].default
         replica = ReplicaContext(
-            deployment=deployment.name, ordinal=action.replica, served_name=deployment.served_name,
+            deployment=deployment.name, ordinal=action.replica, served_name=spec.served_name,
             gpus=action.placement.gpus, port=backend.default_port, model_cache=str(cache), revision=None,
             spec_hash=action.spec_hash or spec_hash(spec),
         )
-        placeholders = dict.fromkeys(deployment.spec.env, "")  # names only: nothing is resolved
+        placeholders = dict.fromkeys(spec.env, "")  # names only: nothing is resolved
         found.append((action, backend.container(spec, replica, placeholders)))
     return found

@@ -11,13 +11,11 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from secrets import token_urlsafe
-from typing import Any
 
-from lmstack.backends import backend_for
+from lmstack.backends import EffectiveSpec, backend_for
 from lmstack.backends.base import ReplicaContext
 from lmstack.backends.container import LABEL_DEPLOYMENT, LABEL_REPLICA
 from lmstack.manifests.policy import PushLimits
-from lmstack.manifests.quantity import parse_duration
 from lmstack.nodes.docker import DockerPool, ManagedContainer, NodeError
 from lmstack.nodes.http import request
 from lmstack.reconcile.model import Action, ActionKind
@@ -51,7 +49,7 @@ class Executor:
     pool: DockerPool
     database: Database
     targets: Mapping[str, WorkerTarget]
-    specs: Mapping[str, Mapping[str, Any]]  # deployment -> effective spec (desired)
+    specs: Mapping[str, EffectiveSpec]  # deployment -> its desired spec
     revision: str | None
     sync_run: int | None
     environ: Mapping[str, str]
@@ -109,7 +107,7 @@ class Executor:
         placement = action.placement
         assert placement is not None
         spec = self.specs[action.deployment]
-        backend = backend_for(spec["backend"])
+        backend = backend_for(spec.backend)
         container = self.containers.get((action.deployment, action.replica))
         port = _port_of(container) or backend.default_port
         endpoint = f"http://{self.targets[placement.worker].address}:{port}"
@@ -130,11 +128,11 @@ class Executor:
         placement, previous = action.placement, action.previous
         assert placement is not None
         spec = self.specs[action.deployment]
-        backend = backend_for(spec["backend"])
+        backend = backend_for(spec.backend)
         target = self.targets.get(placement.worker)
         if target is None:
             raise _ReplicaFailed(f"{placement.worker}: no connection details (not in the inventory)")
-        env = resolve_env(action.deployment, spec.get("env", {}), environ=self.environ, limits=self.limits)
+        env = resolve_env(action.deployment, spec.env, environ=self.environ, limits=self.limits)
         moving = previous is not None and previous.worker != placement.worker
         old = self.containers.get((action.deployment, action.replica))
         keep_port = _port_of(old) if old is not None and not moving else None
@@ -148,7 +146,7 @@ class Executor:
         # A new key for every new container: one leaked with an old container opens nothing now.
         key = token_urlsafe(32) if backend.takes_engine_key else None
         context = ReplicaContext(
-            deployment=action.deployment, ordinal=action.replica, served_name=str(spec["servedName"]),
+            deployment=action.deployment, ordinal=action.replica, served_name=spec.served_name,
             gpus=placement.gpus, port=port, model_cache=target.model_cache, revision=self.revision,
             spec_hash=action.spec_hash or "", engine_key=key,
         )
@@ -188,14 +186,14 @@ class Executor:
 
     # -- readiness ---------------------------------------------------------------------------------
 
-    def _after_start(self, action: Action, spec: Mapping[str, Any], endpoint: str, key: str | None) -> None:
-        calls = backend_for(spec["backend"]).after_start(spec)
+    def _after_start(self, action: Action, spec: EffectiveSpec, endpoint: str, key: str | None) -> None:
+        calls = backend_for(spec.backend).after_start(spec)
         if not calls:
             return
-        deadline = time.monotonic() + _startup_timeout(spec)
+        deadline = time.monotonic() + spec.health.startup_timeout
         while request(endpoint + "/", timeout_s=2).status is None:
             if time.monotonic() > deadline:
-                raise _ReplicaFailed(f"{endpoint} never answered within {_startup_timeout(spec)} s")
+                raise _ReplicaFailed(f"{endpoint} never answered within {spec.health.startup_timeout} s")
             time.sleep(self.poll_s)
         for call in calls:
             self.progress(action, f"{call.method} {call.path}")
@@ -205,10 +203,10 @@ class Executor:
                 raise _ReplicaFailed(f"{call.method} {call.path} on {endpoint} failed: "
                                      f"{answer.error or answer.status}")
 
-    def _wait_ready(self, action: Action, spec: Mapping[str, Any], worker: str, container_id: str | None,
+    def _wait_ready(self, action: Action, spec: EffectiveSpec, worker: str, container_id: str | None,
                     endpoint: str, key: str | None) -> None:
-        backend = backend_for(spec["backend"])
-        timeout = _startup_timeout(spec)
+        backend = backend_for(spec.backend)
+        timeout = spec.health.startup_timeout
         deadline = time.monotonic() + timeout
         served = backend.upstream_model(spec)
         checks = 0
@@ -273,8 +271,9 @@ class Executor:
 
     def _failed(self, action: Action, message: str) -> None:
         with self.database.session() as session:
-            if action.kind is not ActionKind.DELETE and action.previous is None and action.placement is not None:
-                spec = self.specs.get(action.deployment, {})
+            spec = self.specs.get(action.deployment)
+            if (action.kind is not ActionKind.DELETE and action.previous is None and action.placement is not None
+                    and spec is not None):
                 upsert_replica(session, deployment=action.deployment, ordinal=action.replica,
                                worker=action.placement.worker, gpus=action.placement.gpus, container_id=None,
                                endpoint=None, spec=spec, spec_hash=action.spec_hash or "",
@@ -297,8 +296,4 @@ class _ReplicaFailed(Exception):
 
 def _port_of(container: ManagedContainer | None) -> int | None:
     return None if container is None else container.port
-
-
-def _startup_timeout(spec: Mapping[str, Any]) -> int:
-    return parse_duration(spec.get("health", {}).get("startupTimeout", "20m"))
 

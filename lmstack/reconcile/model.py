@@ -39,7 +39,7 @@ class ReplicaObservation:
     ordinal: int
     worker: str
     gpus: tuple[int, ...]
-    spec: Mapping[str, Any]  # the effective spec the replica was created with
+    spec: Mapping[str, Any]  # the effective spec it was created with, as stored (read with normalize_applied)
     status: str = "ready"
     container_id: str | None = None
     spec_hash: str | None = None

@@ -54,6 +54,11 @@ class _Desired:
         return effective_spec(self.deployment.metadata.name, self.deployment.spec)
 
     @cached_property
+    def stored(self) -> dict[str, Any]:
+        """The spec's stored form, which replicas' recorded specs are compared with."""
+        return self.spec.to_json()
+
+    @cached_property
     def hash(self) -> str:
         return spec_hash(self.spec)
 
@@ -150,7 +155,7 @@ def _in_review_order(replicas: tuple[ReplicaObservation, ...],
 def _copy_rank(replica: ReplicaObservation, target: _Desired | None) -> _CopyRank:
     """Up to date before stale, then by worker and GPUs; the rest only breaks ties. (Running before
     broken is the review order's first key.)"""
-    stale = target is None or replica.spec != target.spec
+    stale = target is None or replica.spec != target.stored
     spec = json.dumps(replica.spec, sort_keys=True, default=str)
     return (stale, replica.worker, replica.gpus, replica.status, spec)
 
@@ -185,7 +190,7 @@ def _resource_blocker(replica: ReplicaObservation, target: _Desired, holder: str
 
 def _in_place(replica: ReplicaObservation, target: _Desired, changes: tuple[FieldChange, ...]) -> Action:
     """The action for a replica that stays on its GPUs: recreate, update in place, or nothing."""
-    backend = backend_for(target.spec["backend"])
+    backend = backend_for(target.spec.backend)
     restart = [c for c in changes if c.path == _WHOLE_SPEC or backend.classify(c.path) == "restart"]
     in_place = [c for c in changes if c.path != _WHOLE_SPEC and backend.classify(c.path) == "in-place"]
     if replica.status in _BROKEN:
@@ -278,15 +283,16 @@ def _place(item: _ToPlace, scheduler: Scheduler, unplaceable: list[Unplaceable])
 
 
 def _diff(replica: ReplicaObservation, target: _Desired) -> list[FieldChange]:
-    """What differs between the spec the replica was made from and the desired one (`replicas` aside).
+    """What differs between the spec the replica was made from and the desired one (`replicas` aside), in the
+    stored form: the paths and values a plan shows and stores.
 
     The stored spec is re-read with today's defaults first, so a default never looks like a change."""
-    if replica.spec == target.spec:
+    if replica.spec == target.stored:
         return []  # the common case, and cheap
-    applied = normalize_applied(replica.deployment, dict(replica.spec))
+    applied = normalize_applied(replica.deployment, replica.spec)
     if applied is None:
         return [FieldChange(_WHOLE_SPEC, "(no longer valid)", "(current spec)")]
-    return [change for change in _flat_diff(applied, target.spec, "") if change.path != "replicas"]
+    return [change for change in _flat_diff(applied.to_json(), target.stored, "") if change.path != "replicas"]
 
 
 def _flat_diff(old: Any, new: Any, prefix: str) -> Iterator[FieldChange]:
@@ -323,7 +329,7 @@ def _download_notes(wanted: Mapping[str, _Desired], actions: list[Action]) -> It
                        if action.kind in (ActionKind.CREATE, ActionKind.RECREATE) and action.deployment in wanted})
     for name in starting:
         spec = wanted[name].spec
-        download = backend_for(spec["backend"]).model_download(spec)
+        download = backend_for(spec.backend).model_download(spec)
         if download is not None:
             yield (f"{name}: the model {download.source} must be fetched into each worker's model cache first "
                    f"({download.path}): `lmstack prepare` downloads it where it is missing")

@@ -79,11 +79,11 @@ def worker_needs(desired: DesiredState) -> dict[str, WorkerNeeds]:
                 continue
             placed.append(deployment_name)
             spec = effective_spec(deployment_name, deployment.spec)
-            images.setdefault(str(spec["image"]), None)
-            download = backend_for(deployment.spec.backend).model_download(spec)
+            images.setdefault(spec.image, None)
+            download = backend_for(spec.backend).model_download(spec)
             if download is not None:
                 models.setdefault(download.path, download)
-            gpu = gpu or deployment.spec.resources.gpus > 0
+            gpu = gpu or spec.resources.gpus > 0
         needs[name] = WorkerNeeds(images=tuple(images), needs_gpu_runtime=gpu, deployments=tuple(placed),
                                   models=tuple(models.values()))
     return needs

@@ -10,6 +10,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from lmstack.backends import EffectiveSpec, spec_hash
 from lmstack.state.models import Deployment, Event, EventType, Replica, ReplicaStatus, SyncRun
 
 
@@ -23,13 +24,13 @@ def condition(kind: str, status: bool, reason: str, message: str = "") -> dict[s
 
 
 def upsert_replica(session: Session, *, deployment: str, ordinal: int, worker: str, gpus: Sequence[int],
-                   container_id: str | None, endpoint: str | None, spec: Mapping[str, Any], spec_hash: str,
+                   container_id: str | None, endpoint: str | None, spec: EffectiveSpec, spec_hash: str,
                    revision: str | None, status: ReplicaStatus, message: str | None,
                    engine_key: str | None = None) -> None:
     """Insert or replace the replica's row. `engine_key`: the key its (new) container was started with."""
     values = {
         "deployment_name": deployment, "ordinal": ordinal, "worker_name": worker, "gpu_indices": list(gpus),
-        "container_id": container_id, "endpoint": endpoint, "spec": dict(spec), "spec_hash": spec_hash,
+        "container_id": container_id, "endpoint": endpoint, "spec": spec.to_json(), "spec_hash": spec_hash,
         "revision": revision, "status": status, "message": message,
         "conditions": [condition("Ready", status == "ready", status.capitalize(), message or "")],
         "engine_key": engine_key,
@@ -85,22 +86,22 @@ def finish_sync_run(session: Session, run_id: int, *, ok: bool, result: Mapping[
         status="succeeded" if ok else "failed", result=dict(result), error=error, finished_at=func.now()))
 
 
-def record_deployments(session: Session, *, specs: Mapping[str, tuple[str, Mapping[str, Any], str]],
-                       failed: Mapping[str, str], revision: str | None) -> None:
+def record_deployments(session: Session, *, specs: Mapping[str, EffectiveSpec], failed: Mapping[str, str],
+                       revision: str | None) -> None:
     """Upsert a row per desired deployment (served name, effective spec, hash, revisions, conditions) and drop
     rows of deployments gone from the manifests once none of their replicas remain."""
-    for name, (served_name, spec, spec_hash) in specs.items():
+    for name, spec in specs.items():
         replicas = session.scalars(select(Replica).where(Replica.deployment_name == name)).all()
         ready = sum(1 for replica in replicas if replica.status == "ready")
-        wanted = int(spec.get("replicas", 0))
+        wanted = spec.replicas
         problem = failed.get(name)
         conditions = [
             condition("Ready", ready >= wanted, "ReplicasReady" if ready >= wanted else "ReplicasNotReady",
                       f"{ready}/{wanted} replicas ready"),
             condition("Degraded", problem is not None, "ActionFailed" if problem else "AsExpected", problem or ""),
         ]
-        values: dict[str, Any] = {"name": name, "served_name": served_name, "spec": dict(spec),
-                                  "spec_hash": spec_hash, "last_attempted_revision": revision,
+        values: dict[str, Any] = {"name": name, "served_name": spec.served_name, "spec": spec.to_json(),
+                                  "spec_hash": spec_hash(spec), "last_attempted_revision": revision,
                                   "conditions": conditions}
         statement = insert(Deployment).values(**values, revision=revision if problem is None else None)
         set_: dict[str, Any] = {key: statement.excluded[key] for key in values if key != "name"}

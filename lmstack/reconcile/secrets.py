@@ -13,16 +13,16 @@ import os
 import stat
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from lmstack.manifests.policy import MAX_SECRET_BYTES, PushLimits
+from lmstack.manifests.schema import EnvFromEnv, EnvFromFile, EnvValue
 
 
 class SecretError(Exception):
     pass
 
 
-def resolve_env(deployment: str, env: Mapping[str, Any], *, environ: Mapping[str, str],
+def resolve_env(deployment: str, env: Mapping[str, EnvValue], *, environ: Mapping[str, str],
                 limits: PushLimits) -> dict[str, str]:
     """Plain values as they are; `fromEnv` from the server's environment; `fromFile` from a file in the
     operator's secrets directory (`limits.secrets_dir`). Raises SecretError naming the field."""
@@ -30,8 +30,8 @@ def resolve_env(deployment: str, env: Mapping[str, Any], *, environ: Mapping[str
     for name, value in env.items():
         if isinstance(value, str):
             resolved[name] = value
-        elif isinstance(value, Mapping) and "fromEnv" in value:
-            source = str(value["fromEnv"])
+        elif isinstance(value, EnvFromEnv):
+            source = value.from_env
             field = f"deployment {deployment}: spec.env.{name}.fromEnv"
             problem = limits.env_name_problem(source)
             if problem is not None:
@@ -39,9 +39,9 @@ def resolve_env(deployment: str, env: Mapping[str, Any], *, environ: Mapping[str
             if source not in environ:
                 raise SecretError(f"{field}: the variable {source} is not set where lmstack runs")
             resolved[name] = environ[source]
-        elif isinstance(value, Mapping) and "fromFile" in value:
+        elif isinstance(value, EnvFromFile):
             resolved[name] = _read_secret(f"deployment {deployment}: spec.env.{name}.fromFile",
-                                          str(value["fromFile"]), limits)
+                                          value.from_file, limits)
         else:
             raise SecretError(f"deployment {deployment}: spec.env.{name} has an unsupported form")
     return resolved

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import insert, select
 from testbed.fleet import workers_yaml, write_fleet
 
@@ -31,6 +31,7 @@ from lmstack.gitsource import load_source
 from lmstack.gitsource.source import push_limits
 from lmstack.manifests import ManifestError, ManifestValidationError, load_manifests
 from lmstack.manifests.policy import PushLimits
+from lmstack.manifests.schema import EnvValue
 from lmstack.reconcile.apply import Applier
 from lmstack.reconcile.secrets import SecretError, resolve_env
 from lmstack.state import Database, Replica, Worker
@@ -94,8 +95,10 @@ def secrets(tmp_path: Path) -> PushLimits:
 
 
 def _resolve(limits: PushLimits, **env: Any) -> dict[str, str]:
-    return resolve_env("chat", env, environ={"LMSTACK_JWT_SECRET": "x", "PATH": "/usr/bin",
-                                             "LMSTACK_SECRET_HF": "hf_env"}, limits=limits)
+    # Read as a stored spec is read back: the schema's checks only, none of the limits.
+    typed = TypeAdapter(dict[str, EnvValue]).validate_python(env)
+    return resolve_env("chat", typed, environ={"LMSTACK_JWT_SECRET": "x", "PATH": "/usr/bin",
+                                               "LMSTACK_SECRET_HF": "hf_env"}, limits=limits)
 
 
 def test_files_and_variables_inside_the_limits_resolve(secrets: PushLimits) -> None:

@@ -27,7 +27,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from lmstack.api.services.metrics import Metrics
-from lmstack.backends import backend_for
+from lmstack.backends import backend_for, normalize_applied
 from lmstack.state import Database, Deployment, Replica
 
 log = logging.getLogger("lmstack.api.registry")
@@ -50,7 +50,7 @@ class Target:
     """One Ready replica as the gateway routes to it."""
 
     served_name: str
-    upstream_model: str  # the `model` to send the engine (backend_for(...).upstream_model(spec))
+    upstream_model: str  # the `model` to send the engine (the backend's upstream_model of the replica's spec)
     endpoint: str  # base URL, e.g. http://10.0.0.5:18000
     deployment: str
     ordinal: int
@@ -80,8 +80,22 @@ class GatewayCounters:
 
 
 @dataclass(frozen=True)
+class _Row:
+    """A Ready replica as read from the database, its spec read down to the two names the gateway needs."""
+
+    deployment: str
+    ordinal: int
+    worker: str
+    endpoint: str
+    served_name: str
+    upstream_model: str
+    created_at: datetime
+    engine_key: str | None
+
+
+@dataclass(frozen=True)
 class _Snapshot:
-    replicas: list[tuple[str, int, str, str, dict[str, Any], datetime, str | None]]
+    replicas: list[_Row]
     served_names: set[str]
 
 
@@ -98,6 +112,9 @@ class Registry:
         self._created: dict[str, int] = {}  # served name -> unix time its oldest Ready replica was created
         self._known: frozenset[str] = frozenset()  # every served name of a deployment or a Ready replica
         self._loads: dict[ReplicaKey, ReplicaLoad] = {}
+        # (deployment, ordinal) -> (the stored spec, its served name, its upstream model): a spec is read once,
+        # not on every refresh (only in the refresh's thread).
+        self._names: dict[tuple[str, int], tuple[dict[str, Any], str, str]] = {}
         self.refreshed_at: float | None = None  # monotonic time of the last successful refresh
         self.refresh_error: str | None = None  # why the last refresh failed; None when it succeeded
 
@@ -135,22 +152,32 @@ class Registry:
                 .order_by(Replica.deployment_name, Replica.ordinal)
             ).all()
             names = set(session.scalars(select(Deployment.served_name)).all())
-        return _Snapshot(replicas=[(r[0], r[1], r[2], str(r[3]), dict(r[4] or {}), r[5], r[6]) for r in rows],
-                         served_names=names)
+        replicas = []
+        known: dict[tuple[str, int], tuple[dict[str, Any], str, str]] = {}
+        for deployment, ordinal, worker, endpoint, stored, created_at, engine_key in rows:
+            spec = dict(stored or {})
+            cached = self._names.get((deployment, ordinal))
+            if cached is None or cached[0] != spec:
+                cached = (spec, *_model_names(deployment, spec))
+            known[(deployment, ordinal)] = cached
+            replicas.append(_Row(deployment, ordinal, worker, str(endpoint), cached[1], cached[2], created_at,
+                                 engine_key))
+        self._names = known
+        return _Snapshot(replicas=replicas, served_names=names)
 
     def _apply(self, snapshot: _Snapshot) -> None:
         targets: dict[str, list[Target]] = {}
         created: dict[str, int] = {}
         loads: dict[ReplicaKey, ReplicaLoad] = {}
-        for deployment, ordinal, worker, endpoint, spec, created_at, engine_key in snapshot.replicas:
-            served = str(spec.get("servedName") or deployment)
-            key = (deployment, ordinal, endpoint.rstrip("/"))
+        for row in snapshot.replicas:
+            served = row.served_name
+            key = (row.deployment, row.ordinal, row.endpoint.rstrip("/"))
             load = loads[key] = self._loads.get(key) or ReplicaLoad()
             targets.setdefault(served, []).append(Target(
-                served_name=served, upstream_model=_upstream_model(spec, served), endpoint=key[2],
-                deployment=deployment, ordinal=ordinal, worker=worker, load=load,
-                auth={"authorization": f"Bearer {engine_key}"} if engine_key else {}))
-            stamp = int(created_at.timestamp())
+                served_name=served, upstream_model=row.upstream_model, endpoint=key[2],
+                deployment=row.deployment, ordinal=row.ordinal, worker=row.worker, load=load,
+                auth={"authorization": f"Bearer {row.engine_key}"} if row.engine_key else {}))
+            stamp = int(row.created_at.timestamp())
             created[served] = min(created.get(served, stamp), stamp)
         # Requests in flight on a replica that just left keep their (now unreferenced) load object.
         self._loads = loads
@@ -214,9 +241,10 @@ class Registry:
                 for found in self._targets.values() for t in found]
 
 
-def _upstream_model(spec: dict[str, Any], served: str) -> str:
-    try:
-        return backend_for(str(spec["backend"])).upstream_model(spec)
-    except (KeyError, TypeError):  # an old or odd spec: the engine was started with the served name
-        return served
+def _model_names(deployment: str, stored: dict[str, Any]) -> tuple[str, str]:
+    """The replica's served name and the `model` its engine answers to, from the spec it was created with."""
+    spec = normalize_applied(deployment, stored)
+    if spec is None:  # not a spec lmstack stored (or one that no longer validates): the deployment's name
+        return deployment, deployment
+    return spec.served_name, backend_for(spec.backend).upstream_model(spec)
 

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from lmstack.api import schemas
 from lmstack.api.services.repo import NoRepository, RepoView
+from lmstack.backends import EffectiveSpec, normalize_applied
 from lmstack.gitsource import SourceError
 from lmstack.reconcile.observe import load_observed
 from lmstack.reconcile.planner import plan as make_plan
@@ -127,7 +128,7 @@ def _facts(facts: Mapping[str, Any], view: View) -> schemas.WorkerFacts:
 def list_deployments(*, session: Session, view: View = EVERYTHING) -> schemas.DeploymentList:
     ready = _ready_counts(session)
     rows = session.scalars(select(Deployment).order_by(Deployment.name))
-    return schemas.DeploymentList(deployments=[_deployment(row, ready.get(row.name, 0)) for row in rows
+    return schemas.DeploymentList(deployments=[_deployment(row, _spec(row), ready.get(row.name, 0)) for row in rows
                                                if view.sees(row.served_name)])
 
 
@@ -138,12 +139,12 @@ def get_deployment(*, session: Session, name: str, view: View = EVERYTHING) -> s
         return None
     replicas = session.scalars(select(Replica).where(Replica.deployment_name == name)
                                .order_by(Replica.ordinal)).all()
-    summary = _deployment(row, sum(1 for replica in replicas if replica.status == "ready"))
-    resources = row.spec.get("resources") or {}
+    spec = _spec(row)
+    summary = _deployment(row, spec, sum(1 for replica in replicas if replica.status == "ready"))
     return schemas.DeploymentDetail(
         **summary.model_dump(),
-        image=_str(row.spec.get("image")),
-        gpus_per_replica=_int(resources.get("gpus")) or 0,
+        image=spec.image if spec else None,
+        gpus_per_replica=spec.resources.gpus if spec else 0,
         replicas=[schemas.Replica(
             ordinal=replica.ordinal, name=f"{name}/{replica.ordinal}", worker=replica.worker_name,
             gpus=list(replica.gpu_indices or []), status=replica.status,
@@ -159,11 +160,15 @@ def _ready_counts(session: Session) -> dict[str, int]:
     return {name: int(count) for name, count in counts}
 
 
-def _deployment(row: Deployment, ready: int) -> schemas.Deployment:
-    spec = row.spec or {}
+def _spec(row: Deployment) -> EffectiveSpec | None:
+    """The spec the deployment was last applied with; None when it cannot be read (shown as unknown)."""
+    return normalize_applied(row.name, row.spec or {})
+
+
+def _deployment(row: Deployment, spec: EffectiveSpec | None, ready: int) -> schemas.Deployment:
     return schemas.Deployment(
-        name=row.name, served_name=row.served_name, backend=str(spec.get("backend", "")),
-        model=str(spec.get("model", "")), replicas_wanted=_int(spec.get("replicas")) or 0, replicas_ready=ready,
+        name=row.name, served_name=row.served_name, backend=spec.backend if spec else "",
+        model=spec.model if spec else "", replicas_wanted=spec.replicas if spec else 0, replicas_ready=ready,
         conditions=[schemas.Condition.model_validate(c) for c in row.conditions or [] if _is_condition(c)],
         revision=row.revision, last_attempted_revision=row.last_attempted_revision, spec_hash=row.spec_hash,
         updated_at=row.updated_at)
@@ -320,8 +325,10 @@ def fleet_counts(*, session: Session) -> FleetCounts:
     replicas = {(deployment, str(status)): int(count) for deployment, status, count in session.execute(
         select(Replica.deployment_name, Replica.status, func.count())
         .group_by(Replica.deployment_name, Replica.status))}
-    wanted = {name: _int(spec.get("replicas")) or 0
-              for name, spec in session.execute(select(Deployment.name, Deployment.spec))}
+    wanted: dict[str, int] = {}
+    for name, stored in session.execute(select(Deployment.name, Deployment.spec)):
+        spec = normalize_applied(name, stored or {})
+        wanted[name] = spec.replicas if spec else 0
     return FleetCounts(replicas=replicas, wanted=wanted)
 
 
