@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from lmstack.manifests.policy import DEFAULT_MOUNT_ROOT, env_prefix_problem, mount_root_problem, secrets_dir_problem
+from lmstack.manifests.policy import (
+    DEFAULT_MOUNT_ROOT,
+    env_prefix_problem,
+    mount_root_problem,
+    nested_roots_problem,
+    secrets_dir_problem,
+)
 
 
 def _default_home() -> Path:
@@ -74,8 +81,8 @@ class Settings(BaseSettings):
     # NoDecode: the environment gives a comma-separated list (or a JSON array), split by the validators below.
     mount_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=lambda: [Path(DEFAULT_MOUNT_ROOT)],
-        description="directories under which a Worker's modelCache may lie (it is mounted read-write into "
-                    "containers): absolute, never / or a system directory; comma-separated")
+        description="directories a Worker's modelCache must lie directly inside (it is mounted read-write into "
+                    "containers): absolute, never / or a system directory, never one inside another; comma-separated")
     docker_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Docker endpoints a Worker's dockerHost may name besides ssh:// to its inventory address "
@@ -97,6 +104,9 @@ class Settings(BaseSettings):
             problem = mount_root_problem(str(root))
             if problem is not None:
                 raise ValueError(f"{root}: {problem} (a mount root is mounted into containers on the workers)")
+        problem = nested_roots_problem(str(root) for root in roots)
+        if problem is not None:
+            raise ValueError(problem)
         return roots
 
     @field_validator("docker_hosts")
@@ -147,3 +157,35 @@ class Settings(BaseSettings):
     @property
     def jwt_secret_file(self) -> Path:
         return self.home / "jwt-secret"
+
+
+@dataclass(frozen=True)
+class SshFiles:
+    """What lmstack reaches the workers with, all on the lmstack host: never from the repository."""
+    key: Path
+    known_hosts: Path
+    config: Path | None  # the operator's ssh_config (jump hosts, SSH options), if any
+
+
+class SshFilesError(ValueError):
+    """A file of SshFiles is missing; the message names it and the setting that chooses it."""
+
+
+def ssh_files(settings: Settings, *, key: Path | None = None, known_hosts: Path | None = None) -> SshFiles:
+    """The SSH key, known_hosts and ssh_config for the workers (`key`/`known_hosts` override the settings,
+    e.g. from the command line). Key and known_hosts must exist: host keys are always checked."""
+    ssh = Path.home() / ".ssh"
+    default_key = ssh / "id_ed25519" if (ssh / "id_ed25519").exists() else ssh / "id_rsa"
+    key = (key or settings.ssh_key or default_key).expanduser()
+    known_hosts = (known_hosts or settings.known_hosts or ssh / "known_hosts").expanduser()
+    if not key.is_file():
+        raise SshFilesError(f"SSH private key {key} does not exist; pass --ssh-key or set LMSTACK_SSH_KEY")
+    if not known_hosts.is_file():
+        raise SshFilesError(f"known_hosts file {known_hosts} does not exist: add the workers' host keys (check "
+                            "their fingerprints), or pass --known-hosts / set LMSTACK_KNOWN_HOSTS")
+    config = settings.home / "ssh_config"
+    if settings.ssh_config is not None:
+        config = settings.ssh_config.expanduser()
+        if not config.is_file():
+            raise SshFilesError(f"ssh_config file {config} does not exist (LMSTACK_SSH_CONFIG)")
+    return SshFiles(key=key, known_hosts=known_hosts, config=config if config.is_file() else None)

@@ -322,7 +322,7 @@ def _repository(root: Path, bed: Any, deployments: str) -> Path:
 
 
 def _cache(root: Path, host: str) -> str:
-    return str(root / "caches" / host / "models")
+    return str(root / "caches" / f"{host}-models")
 
 
 CPU_DEPLOYMENT = textwrap.dedent(f"""\

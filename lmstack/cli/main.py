@@ -18,7 +18,7 @@ from lmstack.cli.render import plan_document, plan_reach, render_commands, rende
 from lmstack.cli.render_facts import render_facts
 from lmstack.cli.scaffold import ScaffoldError, scaffold
 from lmstack.cli.users import keys_app, users_app
-from lmstack.config import Settings
+from lmstack.config import Settings, SshFiles, SshFilesError, ssh_files
 from lmstack.gitsource import Source, SourceError, init_repository, load_source
 from lmstack.manifests import ManifestValidationError, json_schema
 from lmstack.nodes.docker import DockerSetupError as NodeSetupError
@@ -167,29 +167,11 @@ def _print_commands(result: Plan, source: Source) -> None:
         out.print(f"    {command}", markup=False)
 
 
-def _ssh_files(ssh_key: Path | None, known_hosts: Path | None) -> tuple[Path, Path]:
-    """The private key and known_hosts for SSH to the workers; both must exist (host keys are always checked)."""
-    ssh = Path.home() / ".ssh"
-    default_key = ssh / "id_ed25519" if (ssh / "id_ed25519").exists() else ssh / "id_rsa"
-    key = (ssh_key or default_key).expanduser()
-    trusted = (known_hosts or ssh / "known_hosts").expanduser()
-    if not key.is_file():
-        _fail(f"SSH private key {key} does not exist; pass --ssh-key or set LMSTACK_SSH_KEY")
-    if not trusted.is_file():
-        _fail(f"known_hosts file {trusted} does not exist: add the workers' host keys (check their "
-              "fingerprints), or pass --known-hosts / set LMSTACK_KNOWN_HOSTS")
-    return key, trusted
-
-
-def _ssh_config(settings: Settings) -> Path | None:
-    """The operator's ssh_config for the workers (jump hosts, SSH options): never from the repository."""
-    if settings.ssh_config is not None:
-        config = settings.ssh_config.expanduser()
-        if not config.is_file():
-            _fail(f"ssh_config file {config} does not exist (LMSTACK_SSH_CONFIG)")
-        return config
-    default = settings.home / "ssh_config"
-    return default if default.is_file() else None
+def _ssh_files(settings: Settings, ssh_key: Path | None, known_hosts: Path | None) -> SshFiles:
+    try:
+        return ssh_files(settings, key=ssh_key, known_hosts=known_hosts)
+    except SshFilesError as exc:
+        _fail(str(exc))
 
 
 @app.command()
@@ -205,11 +187,11 @@ def facts(
     any worker failed (it is NotReady until a gathering succeeds)."""
     settings = Settings()
     source = _source(repo, ref, directory, settings)
-    key, trusted = _ssh_files(ssh_key, known_hosts)
+    ssh = _ssh_files(settings, ssh_key, known_hosts)
     try:
         database = open_database(settings)
         try:
-            report = gather_facts(source, database, ssh_key=key, known_hosts=trusted, ssh_config=_ssh_config(settings))
+            report = gather_facts(source, database, ssh_key=ssh.key, known_hosts=ssh.known_hosts, ssh_config=ssh.config)
         finally:
             database.close()
     except (DatabaseError, FactsError) as exc:
@@ -241,9 +223,9 @@ def prepare(
 
     settings = Settings()
     source = _source(repo, ref, directory, settings)
-    key, trusted = _ssh_files(ssh_key, known_hosts)
+    ssh = _ssh_files(settings, ssh_key, known_hosts)
     try:
-        report = prepare_workers(source, ssh_key=key, known_hosts=trusted, ssh_config=_ssh_config(settings),
+        report = prepare_workers(source, ssh_key=ssh.key, known_hosts=ssh.known_hosts, ssh_config=ssh.config,
                                  install=install, images=None)
     except PrepareError as exc:
         _fail(str(exc))
@@ -272,7 +254,7 @@ def apply(
     containers and wait until replicas are ready. Exit 1 if anything failed (the others still converge)."""
     settings = Settings()
     source = _source(repo, ref, directory, settings)
-    key, trusted = _ssh_files(ssh_key, known_hosts)
+    ssh = _ssh_files(settings, ssh_key, known_hosts)
 
     def confirm(prepared: Prepared) -> bool:
         for worker in prepared.facts.failed:
@@ -299,8 +281,9 @@ def apply(
     try:
         database = open_database(settings)
         try:
-            prepared, report = apply_source(source, database, ssh_key=key, known_hosts=trusted, confirm=confirm,
-                                            progress=progress, parallel=parallel, ssh_config=_ssh_config(settings))
+            prepared, report = apply_source(source, database, ssh_key=ssh.key, known_hosts=ssh.known_hosts,
+                                            ssh_config=ssh.config, confirm=confirm, progress=progress,
+                                            parallel=parallel)
         finally:
             database.close()
     except (DatabaseError, FactsError, NodeSetupError) as exc:

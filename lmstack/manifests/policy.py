@@ -2,8 +2,8 @@
 
 People who can push have no shell on the lmstack host. A manifest may name secrets only where the operator
 put them for this purpose (a directory, an environment prefix), Docker endpoints only on the worker's own
-inventory address (or ones the operator lists), and mounts only under the operator's roots. These checks are
-lexical (nothing is read here); reading a secret checks again on disk (lmstack.reconcile.secrets).
+inventory address (or ones the operator lists), and mounts only directly inside the operator's roots. These
+checks are lexical (nothing is read here); reading a secret checks again on disk (lmstack.reconcile.secrets).
 """
 
 from __future__ import annotations
@@ -72,6 +72,19 @@ def mount_root_problem(path: str) -> str | None:
     return _normalised(path) or system_directory_problem(path)
 
 
+def nested_roots_problem(roots: Iterable[str]) -> str | None:
+    """Why these mount roots cannot be the operator's together: one inside another would make a model cache
+    (a directory directly inside a root, writable by containers) the parent of another root's caches. None:
+    they can."""
+    ordered = sorted({root.rstrip("/") or "/" for root in roots})
+    for outer in ordered:
+        for inner in ordered:
+            if inner != outer and _inside(inner, outer):
+                return (f"{inner} lies inside {outer}: mount roots must not nest (a model cache directly inside "
+                        f"{outer} would hold the caches of {inner}, and containers write to a cache)")
+    return None
+
+
 def secrets_dir_problem(directory: str, home: str) -> str | None:
     """Why `directory` (absolute) cannot be the operator's secrets directory, with lmstack's state in `home`
     (its JWT secret, its database): a push may read any file in it. None: it can."""
@@ -100,7 +113,7 @@ class PushLimits:
     """The operator's limits on what a manifest may ask for (built from Settings; never from Git).
 
     The defaults are the strictest: secrets only as LMSTACK_SECRET_* variables or files in the secrets
-    directory, model caches only under /var/lib/lmstack, Docker only over SSH to the worker's own address.
+    directory, model caches only directly inside /var/lib/lmstack, Docker only over SSH to the worker's own address.
     """
 
     secrets_env_prefix: str = SECRET_NAMESPACE
@@ -140,14 +153,28 @@ class PushLimits:
     # -- workers ------------------------------------------------------------------------------------
 
     def model_cache_problem(self, path: str) -> str | None:
-        """Why `modelCache: path` is not allowed (it is mounted read-write into containers). None: it is."""
+        """Why `modelCache: path` is not allowed (it is mounted read-write into containers). None: it is.
+
+        A cache is a directory directly inside a mount root: never the root itself, never deeper. Then the
+        directory that holds a cache is never mounted into a container, so no container can plant a symlink
+        that a later modelCache passes through (Docker and `lmstack prepare` would follow it on the worker).
+        The workers refuse a cache that is itself a symlink (playbooks/library)."""
         problem = _normalised(path) or system_directory_problem(path)
         if problem is not None:
             return problem
-        if not any(_inside(path, root) for root in self.mount_roots):
-            roots = ", ".join(self.mount_roots) or "none"
-            return f"must lie under a directory the operator allows for mounts ({roots}; LMSTACK_MOUNT_ROOTS)"
-        return None
+        roots = [root.rstrip("/") or "/" for root in self.mount_roots]
+        allowed = f"({', '.join(roots) or 'none'}; LMSTACK_MOUNT_ROOTS)"
+        if path in roots:
+            return f"must be a directory directly inside a mount root {allowed}, not the root: e.g. {path}/models"
+        if posixpath.dirname(path) in roots:
+            return None
+        holder = next((root for root in roots if _inside(path, root)), None)
+        if holder is None:
+            return f"must lie under a directory the operator allows for mounts {allowed}, directly inside it"
+        child = path[len(holder):].lstrip("/").split("/")[0]
+        return (f"must be a directory directly inside a mount root {allowed}, not deeper (e.g. "
+                f"{holder.rstrip('/')}/{child}): a "
+                "directory that holds a cache may be another cache, which containers can write to")
 
     def docker_host_problem(self, url: str, address: str | None) -> str | None:
         """Why `dockerHost: url` is not allowed for a worker whose inventory address is `address` (None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmstack.backends import effective_spec, spec_hash
+from lmstack.backends import effective_spec
 from lmstack.gitsource import Source
 from lmstack.nodes.docker import DockerPool, DockerTarget
 from lmstack.reconcile.execute import ActionResult, Executor, Progress, WorkerTarget
@@ -75,7 +75,7 @@ class Applier:
         self.targets = self._targets()
         self.pool = DockerPool(
             [DockerTarget(worker=name, url=url) for name, (url, _target) in self.targets.items()],
-            ssh_key=ssh_key, known_hosts=known_hosts,
+            ssh_key=ssh_key, known_hosts=known_hosts, ssh_config=ssh_config,
         )
 
     def __enter__(self) -> Applier:
@@ -141,7 +141,7 @@ class Applier:
         with self.database.session() as session:
             record_deployments(
                 session,
-                specs={name: (str(spec["servedName"]), spec, spec_hash(spec)) for name, spec in specs.items()},
+                specs=specs,
                 failed=failed_by_deployment, revision=revision.sha if revision else None)
             ok = not any(not result.ok for result in results) and not errors
             finish_sync_run(session, run_id, ok=ok, result=_result_json(results, removed, errors),

@@ -27,7 +27,7 @@ short_description: GPUs (NVML, else nvidia-smi), Docker, CPU, memory and model-c
 options:
   model_cache:
     description: The model cache directory; disk space is reported for it, or for its nearest
-      existing parent when it does not exist yet.
+      existing parent when it does not exist yet. A cache that is a symlink is refused (disk.error).
     type: str
     default: /var/lib/lmstack/models
   gpu_source:
@@ -47,7 +47,8 @@ facts:
   description: gpus (index, uuid, name, memory_total, memory_used, memory_unmanaged, utilization,
     processes; processes_error when they could not be listed), gpu_source (nvml, nvidia-smi, none),
     gpu_error, docker_version, docker_error, nvidia_runtime, docker_runtimes, cpus, memory_total,
-    disk (path, requested, free, total). Memory and disk in bytes.
+    disk (path, requested, free, total; error when they could not be read, or when the model cache is a
+    symlink). Memory and disk in bytes.
   type: dict
   returned: always
 """
@@ -213,6 +214,19 @@ def nearest_existing(path: str) -> Path:
     return current
 
 
+def symlinked_cache(path: str) -> str | None:
+    """Why the model cache `path` is refused: it is a symlink (containers mount the cache read-write, so one
+    may have made it; lmstack never follows it). Its parents are the operator's. None: it is not one."""
+    if not Path(path).is_symlink():
+        return None
+    try:
+        target = f" (to {os.readlink(path)})"  # noqa: PTH115 (Path.readlink is 3.9+; the worker may have 3.8)
+    except OSError:
+        target = ""
+    return (f"the model cache {path} is a symlink{target}: refused, lmstack never follows one there (a container "
+            "that mounts a cache may have made it); make it a plain directory")
+
+
 def first_line(*texts: str) -> str:
     for text in texts:
         for line in text.splitlines():
@@ -362,13 +376,17 @@ def read_host(model_cache: str) -> dict[str, Any]:
         memory_total = parse_meminfo_total(Path("/proc/meminfo").read_text())
     except OSError:
         memory_total = None
-    where = nearest_existing(model_cache)
-    disk = {"path": str(where), "requested": model_cache, "free": None, "total": None}
-    try:
-        stat = os.statvfs(where)
-        disk.update(free=stat.f_bavail * stat.f_frsize, total=stat.f_blocks * stat.f_frsize)
-    except OSError as exc:
-        disk["error"] = str(exc)
+    refused = symlinked_cache(model_cache)
+    where = Path(model_cache) if refused is not None else nearest_existing(model_cache)
+    disk: dict[str, Any] = {"path": str(where), "requested": model_cache, "free": None, "total": None}
+    if refused is not None:  # not even its free space is read through it
+        disk["error"] = refused
+    else:
+        try:
+            stat = os.statvfs(where)
+            disk.update(free=stat.f_bavail * stat.f_frsize, total=stat.f_blocks * stat.f_frsize)
+        except OSError as exc:
+            disk["error"] = str(exc)
     return {"cpus": os.cpu_count(), "memory_total": memory_total, "disk": disk}
 
 

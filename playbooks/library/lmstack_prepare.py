@@ -8,6 +8,10 @@ when missing); model files (each downloaded into the model cache only when missi
 `.part` file and HTTP Range, sha256 checked when given). Every step says what it found and what it
 changed; a second run changes nothing.
 
+Containers mount the model cache read-write, so whatever is in it may have been planted by one: the cache
+must not be a symlink itself, and model files are written through directories and files opened without
+following any symlink (`Folder`), so root never writes a download outside the cache.
+
 The module always exits normally with its findings as data (`prepare.ok`, `prepare.problems`): the
 playbook turns a not-ready worker into a failed task, so lmstack gets the per-step results as well.
 Each step runs commands through a `run` function and decides from their output with small functions, so
@@ -17,12 +21,15 @@ library only.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import http.client
 import json
 import os
 import re
 import socket
+import stat
 import subprocess
 import time
 import urllib.error
@@ -33,7 +40,8 @@ from typing import TYPE_CHECKING, Any
 from ansible.module_utils.basic import AnsibleModule
 
 if TYPE_CHECKING:  # annotations only: the worker's Python may be 3.8
-    from collections.abc import Callable, Mapping
+    from collections.abc import Callable, Mapping, Sequence
+    from typing import IO
 
     # run(argv, timeout_s, extra_env) -> (exit status, stdout, stderr); status 124 when it timed out.
     Runner = Callable[[list[str], float, Mapping[str, str] | None], tuple[int, str, str]]
@@ -315,6 +323,9 @@ def ensure_model_cache(step: Step, path: str) -> dict[str, Any]:
     if not target.is_absolute():
         state["error"] = f"the model cache {path!r} is not an absolute path"
         return state
+    if target.is_symlink():
+        state["error"] = symlinked_cache(path)
+        return state
     if target.is_dir():
         state["ok"] = True
         return state
@@ -336,6 +347,16 @@ def ensure_model_cache(step: Step, path: str) -> dict[str, Any]:
     step.changes.append(f"created {path}")
     state.update(ok=True, created=True)
     return state
+
+
+def symlinked_cache(path: str) -> str:
+    """Why a model cache that is a symlink is refused (the same words as lmstack_facts)."""
+    try:
+        target = f" (to {os.readlink(path)})"  # noqa: PTH115 (Path.readlink is 3.9+; the worker may have 3.8)
+    except OSError:
+        target = ""
+    return (f"the model cache {path} is a symlink{target}: refused, lmstack never follows one there (a container "
+            "that mounts a cache may have made it); make it a plain directory")
 
 
 def ensure_images(step: Step, docker: Mapping[str, Any], images: list[str], pull_timeout_s: float
@@ -373,17 +394,138 @@ READ_TIMEOUT = 60.0  # seconds without a byte before a download counts as stalle
 DOWNLOAD_TRIES = 3
 _CONTENT_RANGE = re.compile(r"^bytes\s+(\d+)-(\d+)/(\d+|\*)$")
 _TOTAL_ONLY = re.compile(r"^bytes\s+\*/(\d+)$")
+_OPEN_FLAGS = {"rb": os.O_RDONLY, "wb": os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+               "ab": os.O_WRONLY | os.O_CREAT | os.O_APPEND}
 
 
 class DownloadError(Exception):
     """A download that did not give the file (the .part is kept when it can be resumed)."""
 
 
-def sha256_of(path: Path, hasher: Any = None) -> Any:
+class Planted(Exception):
+    """A name in the model cache that is a symlink (or not the directory or regular file it should be): never
+    followed, a container that mounts the cache may have made it."""
+
+
+class Folder:
+    """A directory held open by its descriptor. Every file in it is opened, checked, renamed and removed by
+    name relative to that descriptor, and never through a symlink: nothing planted in the directory, nor a
+    directory above it swapped meanwhile, can lead a write elsewhere. `shown` is its path, for messages."""
+
+    def __init__(self, fd: int, shown: str) -> None:
+        self.fd = fd
+        self.shown = shown
+
+    @classmethod
+    def at(cls, path: Path) -> Folder:
+        """`path`, made with its parents when missing (a path the caller trusts, symlinks and all)."""
+        path.mkdir(parents=True, exist_ok=True)
+        return cls(os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), str(path))
+
+    @classmethod
+    def inside(cls, root: str, parts: Sequence[str]) -> Folder:
+        """root/PART/..., each PART made (0755) when missing; neither root (its parents are the operator's
+        business) nor any PART may be a symlink. Raises Planted, OSError."""
+        fd = _open_directory(root, None, root)
+        shown = root
+        try:
+            for part in parts:
+                shown = f"{shown.rstrip('/')}/{part}"
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                child = _open_directory(part, fd, shown)
+                os.close(fd)
+                fd = child
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(fd, shown)
+
+    def __enter__(self) -> Folder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
+
+    def path(self, name: str) -> str:
+        return f"{self.shown.rstrip('/')}/{name}"
+
+    def stat(self, name: str) -> os.stat_result | None:
+        """The regular file `name` (None: missing). Raises Planted for a symlink or anything else that is not
+        a regular file (a FIFO, a device node, a directory)."""
+        try:
+            found = os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        if stat.S_ISLNK(found.st_mode):
+            raise Planted(f"{self.path(name)} is a symlink")
+        if not stat.S_ISREG(found.st_mode):
+            raise Planted(f"{self.path(name)} is not a regular file")
+        return found
+
+    def is_file(self, name: str) -> bool:
+        return self.stat(name) is not None
+
+    def size(self, name: str) -> int:
+        found = self.stat(name)
+        return found.st_size if found is not None else 0
+
+    def open(self, name: str, mode: str) -> IO[bytes]:
+        """`name` opened "rb", "wb" or "ab" (made 0644), only when it is a regular file (or missing, to write).
+        Raises Planted for anything else."""
+        self.stat(name)
+        try:  # O_NONBLOCK: a FIFO swapped in meanwhile must not hang the open; it is refused below
+            fd = os.open(name, _OPEN_FLAGS[mode] | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o644,
+                         dir_fd=self.fd)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise Planted(f"{self.path(name)} is a symlink") from None
+            raise
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise Planted(f"{self.path(name)} is not a regular file")
+            os.set_blocking(fd, True)
+            if mode != "rb":
+                os.fchmod(fd, 0o644)  # the umask may have narrowed it
+            return os.fdopen(fd, mode)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def read_text(self, name: str) -> str:
+        with self.open(name, "rb") as source:
+            return source.read(1 << 16).decode(errors="replace")
+
+    def write_text(self, name: str, text: str) -> None:
+        with self.open(name, "wb") as out:
+            out.write(text.encode())
+
+    def unlink(self, name: str) -> None:
+        """Remove `name` (a symlink itself, never what it points to) when it is there."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=self.fd)
+
+    def replace(self, source: str, target: str) -> None:
+        os.replace(source, target, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+
+
+def _open_directory(name: str, dir_fd: int | None, shown: str) -> int:
+    try:
+        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
+            raise
+    try:
+        link = stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        link = False
+    raise Planted(f"{shown} is {'a symlink' if link else 'not a directory'}")
+
+
+def sha256_of(source: IO[bytes], hasher: Any = None) -> Any:
     hasher = hasher if hasher is not None else hashlib.sha256()
-    with path.open("rb") as source:
-        for block in iter(lambda: source.read(DOWNLOAD_CHUNK), b""):
-            hasher.update(block)
+    for block in iter(lambda: source.read(DOWNLOAD_CHUNK), b""):
+        hasher.update(block)
     return hasher
 
 
@@ -399,24 +541,37 @@ def download(url: str, dest: Path, *, sha256: str | None = None, tries: int = DO
              read_timeout_s: float = READ_TIMEOUT, deadline_s: float | None = None,
              progress: Callable[[int, int | None], None] | None = None,
              headers: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """Download `url` to `dest` through `dest`.part: resumed from what the .part holds (HTTP Range), the
-    whole file's sha256 checked against `sha256` when given, then renamed into place. Up to `tries`
-    connections; a .part that cannot be finished now stays for the next run. Raises DownloadError."""
-    part = dest.with_name(dest.name + ".part")
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    """`download_into` the folder of `dest` (made when missing), a path the caller trusts. Model files in the
+    model cache go through `download_into` with a Folder opened inside the cache (ensure_models)."""
+    with Folder.at(dest.parent) as folder:
+        return download_into(folder, dest.name, url, sha256=sha256, tries=tries, read_timeout_s=read_timeout_s,
+                             deadline_s=deadline_s, progress=progress, headers=headers)
+
+
+def download_into(folder: Folder, name: str, url: str, *, sha256: str | None = None, tries: int = DOWNLOAD_TRIES,
+                  read_timeout_s: float = READ_TIMEOUT, deadline_s: float | None = None,
+                  progress: Callable[[int, int | None], None] | None = None,
+                  headers: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Download `url` to `name` in `folder` through `name`.part: resumed from what the .part holds (HTTP
+    Range), the whole file's sha256 checked against `sha256` when given, then renamed into place. Up to
+    `tries` connections; a .part that cannot be finished now stays for the next run. Raises DownloadError,
+    Planted (a symlink or other non-file where a file goes)."""
+    part = name + ".part"
     started = time.monotonic()
-    resumed_from = part.stat().st_size if part.exists() else 0
+    resumed_from = folder.size(part)
     last_error = "no attempt made"
     for attempt in range(max(tries, 1)):
         if deadline_s is not None and time.monotonic() - started > deadline_s:
             raise DownloadError(f"gave up after {int(deadline_s)} s ({last_error}); the next run resumes")
         try:
-            total = _fetch(url, part, read_timeout_s, progress, headers or {})
+            total = _fetch(url, folder, part, read_timeout_s, progress, headers or {})
             break
         except _Restart as exc:  # the server cannot resume: start over at once
-            part.unlink()
+            folder.unlink(part)
             resumed_from = 0
             last_error = str(exc)
+        except Planted:
+            raise
         except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
             last_error = _reason(exc)
             if isinstance(exc, urllib.error.HTTPError) and exc.code < 500 and exc.code not in (408, 429):
@@ -424,19 +579,18 @@ def download(url: str, dest: Path, *, sha256: str | None = None, tries: int = DO
             if attempt + 1 < tries:
                 time.sleep(min(2.0 ** attempt, 10.0))
     else:
-        done = part.stat().st_size if part.exists() else 0
-        raise DownloadError(f"{last_error}; {done} bytes are in {part.name}, the next run resumes from there")
-    size = part.stat().st_size
+        raise DownloadError(f"{last_error}; {folder.size(part)} bytes are in {part}, the next run resumes from there")
+    size = folder.size(part)
     if total is not None and size != total:
         raise DownloadError(f"got {size} bytes of {total}; the next run resumes")
-    digest = sha256_of(part).hexdigest()
+    with folder.open(part, "rb") as source:
+        digest = sha256_of(source).hexdigest()
     if sha256 is not None and digest != sha256.lower():
-        part.unlink()
+        folder.unlink(part)
         raise DownloadError(f"sha256 mismatch: expected {sha256.lower()}, got {digest} (the download was "
                             "removed)")
-    part.chmod(0o644)
-    part.replace(dest)
-    _write_sha256(dest, digest)
+    folder.replace(part, name)
+    _write_sha256(folder, name, digest)
     return {"bytes": size, "seconds": round(time.monotonic() - started, 1), "resumed_from": resumed_from,
             "sha256": digest}
 
@@ -445,10 +599,10 @@ class _Restart(Exception):
     pass
 
 
-def _fetch(url: str, part: Path, read_timeout_s: float, progress: Callable[[int, int | None], None] | None,
-           headers: Mapping[str, str]) -> int | None:
+def _fetch(url: str, folder: Folder, part: str, read_timeout_s: float,
+           progress: Callable[[int, int | None], None] | None, headers: Mapping[str, str]) -> int | None:
     """One connection: append to `part` from where it ends; the file's total size, if the server said."""
-    have = part.stat().st_size if part.exists() else 0
+    have = folder.size(part)
     if not url.startswith(("http://", "https://")):
         raise DownloadError(f"not an http(s) URL: {url}")
     request = urllib.request.Request(url, headers={"User-Agent": "lmstack-prepare", **headers})  # noqa: S310
@@ -478,7 +632,7 @@ def _fetch(url: str, part: Path, read_timeout_s: float, progress: Callable[[int,
             mode = "wb"
         done = have
         last_report = 0.0
-        with part.open(mode) as out:
+        with folder.open(part, mode) as out:
             while True:
                 block = answer.read(DOWNLOAD_CHUNK)
                 if not block:
@@ -505,65 +659,75 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _sha256_file(dest: Path) -> Path:
-    return dest.with_name(dest.name + ".sha256")
+def _write_sha256(folder: Folder, name: str, digest: str) -> None:
+    folder.write_text(name + ".sha256", digest + "\n")
 
 
-def _write_sha256(dest: Path, digest: str) -> None:
-    _sha256_file(dest).write_text(digest + "\n")
-
-
-def _known_sha256(dest: Path) -> str:
+def _known_sha256(folder: Folder, name: str) -> str:
     """The file's sha256: from the record a download left beside it when that is newer, else computed."""
-    record = _sha256_file(dest)
-    if record.is_file() and record.stat().st_mtime >= dest.stat().st_mtime:
-        return record.read_text().strip()
-    digest = str(sha256_of(dest).hexdigest())
-    _write_sha256(dest, digest)
+    record = name + ".sha256"
+    recorded = folder.stat(record)
+    found = folder.stat(name)
+    if recorded is not None and found is not None and recorded.st_mtime >= found.st_mtime:
+        return folder.read_text(record).strip()
+    with folder.open(name, "rb") as source:
+        digest = str(sha256_of(source).hexdigest())
+    _write_sha256(folder, name, digest)
     return digest
 
 
 def ensure_models(step: Step, cache: Mapping[str, Any], models: list[Mapping[str, Any]], timeout_s: float
                   ) -> list[dict[str, Any]]:
-    """Each model file present in the model cache: downloaded when missing (or when its sha256 differs)."""
+    """Each model file present in the model cache: downloaded when missing (or when its sha256 differs).
+
+    Every directory on the way and the file itself are opened inside the cache without following a symlink
+    (containers write to the cache): a file whose way holds one fails, and nothing is written outside."""
     results = []
-    root = Path(str(cache.get("path") or "/"))
+    root = str(cache.get("path") or "/")
     for model in models:
         source = str(model.get("source") or model.get("url"))
         rel = str(model.get("path") or "")
-        wanted = str(model["sha256"]).lower() if model.get("sha256") else None
         state: dict[str, Any] = {"source": source, "path": rel, "status": "failed", "error": None}
         results.append(state)
         if not cache.get("ok"):
             state.update(status="skipped", error="the model cache is not usable")
             continue
-        dest = root / rel
-        if not rel or rel.startswith("/") or ".." in Path(rel).parts:
+        parts = Path(rel).parts
+        if not rel or rel.startswith("/") or ".." in parts or not parts:
             state["error"] = f"{rel!r} is not a path inside the model cache"
             continue
-        if dest.is_file() and (wanted is None or _known_sha256(dest) == wanted):
-            state["status"] = "present"
-            continue
-        progress_file = dest.with_name(dest.name + ".progress")
-
-        def progress(done: int, total: int | None, progress_file: Path = progress_file) -> None:
-            of = f" of {total}" if total is not None else ""
-            progress_file.write_text(f"{done}{of} bytes at {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
-
         try:
-            got = download(str(model["url"]), dest, sha256=wanted, deadline_s=timeout_s, progress=progress)
+            with Folder.inside(root, parts[:-1]) as folder:
+                state.update(_ensure_model(step, folder, parts[-1], model, source, timeout_s))
+        except Planted as exc:
+            state["error"] = (f"refused: {exc}; nothing in the model cache is followed (a container that mounts "
+                              "it may have planted it): remove it")
         except DownloadError as exc:
             state["error"] = f"download failed: {exc}"
-            continue
         except OSError as exc:  # the cache itself: permissions, a full disk
-            state["error"] = f"download failed: {dest}: {exc.strerror or exc}"
-            continue
-        finally:
-            if progress_file.exists():
-                progress_file.unlink()
-        step.changes.append(f"downloaded {source}")
-        state.update(status="downloaded", **got)
+            state["error"] = f"download failed: {root.rstrip('/')}/{rel}: {exc.strerror or exc}"
     return results
+
+
+def _ensure_model(step: Step, folder: Folder, name: str, model: Mapping[str, Any], source: str, timeout_s: float
+                  ) -> dict[str, Any]:
+    wanted = str(model["sha256"]).lower() if model.get("sha256") else None
+    progress_file = name + ".progress"
+    for beside in (name + ".part", name + ".sha256", progress_file):
+        folder.stat(beside)  # refused now, before a download that could not finish
+    if folder.is_file(name) and (wanted is None or _known_sha256(folder, name) == wanted):
+        return {"status": "present"}
+
+    def progress(done: int, total: int | None) -> None:
+        of = f" of {total}" if total is not None else ""
+        folder.write_text(progress_file, f"{done}{of} bytes at {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+
+    try:
+        got = download_into(folder, name, str(model["url"]), sha256=wanted, deadline_s=timeout_s, progress=progress)
+    finally:
+        folder.unlink(progress_file)
+    step.changes.append(f"downloaded {source}")
+    return {"status": "downloaded", **got}
 
 
 def prepare(params: Mapping[str, Any], step: Step) -> dict[str, Any]:

@@ -64,7 +64,7 @@ def _workers(bed: Any, root: Path, payload: Callable[[str], str], **override: An
         "apiVersion": "lmstack.dev/v1", "kind": "Worker",
         "metadata": {"name": host.name, "labels": {"n": str(index), "note": payload("worker-label"),
                                                    "zone": payload("worker-label-and-selector")}},
-        "spec": {"host": host.name, "modelCache": str(root / "caches" / host.name / "models"), **override},
+        "spec": {"host": host.name, "modelCache": str(root / "caches" / host.name), **override},
     } for index, host in enumerate(bed.hosts)]
 
 

@@ -23,10 +23,11 @@ from test_gateway import add_key, serve_model, start_gateway, wait_until_routed 
 from testbed.fleet import workers_yaml, write_fleet
 
 from lmstack.api.services.status import get_deployment
-from lmstack.backends import BACKENDS, backend_for
+from lmstack.backends import BACKENDS, EffectiveSpec, backend_for, effective_spec
 from lmstack.backends.base import ReplicaContext
 from lmstack.config import Settings
 from lmstack.gitsource import load_source
+from lmstack.manifests.schema import DeploymentSpec, Health, Resources
 from lmstack.reconcile.apply import apply_source
 from lmstack.state import Database, Replica
 
@@ -38,10 +39,10 @@ def _context(key: str | None) -> ReplicaContext:
                           model_cache="/var/lib/lmstack/models", revision=None, spec_hash="h", engine_key=key)
 
 
-def _spec(backend: str) -> dict[str, Any]:
+def _spec(backend: str) -> EffectiveSpec:
     model = "/models/m.gguf" if backend == "llamacpp" else "org/m"
-    return {"backend": backend, "model": model, "servedName": "d", "image": "img", "args": ["--user-flag"],
-            "resources": {"gpus": 0}, "health": {"startupTimeout": "60s"}}
+    return effective_spec("d", DeploymentSpec(backend=backend, model=model, image="img", args=["--user-flag"],
+                                              resources=Resources(gpus=0), health=Health(startup_timeout=60)))
 
 
 @pytest.mark.parametrize(("backend", "env"), [("vllm", "VLLM_API_KEY"), ("llamacpp", "LLAMA_API_KEY")])
@@ -91,7 +92,7 @@ def test_an_applied_engine_answers_only_its_own_key(tmp_path: Path, clean_testbe
                   "  resources: {gpus: 0}\n  placement: {strategy: spread}\n  health: {startupTimeout: 60s}\n"
                   "  env: {VLLM_API_KEY: chosen-by-the-pusher}\n")
     repo = write_fleet(tmp_path / "fleet", bed, {"chat.yaml": deployment}, message="chat",
-                       workers=workers_yaml(bed.hosts, model_cache=lambda h: f"/var/lib/lmstack/test/{h.name}"))
+                       workers=workers_yaml(bed.hosts, model_cache=lambda h: f"/var/lib/lmstack/test-{h.name}"))
     source = load_source(repo=str(repo), ref="HEAD", directory=None, settings=Settings(home=tmp_path / "home"))
     _, report = apply_source(source, db, ssh_key=bed.ssh_key, known_hosts=bed.known_hosts)
     assert report is not None and report.ok, [r.message for r in report.failed] if report else None

@@ -15,12 +15,11 @@ import logging
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol, cast
 
 from lmstack.api.services.repo import NoRepository, RepoView
 from lmstack.api.services.status import ReplicaLocation, deployment_exists, find_replica
-from lmstack.config import Settings
+from lmstack.config import Settings, SshFilesError, ssh_files
 from lmstack.gitsource import SourceError
 from lmstack.manifests import ManifestValidationError
 from lmstack.nodes.docker import DockerPool, DockerSetupError, DockerTarget, NodeError
@@ -81,19 +80,6 @@ def resolve(*, database: Database, repo: RepoView, deployment: str, ordinal: int
     return LogTarget(replica=replica, container_id=replica.container_id, docker_url=targets[replica.worker][0])
 
 
-def ssh_files(settings: Settings) -> tuple[Path, Path]:
-    """The SSH key and known_hosts the server uses (the CLI's defaults); LogsError(503) if one is missing."""
-    ssh = Path.home() / ".ssh"
-    default_key = ssh / "id_ed25519" if (ssh / "id_ed25519").exists() else ssh / "id_rsa"
-    key = (settings.ssh_key or default_key).expanduser()
-    known_hosts = (settings.known_hosts or ssh / "known_hosts").expanduser()
-    if not key.is_file():
-        raise LogsError(503, f"the server's SSH key {key} does not exist (LMSTACK_SSH_KEY)")
-    if not known_hosts.is_file():
-        raise LogsError(503, f"the server's known_hosts file {known_hosts} does not exist (LMSTACK_KNOWN_HOSTS)")
-    return key, known_hosts
-
-
 class LogSession:
     """One open log stream and the SSH connection it runs on. `close()` ends both (idempotent)."""
 
@@ -118,12 +104,12 @@ class LogSession:
 def open_stream(*, target: LogTarget, settings: Settings, tail: int) -> LogSession:
     """Connect to the worker's Docker and open a follow stream of the container's output. Blocking.
     Raises LogsError: 404 when the container is gone, 502 when the worker or its Docker fails."""
-    key, known_hosts = ssh_files(settings)
     worker = target.replica.worker
     try:
-        pool = DockerPool([DockerTarget(worker=worker, url=target.docker_url)], known_hosts=known_hosts, ssh_key=key,
-                          max_sessions=2)
-    except DockerSetupError as exc:
+        ssh = ssh_files(settings)
+        pool = DockerPool([DockerTarget(worker=worker, url=target.docker_url)], known_hosts=ssh.known_hosts,
+                          ssh_key=ssh.key, ssh_config=ssh.config, max_sessions=2)
+    except (SshFilesError, DockerSetupError) as exc:
         raise LogsError(503, str(exc)) from exc
     try:
         stream = pool.logs(worker, target.container_id, follow=True, tail=tail)
