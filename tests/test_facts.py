@@ -25,6 +25,7 @@ import pytest
 from sqlalchemy import select
 from testbed.fleet import workers_yaml, write_fleet
 
+from lmstack.cli.render_facts import disk_summary
 from lmstack.gitsource import parse_inventory
 from lmstack.nodes.ansible import PLAYBOOKS_DIR, HostError, HostFacts, run_facts, run_playbook
 from lmstack.reconcile.facts import runner_inventory, worker_facts
@@ -63,7 +64,17 @@ def test_worker_facts_shape_for_the_planner() -> None:
     assert stored["gpus"][1]["memory_total"] == 0  # unknown: nothing to offer to the scheduler
     assert stored["docker_version"] == "26.1.5" and stored["nvidia_runtime"] is True
     assert (stored["cpus"], stored["memory_total"], stored["disk_free"]) == (64, 512 * GIB, 900 * GIB)
+    assert stored["disk_error"] is None
     assert json.loads(json.dumps(stored)) == stored  # plain JSON for the JSONB column
+
+
+def test_a_refused_model_cache_is_kept_in_the_facts_and_shown() -> None:
+    """The facts module refuses a cache that is a symlink (disk.error); the stored facts and the table keep
+    the reason instead of dropping it."""
+    refused = "refused: /var/lib/lmstack/models is a symlink (to /etc)"
+    stored = worker_facts({"disk": {"path": "/var/lib/lmstack/models", "error": refused}})
+    assert stored["disk_error"] == refused
+    assert refused in disk_summary(stored)
 
 
 def test_the_runner_inventory_has_only_the_connection_lmstack_decided(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ def render_facts(console: Console, report: FactsReport, *, header: str) -> None:
         facts = worker.facts or {}
         stale = not worker.ready and worker.facts is not None
         cells = [gpus_summary(facts), docker_summary(facts), _yes_no(facts.get("nvidia_runtime")),
-                 _plain(facts.get("cpus")), _bytes(facts.get("memory_total")), _bytes(facts.get("disk_free"))]
+                 _plain(facts.get("cpus")), _bytes(facts.get("memory_total")), disk_summary(facts)]
         if worker.facts is None:
             cells = ["-"] * len(cells)
         style = "dim" if stale else ""  # old facts, kept for display
@@ -68,6 +68,11 @@ def docker_summary(facts: Mapping[str, Any]) -> str:
     if reason.startswith("Cannot connect to the Docker daemon"):
         reason = "the daemon is not running or not reachable"  # the socket path is in the JSON output
     return f"none ({reason})" if reason else "none"
+
+
+def disk_summary(facts: Mapping[str, Any]) -> str:
+    error = facts.get("disk_error")
+    return f"{_bytes(facts.get('disk_free'))} ({error})" if error else _bytes(facts.get("disk_free"))
 
 
 def _short_name(name: str) -> str:

@@ -173,6 +173,8 @@ def worker_facts(module: Mapping[str, Any]) -> dict[str, Any]:
         "disk_path": disk.get("path"),
         "disk_free": _int_or_none(disk.get("free")),
         "disk_total": _int_or_none(disk.get("total")),
+        # Why the cache's disk could not be read, or why the cache is refused (a symlink): shown, not lost.
+        "disk_error": str(disk["error"]) if disk.get("error") else None,
     }
 
 
