@@ -58,6 +58,17 @@ class Settings(BaseSettings):
     repo_refresh_s: float = Field(
         default=5.0, gt=0, description="how long the server reuses what it read of `repo` (a fetch, for a URL) "
                                        "for /api/sync, /api/plan and logs")
+    # -- the controller (`lmstack serve` keeps the fleet matching `repo` at `ref`) --------------------------
+    controller: bool = Field(default=True, description="apply `repo` from the server: on a poll, a webhook, a "
+                                                        "change of a local repository's refs, and a drift timer "
+                                                        "(only when `repo` is set)")
+    poll_interval_s: float = Field(default=60.0, gt=0, description="how often the controller reads `ref` for a "
+                                                                   "new commit")
+    drift_interval_s: float = Field(default=15.0, gt=0, description="how often the controller re-observes the "
+                                                                    "workers and repairs drift without a new commit")
+    webhook_secret: SecretStr | None = Field(
+        default=None, description="the secret Git hosts sign POST /api/hooks/git with (GitHub, Gitea: HMAC-SHA256; "
+                                  "GitLab: the token); unset: the webhook is off (404)")
     ssh_key: Path | None = Field(
         default=None, description="private key for SSH to the workers (live logs) [default: ~/.ssh/id_ed25519, "
                                   "else ~/.ssh/id_rsa]")

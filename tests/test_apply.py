@@ -116,7 +116,7 @@ def test_apply_runs_replicas_where_planned_and_is_idempotent(fleet: Fleet) -> No
     rows = fleet.replicas()
     for name, row in rows.items():
         assert row.status == "ready" and row.worker_name == planned[name]
-        assert row.endpoint is not None and row.endpoint.startswith("http://10.213.0.")
+        assert row.endpoint is not None and row.endpoint.startswith(f"http://{fleet.bed.config.subnet}.")
         assert row.engine_key and _models(row.endpoint, row.engine_key) == [name.split("/")[0]]
     with fleet.database.session() as session:
         run = session.scalars(select(SyncRun)).one()

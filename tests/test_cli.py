@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from sqlalchemy import insert
+from sqlalchemy import insert, select
 
-from lmstack.state import Database, Replica, Worker
+from lmstack.state import Database, Replica, SyncRun, Worker
 
 LMSTACK = [sys.executable, "-m", "lmstack"]
 GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
@@ -157,3 +157,29 @@ def test_schema_and_help(env: dict[str, str]) -> None:
     assert "--detailed" not in help_text
     plan_help = lmstack(env, "plan", "--help").stdout
     assert "--repo" in plan_help and "--ref" in plan_help and "--dir" in plan_help and "--json" in plan_help
+
+
+def test_apply_waits_while_another_process_applies(fleet: Path, env: dict[str, str], db: Database,
+                                                   tmp_path: Path) -> None:
+    """`lmstack apply` takes the leader lock the controller of `lmstack serve` takes: while another process
+    holds it, apply says who and waits (before gathering facts or planning), and changes nothing."""
+    from lmstack.reconcile.leader import try_lead
+
+    key, known_hosts = tmp_path / "key", tmp_path / "known_hosts"
+    key.write_text("not used before the lock is free\n")
+    known_hosts.write_text("")
+    with try_lead(db, role="serve") as leadership:
+        assert leadership is not None
+        apply = subprocess.Popen([*LMSTACK, "apply", "--repo", str(fleet), "--yes", "--ssh-key", str(key),
+                                  "--known-hosts", str(known_hosts)], env=env, stderr=subprocess.PIPE, text=True)
+        try:
+            assert apply.stderr is not None
+            line = apply.stderr.readline()
+            assert line.startswith(f"Waiting: lmstack serve (pid {os.getpid()} on "), line
+            with pytest.raises(subprocess.TimeoutExpired):
+                apply.wait(1.5)  # still waiting: the holder has not let go
+        finally:
+            apply.kill()
+            apply.wait(10)
+    with db.session() as session:
+        assert session.scalars(select(SyncRun)).all() == []  # it started nothing

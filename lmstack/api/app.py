@@ -22,7 +22,7 @@ from lmstack import __version__
 from lmstack.api.deps import authenticate
 from lmstack.api.errors import install_error_handlers
 from lmstack.api.inputs import checked
-from lmstack.api.routes import auth, gateway, health, keys, logs, metrics, status
+from lmstack.api.routes import auth, gateway, health, hooks, keys, logs, metrics, status
 from lmstack.api.security import load_or_create_secret
 from lmstack.api.services.keys import KeyCache
 from lmstack.api.services.metrics import Metrics
@@ -33,6 +33,7 @@ from lmstack.api.services.repo import RepoView
 from lmstack.api.services.usage import UsageRecorder
 from lmstack.api.state import AppState
 from lmstack.config import Settings
+from lmstack.controller import Controller
 from lmstack.state import Database, open_database
 
 
@@ -48,8 +49,10 @@ class _App(FastAPI):
         await gateway.answer_fast(self.state.lmstack, path, scope, receive, send)
 
 
-def create_app(settings: Settings, *, database: Database | None = None) -> FastAPI:
-    """The app. `database`: an open Database to use (tests); by default one is opened from settings."""
+def create_app(settings: Settings, *, database: Database | None = None,
+               controller: Controller | None = None) -> FastAPI:
+    """The app. `database`: an open Database to use (tests); by default one is opened from settings.
+    `controller`: started with the app and stopped with it (server.py builds it); POST /api/hooks/git pokes it."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -73,9 +76,13 @@ def create_app(settings: Settings, *, database: Database | None = None) -> FastA
         await state.registry.refresh()
         tasks = [asyncio.create_task(state.registry.run()), asyncio.create_task(state.usage.run()),
                  asyncio.create_task(state.keys.run())]
+        if controller is not None:
+            controller.start()
         try:
             yield
         finally:
+            if controller is not None:
+                await run_in_threadpool(controller.stop)
             for task in tasks:
                 task.cancel()
             for task in tasks:
@@ -93,8 +100,9 @@ def create_app(settings: Settings, *, database: Database | None = None) -> FastA
         lifespan=lifespan,
         openapi_url=None, docs_url=None, redoc_url=None,  # served below, behind a login
     )
+    app.state.controller = controller
     install_error_handlers(app)
-    for module in (health, auth, keys, gateway, status, metrics, logs):
+    for module in (health, auth, keys, gateway, status, metrics, logs, hooks):
         app.include_router(module.router)
     if settings.api_docs:
         @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(authenticate)])

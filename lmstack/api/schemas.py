@@ -243,6 +243,8 @@ class PlanAction(ApiModel):
     previous: PlanPlacement | None
     changes: list[FieldChange]
     spec_hash: str | None
+    adopt: bool = Field(default=False, description="a replica a stopped pass left unsettled: its readiness is "
+                                                   "waited for (it is recreated if it does not become ready)")
 
 
 class PlanUnplaceable(ApiModel):

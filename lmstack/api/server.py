@@ -16,7 +16,9 @@ import uvicorn
 
 from lmstack.api.app import create_app
 from lmstack.api.connections import guarded_protocol
-from lmstack.config import Settings
+from lmstack.config import Settings, SshFilesError
+from lmstack.controller import build_controller
+from lmstack.gitsource.repo import redact
 from lmstack.state import open_database
 
 log = logging.getLogger("lmstack.api")
@@ -90,7 +92,18 @@ def run_server(settings: Settings, *, host: str, port: int, access_log: bool = F
     try:
         log.info("state database: %s", database.url)
         log.info("open files limit: %d", raise_open_files_limit())
-        config = server_config(create_app(settings, database=database), settings, host=host, port=port,
+        try:
+            controller = build_controller(settings, database)
+        except SshFilesError as exc:
+            log.error("the controller cannot reach the workers: %s (or set LMSTACK_CONTROLLER=false to serve "
+                      "without applying)", exc)
+            return False
+        if controller is not None:
+            log.info("controller: applying %s at %s (poll every %.0f s, drift check every %.0f s, webhook %s)",
+                     redact(settings.repo or ""), settings.ref, settings.poll_interval_s, settings.drift_interval_s,
+                     "on" if settings.webhook_secret is not None else "off")
+        app = create_app(settings, database=database, controller=controller)
+        config = server_config(app, settings, host=host, port=port,
                                log_config=None, access_log=access_log, ws_ping_interval=20.0, ws_ping_timeout=20.0)
         server = uvicorn.Server(config)
         tune_gc()

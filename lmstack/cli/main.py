@@ -14,20 +14,29 @@ from rich.console import Console
 from rich.markup import escape
 
 from lmstack import __version__
-from lmstack.cli.render import plan_document, plan_reach, render_commands, render_plan
+from lmstack.backends import effective_spec, spec_hash
+from lmstack.cli.render import (
+    plan_document,
+    plan_reach,
+    render_commands,
+    render_observation,
+    render_orphans,
+    render_plan,
+    render_status,
+)
 from lmstack.cli.render_facts import render_facts
 from lmstack.cli.scaffold import ScaffoldError, scaffold
 from lmstack.cli.users import keys_app, users_app
 from lmstack.config import Settings, SshFiles, SshFilesError, ssh_files
-from lmstack.gitsource import Source, SourceError, init_repository, load_source
+from lmstack.gitsource import Source, SourceError, init_repository, load_source, parse_snapshot, read_commit
+from lmstack.gitsource.source import push_limits
 from lmstack.manifests import ManifestValidationError, json_schema
 from lmstack.nodes.docker import DockerSetupError as NodeSetupError
-from lmstack.reconcile.apply import Prepared, apply_source
+from lmstack.reconcile.apply import Prepared, apply_source, plan_source
 from lmstack.reconcile.facts import FactsError, gather_facts
+from lmstack.reconcile.leader import Holder, lead
 from lmstack.reconcile.model import Action, ActionKind, Plan
-from lmstack.reconcile.observe import load_observed
-from lmstack.reconcile.planner import plan as make_plan
-from lmstack.reconcile.targets import worker_targets
+from lmstack.reconcile.status import fleet_status
 from lmstack.state import DatabaseError, current_revision, downgrade, head_revision, open_database, upgrade
 
 app = typer.Typer(
@@ -120,28 +129,41 @@ def plan(
     repo: RepoOption = ".",
     ref: RefOption = "HEAD",
     directory: DirOption = None,
+    ssh_key: SshKeyOption = None,
+    known_hosts: KnownHostsOption = None,
+    offline: Annotated[bool, typer.Option(
+        "--offline", help="Do not observe the containers over SSH: plan on the recorded status alone.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
     show_unchanged: Annotated[bool, typer.Option("--show-unchanged", help="List unchanged replicas too.")] = False,
     show_commands: Annotated[bool, typer.Option(
         "--show-commands", help="Print the `docker run` equivalent of each container to be created.")] = False,
 ) -> None:
-    """Show what would change on which machine and why. Exit 0: no changes; 2: changes; 1: error."""
+    """Show what would change on which machine and why, on the stored facts and the containers as they are
+    now (observed over SSH, as apply does; nothing is changed). Exit 0: no changes; 2: changes; 1: error."""
     settings = Settings()
     source = _source(repo, ref, directory, settings)
+    ssh: SshFiles | None = None
+    if not offline:
+        try:
+            ssh = ssh_files(settings, key=ssh_key, known_hosts=known_hosts)
+        except SshFilesError as exc:
+            # Planning still works on the recorded state; say loudly that it is only that.
+            err.print(f"[yellow]warning:[/] containers not observed: {escape(str(exc))} (--offline skips "
+                      "observing)")
     try:
         database = open_database(settings)
         try:
-            with database.session() as session:
-                observed = load_observed(session)
-                targets = worker_targets(source, session)
+            prepared = plan_source(source, database, ssh_key=ssh.key if ssh else None,
+                                   known_hosts=ssh.known_hosts if ssh else None, ssh_config=ssh.config if ssh else None)
         finally:
             database.close()
-    except DatabaseError as exc:
+    except (DatabaseError, NodeSetupError) as exc:
         _fail(str(exc))
-    result = make_plan(source.desired, observed)
-    reach = plan_reach(result, source.desired, targets)
+    result = prepared.plan
+    reach = plan_reach(result, source.desired, prepared.targets)
     if as_json:
         revision = source.revision
+        live = prepared.live
         document = {
             "source": {
                 "origin": source.origin,
@@ -149,13 +171,23 @@ def plan(
                 "subject": revision.subject if revision else None,
             },
             **plan_document(result, reach),
+            "observed": {
+                "live": live.observed_live,
+                "unreachable": dict(live.unreachable),
+                "notReady": dict(prepared.not_ready),
+                "lost": [{"replica": f"{x.deployment}/{x.ordinal}", "status": x.status, "message": x.message}
+                         for x in live.lost],
+                "orphans": [{"worker": o.worker, "name": o.name, "reason": o.reason} for o in live.orphans],
+            },
         }
         sys.stdout.write(json.dumps(document, indent=2) + "\n")
     else:
+        render_observation(out, prepared)
         render_plan(out, result, header=f"Plan for {_describe(source)}", show_noop=show_unchanged, reach=reach)
+        render_orphans(out, prepared)
         if show_commands:
             _print_commands(result, source)
-    raise typer.Exit(2 if result.has_changes or result.unplaceable else 0)
+    raise typer.Exit(2 if result.has_changes or result.unplaceable or prepared.live.orphans else 0)
 
 
 def _print_commands(result: Plan, source: Source) -> None:
@@ -257,14 +289,10 @@ def apply(
     ssh = _ssh_files(settings, ssh_key, known_hosts)
 
     def confirm(prepared: Prepared) -> bool:
-        for worker in prepared.facts.failed:
-            out.print(f"[yellow]Worker {worker.worker} is not Ready:[/] {escape(worker.error or '')}")
-        for name, reason in sorted(prepared.live.unreachable.items()):
-            out.print(f"[yellow]Containers on {name} could not be listed:[/] {escape(reason)}")
+        render_observation(out, prepared)
         render_plan(out, prepared.plan, header=f"Plan for {_describe(source)}",
                     reach=plan_reach(prepared.plan, source.desired, prepared.targets))
-        for orphan in prepared.live.orphans:
-            out.print(f"  [red]- orphan[/]   {escape(orphan.name)} on {orphan.worker}  [dim]{orphan.reason}[/]")
+        render_orphans(out, prepared)
         if show_commands:
             _print_commands(prepared.plan, source)
         if yes:
@@ -277,13 +305,21 @@ def apply(
     def progress(action: Action, status: str) -> None:
         out.print(f"[dim]{datetime.now():%H:%M:%S}[/] {escape(action.replica_name)}: {escape(status)}")
 
+    def waiting(holder: Holder | None) -> None:
+        err.print(f"Waiting: {escape(str(holder or 'another process'))} is applying.")
+
     started = time.monotonic()
     try:
         database = open_database(settings)
         try:
-            prepared, report = apply_source(source, database, ssh_key=ssh.key, known_hosts=ssh.known_hosts,
-                                            ssh_config=ssh.config, confirm=confirm, progress=progress,
-                                            parallel=parallel)
+            # One applier at a time, the controller of `lmstack serve` included: wait for whoever applies.
+            with lead(database, role="apply", on_wait=waiting) as leadership:
+                if leadership.interrupted_runs:
+                    err.print(f"[yellow]Sync runs {', '.join(map(str, leadership.interrupted_runs))} were left "
+                              "running by a process that stopped; marked interrupted.[/]")
+                prepared, report = apply_source(source, database, ssh_key=ssh.key, known_hosts=ssh.known_hosts,
+                                                ssh_config=ssh.config, confirm=confirm, progress=progress,
+                                                parallel=parallel)
         finally:
             database.close()
     except (DatabaseError, FactsError, NodeSetupError) as exc:
@@ -291,8 +327,11 @@ def apply(
     if report is None:
         _fail("Apply cancelled; nothing was changed.")
     if not report.results and not report.orphans_removed and not report.errors:
+        render_observation(out, prepared)
         render_plan(out, prepared.plan, header=f"Plan for {_describe(source)}")
-        raise typer.Exit(0)
+        for problem in report.problems:
+            err.print(f"[red]failed:[/] {escape(str(problem))}")
+        raise typer.Exit(0 if report.ok else 1)
     counts = {kind: sum(1 for r in report.results if r.ok and r.action.kind is kind) for kind in ActionKind}
     out.print(f"\n[bold]Apply {'complete' if report.ok else 'finished with failures'}:[/] "
               f"{counts[ActionKind.CREATE]} created, {counts[ActionKind.RECREATE]} recreated, "
@@ -303,7 +342,51 @@ def apply(
         err.print(f"[red]failed:[/] {escape(result.action.replica_name)}: {escape(result.message)}")
     for error in report.errors:
         err.print(f"[red]failed:[/] {escape(error)}")
+    for problem in report.problems:
+        err.print(f"[red]failed:[/] {escape(str(problem))}")
     raise typer.Exit(0 if report.ok else 1)
+
+
+@app.command()
+def status(
+    repo: Annotated[str | None, typer.Option(
+        "--repo", envvar="LMSTACK_REPO",
+        help="The fleet's Git repository: its commit at --ref is compared with what was applied.")] = None,
+    ref: RefOption = "HEAD",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
+) -> None:
+    """Where each deployment stands, from the database: Synced, OutOfSync, Progressing or Degraded, with its
+    last applied and last attempted revision and its replicas. Exit 0: all Synced; 2: not all; 1: error."""
+    settings = Settings()
+    head: str | None = None
+    desired: dict[str, str] | None = None
+    if repo is not None:
+        try:
+            snapshot = read_commit(repo, ref, cache_dir=settings.repo_cache_dir)
+        except SourceError as exc:
+            _fail(str(exc))
+        head = snapshot.revision.sha if snapshot.revision else None
+        try:
+            deployments = parse_snapshot(snapshot, limits=push_limits(settings)).desired.deployments
+            desired = {name: spec_hash(effective_spec(name, d.spec)) for name, d in deployments.items()}
+        except ManifestValidationError as exc:
+            err.print(f"[yellow]warning:[/] the commit's manifests do not validate ({len(exc.errors)} errors): "
+                      "its deployments are not compared")
+    try:
+        database = open_database(settings)
+        try:
+            with database.session() as session:
+                found = fleet_status(session, head=head, desired=desired)
+        finally:
+            database.close()
+    except DatabaseError as exc:
+        _fail(str(exc))
+    if as_json:
+        sys.stdout.write(json.dumps(found.to_json(), indent=2) + "\n")
+    else:
+        render_status(out, found)
+    synced = all(d.state == "Synced" for d in found.deployments) and found.sync in ("Synced", "Unknown")
+    raise typer.Exit(0 if synced else 2)
 
 
 @app.command()

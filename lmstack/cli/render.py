@@ -1,5 +1,5 @@
 """How a plan reads in a terminal: one line per change, the reason beside it, field diffs and mounts below,
-and the Docker endpoint of every worker it may touch."""
+and the Docker endpoint of every worker it may touch; what the observe phase saw; `lmstack status`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
+from lmstack.reconcile.apply import Prepared
 from lmstack.reconcile.model import Action, ActionKind, Plan
+from lmstack.reconcile.status import FleetStatus
 
 _STYLE = {
     ActionKind.CREATE: ("+", "green"),
@@ -65,6 +67,56 @@ def render_plan(console: Console, plan: Plan, *, header: str, show_noop: bool = 
         console.print(f"[bold green]No changes.[/] {summary}.", highlight=False)
     else:
         console.print(f"[bold]Plan:[/] {summary}.", highlight=False)
+
+
+def render_observation(console: Console, prepared: Prepared) -> None:
+    """What the observe phase saw besides the plan: workers not Ready, workers whose containers could not be
+    listed, containers found gone or stopped, orphans; or that nothing was observed."""
+    for name, reason in sorted(prepared.not_ready.items()):
+        console.print(f"[yellow]Worker {escape(name)} is not Ready:[/] {escape(reason)}", highlight=False)
+    if not prepared.live.observed_live:
+        console.print("[yellow]Containers not observed:[/] the plan trusts the recorded status of every replica.",
+                      highlight=False)
+    for name, reason in sorted(prepared.live.unreachable.items()):
+        console.print(f"[yellow]Containers on {escape(name)} could not be listed:[/] {escape(reason)} "
+                      "(its replicas are planned as recorded)", highlight=False)
+    for lost in prepared.live.lost:
+        console.print(f"[red]{escape(lost.deployment)}/{lost.ordinal} is {lost.status}:[/] {escape(lost.message)}",
+                      highlight=False)
+
+
+def render_orphans(console: Console, prepared: Prepared) -> None:
+    for orphan in prepared.live.orphans:
+        console.print(f"  [red]- orphan[/]   {escape(orphan.name)} on {escape(orphan.worker)}  "
+                      f"[dim]{escape(orphan.reason)}[/]", highlight=False)
+
+
+_STATE_STYLE = {"Synced": "green", "OutOfSync": "yellow", "Progressing": "cyan", "Degraded": "red",
+                "Unknown": "dim"}
+
+
+def render_status(console: Console, status: FleetStatus) -> None:
+    """`lmstack status`: the sync state of the fleet, then per deployment its state, revisions and replicas."""
+    style = _STATE_STYLE.get(status.sync, "")
+    console.print(f"Sync: [{style}]{status.sync}[/]  {escape(status.sync_message)}", highlight=False)
+    if not status.deployments:
+        console.print("No deployments recorded.", highlight=False)
+    for deployment in status.deployments:
+        style = _STATE_STYLE.get(deployment.state, "")
+        console.print()
+        console.print(f"[bold]{escape(deployment.name)}[/]  [{style}]{deployment.state}[/]  "
+                      f"{deployment.ready}/{deployment.wanted} ready  [dim]{escape(deployment.reason)}[/]",
+                      highlight=False)
+        console.print(f"  last applied {_sha(deployment.last_applied_revision)}, last attempted "
+                      f"{_sha(deployment.last_attempted_revision)}", highlight=False)
+        for replica in deployment.replicas:
+            message = f"  [dim]{escape(replica.message)}[/]" if replica.message else ""
+            console.print(f"  {escape(replica.name)}  {escape(replica.worker)}  {escape(replica.status)}{message}",
+                          highlight=False)
+
+
+def _sha(revision: str | None) -> str:
+    return revision[:12] if revision else "none"
 
 
 def _render_action(console: Console, action: Action, width: int) -> None:

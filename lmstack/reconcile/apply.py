@@ -1,5 +1,10 @@
 """`lmstack apply` as named phases: facts -> observe -> plan -> prune orphans -> delete -> create -> record.
 
+The observe phase records at once what it sees gone or stopped (before anything is repaired), so the gateway
+stops routing to it; `lmstack plan` runs the same observe phase on the stored facts and records nothing.
+A pass is ok only when every replica was acted on or checked: a replica on a worker that is not Ready or
+whose containers could not be listed, and a replica that cannot be placed, make it fail with the reason.
+
 Deletes run before creates (their GPUs are free in the same plan). Creates and moves run in parallel
 across workers with a bounded pool; recreating replicas of one deployment in place goes one at a time,
 so a deployment with several replicas keeps serving while it rolls.
@@ -20,11 +25,17 @@ from lmstack.gitsource import Source
 from lmstack.nodes.docker import DockerPool, DockerTarget
 from lmstack.reconcile.execute import ActionResult, Executor, Progress, WorkerTarget
 from lmstack.reconcile.facts import FactsReport, gather_facts
-from lmstack.reconcile.live import LiveView, observe_live
-from lmstack.reconcile.model import Action, ActionKind, Plan
+from lmstack.reconcile.live import LiveView, Lost, observe_live, recorded_only
+from lmstack.reconcile.model import Action, ActionKind, Observed, Plan
 from lmstack.reconcile.observe import load_observed
 from lmstack.reconcile.planner import plan as make_plan
-from lmstack.reconcile.records import finish_sync_run, record_deployments, start_sync_run
+from lmstack.reconcile.records import (
+    add_event,
+    finish_sync_run,
+    record_deployments,
+    record_lost,
+    start_sync_run,
+)
 from lmstack.reconcile.targets import worker_targets
 from lmstack.state import Database
 
@@ -33,11 +44,43 @@ from lmstack.state import Database
 class Prepared:
     """Everything known before anything changes: shown to the user, who then says yes or no."""
 
-    facts: FactsReport
+    facts: FactsReport | None  # None: not gathered now (`lmstack plan` plans on the stored facts)
     live: LiveView
     plan: Plan
     # worker -> (its Docker endpoint, its target): where the plan's containers are made and what they mount
     targets: Mapping[str, tuple[str, WorkerTarget]] = field(default_factory=dict)
+    # worker -> why it is not Ready (its stored facts say so)
+    not_ready: Mapping[str, str] = field(default_factory=dict)
+
+    def unchecked(self) -> tuple[Problem, ...]:
+        """The replicas this pass can neither check nor act on (their worker is not Ready or did not list its
+        containers), and the replicas that cannot be placed: each is a reason the pass is not ok."""
+        problems = []
+        for action in self.plan.actions:
+            worker = action.placement.worker if action.placement else None
+            if action.kind is not ActionKind.NOOP or worker is None:
+                continue
+            why = self.not_ready.get(worker)
+            what = f"worker {worker} is not Ready ({why})" if why is not None else None
+            if what is None and worker in self.live.unreachable:
+                what = f"its containers on {worker} could not be listed ({self.live.unreachable[worker]})"
+            if what is not None:
+                problems.append(Problem(action.deployment, action.replica, f"not checked or changed: {what}"))
+        problems += [Problem(item.deployment, item.replica, f"unplaceable: {item.reason}")
+                     for item in self.plan.unplaceable]
+        return tuple(problems)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A replica a pass could not act on, and why."""
+
+    deployment: str
+    replica: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.deployment}/{self.replica}: {self.reason}"
 
 
 @dataclass(frozen=True)
@@ -47,6 +90,7 @@ class ApplyReport:
     orphans_removed: int
     errors: tuple[str, ...]
     sync_run: int
+    problems: tuple[Problem, ...] = ()  # replicas not acted on (worker down, unplaceable)
 
     @property
     def failed(self) -> tuple[ActionResult, ...]:
@@ -54,7 +98,7 @@ class ApplyReport:
 
     @property
     def ok(self) -> bool:
-        return not self.failed and not self.errors
+        return not self.failed and not self.errors and not self.problems
 
 
 class Applier:
@@ -87,17 +131,36 @@ class Applier:
     # -- phases ------------------------------------------------------------------------------------
 
     def prepare(self) -> Prepared:
+        """Facts, then observe (recording what is lost), then plan."""
         facts = gather_facts(self.source, self.database, ssh_key=self.ssh_key, known_hosts=self.known_hosts,
                              ssh_config=self.ssh_config)
+        return self.observe(facts, record=True)
+
+    def observe(self, facts: FactsReport | None = None, *, record: bool = False) -> Prepared:
+        """Observe the containers of every worker Ready by the stored facts (and of workers gone from the
+        manifests), and plan. `record`: write the replicas seen gone or stopped to the database now."""
         with self.database.session() as session:
             stored = load_observed(session)
         workers = {name for name in self.source.desired.workers if name in self.targets}
         workers |= {replica.worker for replica in stored.replicas if replica.worker in self.targets}
-        ready = {w.worker for w in facts.workers if w.ready}
+        ready = {name for name, worker in stored.workers.items() if worker.ready}
         live = observe_live(stored, self.pool, sorted(w for w in workers if w in ready
                                                       or w not in self.source.desired.workers),
                             parallel=self.parallel)
-        return Prepared(facts, live, make_plan(self.source.desired, live.observed), self.targets)
+        if record:
+            self._record_lost(live.lost)
+        return Prepared(facts, live, make_plan(self.source.desired, live.observed), self.targets,
+                        _not_ready(stored, self.source.desired.workers))
+
+    def _record_lost(self, lost: tuple[Lost, ...]) -> None:
+        with self.database.session() as session:
+            for item in lost:
+                if record_lost(session, deployment=item.deployment, ordinal=item.ordinal, recorded=item.recorded,
+                               recorded_container=item.recorded_container, status=item.status,
+                               message=item.message):
+                    add_event(session, type="Warning", kind="Deployment", name=item.deployment,
+                              reason="ReplicaLost", message=f"replica {item.ordinal}: {item.message}",
+                              sync_run=None)
 
     def execute(self, prepared: Prepared, *, progress: Progress | None = None) -> ApplyReport:
         plan = prepared.plan
@@ -132,21 +195,24 @@ class Applier:
             results.extend(threads.map(executor.run, deletes))
             for chain_results in threads.map(lambda chain: [executor.run(a) for a in chain], _chains(others)):
                 results.extend(chain_results)
+        problems = prepared.unchecked()
         failed_by_deployment: dict[str, str] = {}
         for result in results:
             if not result.ok:
-                failed_by_deployment.setdefault(result.action.deployment, result.message)
-        for item in plan.unplaceable:
-            failed_by_deployment.setdefault(item.deployment, f"replica {item.replica} unplaceable: {item.reason}")
+                failed_by_deployment.setdefault(result.action.deployment,
+                                                f"replica {result.action.replica}: {result.message}")
+        for problem in problems:
+            failed_by_deployment.setdefault(problem.deployment, f"replica {problem.replica} {problem.reason}")
+        report = ApplyReport(plan, tuple(results), removed, tuple(errors), run_id, problems)
         with self.database.session() as session:
             record_deployments(
                 session,
                 specs=specs,
                 failed=failed_by_deployment, revision=revision.sha if revision else None)
-            ok = not any(not result.ok for result in results) and not errors
-            finish_sync_run(session, run_id, ok=ok, result=_result_json(results, removed, errors),
-                            error=None if ok else "; ".join([r.message for r in results if not r.ok] + errors))
-        return ApplyReport(plan, tuple(results), removed, tuple(errors), run_id)
+            failures = [f"{r.action.replica_name}: {r.message}" for r in report.failed]
+            finish_sync_run(session, run_id, ok=report.ok, result=_result_json(results, removed, errors, problems),
+                            error=None if report.ok else "; ".join(failures + errors + [str(p) for p in problems]))
+        return report
 
     # -- connection details --------------------------------------------------------------------------
 
@@ -171,13 +237,28 @@ def _chains(actions: list[Action]) -> list[list[Action]]:
     return chains
 
 
-def _result_json(results: list[ActionResult], removed: int, errors: list[str]) -> dict[str, Any]:
+def _not_ready(stored: Observed, desired: Mapping[str, object]) -> dict[str, str]:
+    """Each desired worker that the stored facts do not call Ready, and why."""
+    reasons = {}
+    for name in desired:
+        worker = stored.workers.get(name)
+        if worker is None or not worker.facts_known:
+            reasons[name] = "facts not gathered"
+        elif not worker.ready:
+            reasons[name] = worker.reason or "no reason given"
+    return reasons
+
+
+def _result_json(results: list[ActionResult], removed: int, errors: list[str],
+                 problems: tuple[Problem, ...]) -> dict[str, Any]:
     return {
         "actions": [{"kind": r.action.kind.value, "replica": r.action.replica_name, "ok": r.ok,
-                     "message": r.message, "endpoint": r.endpoint, "seconds": round(r.elapsed_s, 2)}
+                     "message": r.message, "endpoint": r.endpoint, "seconds": round(r.elapsed_s, 2),
+                     "retryable": r.retryable}
                     for r in results],
         "orphansRemoved": removed,
         "errors": errors,
+        "notActedOn": [{"replica": f"{p.deployment}/{p.replica}", "reason": p.reason} for p in problems],
     }
 
 
@@ -192,3 +273,19 @@ def apply_source(source: Source, database: Database, *, ssh_key: Path, known_hos
         if (prepared.plan.has_changes or prepared.live.orphans) and not confirm(prepared):
             return prepared, None
         return prepared, applier.execute(prepared, progress=progress)
+
+
+def plan_source(source: Source, database: Database, *, ssh_key: Path | None, known_hosts: Path | None,
+                ssh_config: Path | None = None, parallel: int = 8) -> Prepared:
+    """What `apply` would do now, on the stored facts: the containers observed over SSH as apply's observe
+    phase does (nothing is recorded or changed), or, without `ssh_key` and `known_hosts`, the recorded
+    state as it is (`Prepared.live.observed_live` False)."""
+    if ssh_key is None or known_hosts is None:
+        with database.session() as session:
+            stored = load_observed(session)
+            targets = worker_targets(source, session)
+        return Prepared(None, recorded_only(stored), make_plan(source.desired, stored), targets,
+                        _not_ready(stored, source.desired.workers))
+    with Applier(source, database, ssh_key=ssh_key, known_hosts=known_hosts, parallel=parallel,
+                 ssh_config=ssh_config) as applier:
+        return applier.observe()

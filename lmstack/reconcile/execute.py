@@ -2,6 +2,12 @@
 
 Each action records what happened as it happens (replica rows, events), so a crash or a killed process
 leaves the database describing what exists; the next pass converges from there.
+
+A failed action is transient (a later pass may succeed with nothing changed: the worker or Docker did not
+answer) or permanent (it fails the same way until a person changes the manifest, the worker or the
+operator's settings: a missing secret, no GPU runtime, an engine that exits or never becomes ready). The
+worker's errors say which by `NodeError.retryable`, the replica's own by `ReplicaFailed.retryable`; the
+result and the replica's message carry it.
 """
 
 from __future__ import annotations
@@ -9,7 +15,8 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from secrets import token_urlsafe
 
 from lmstack.backends import EffectiveSpec, backend_for
@@ -42,6 +49,22 @@ class ActionResult:
     message: str
     endpoint: str | None = None
     elapsed_s: float = 0.0
+    retryable: bool | None = None  # a failure only: whether a later pass may clear it by itself
+
+
+class ReplicaFailed(Exception):
+    """An action failed for a reason of the replica's own (its engine, its secrets, its worker's entry)."""
+
+    def __init__(self, message: str, *, retryable: bool) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+def failure_text(message: str, retryable: bool) -> str:
+    """The message with which kind of failure it is, as the replica's message and the report show it."""
+    if retryable:
+        return f"{message} (transient: a later pass retries)"
+    return f"{message} (permanent: fix the manifest, the worker or the settings; a later pass fails the same way)"
 
 
 @dataclass
@@ -71,10 +94,12 @@ class Executor:
                 message, endpoint = self._update(action)
             else:
                 message, endpoint = self._create(action)
-        except (NodeError, SecretError, _ReplicaFailed) as exc:
-            self._failed(action, str(exc))
-            self.progress(action, f"failed: {exc}")
-            return ActionResult(action, False, str(exc), None, time.monotonic() - started)
+        except (NodeError, SecretError, ReplicaFailed) as exc:
+            retryable = isinstance(exc, NodeError | ReplicaFailed) and exc.retryable
+            text = failure_text(str(exc), retryable)
+            self._failed(action, text)
+            self.progress(action, f"failed: {text}")
+            return ActionResult(action, False, text, None, time.monotonic() - started, retryable)
         self.progress(action, message)
         return ActionResult(action, True, message, endpoint, time.monotonic() - started)
 
@@ -113,13 +138,26 @@ class Executor:
         endpoint = f"http://{self.targets[placement.worker].address}:{port}"
         with self.database.session() as session:
             key = engine_key_of(session, action.deployment, action.replica)  # the running container's
-        self._after_start(action, spec, endpoint, key)
-        self._wait_ready(action, spec, placement.worker, container.id if container else None, endpoint, key)
+        try:
+            self._after_start(action, spec, endpoint, key)
+            # An adopted container has been starting since it started: its startup timeout counts from then.
+            self._wait_ready(action, spec, placement.worker, container.id if container else None, endpoint, key,
+                             since=container.started_at if action.adopt and container else None)
+        except ReplicaFailed as exc:
+            if not action.adopt:
+                raise
+            self.progress(action, f"not ready ({exc}): recreating it")
+            return self._create(replace(action, kind=ActionKind.RECREATE, adopt=False,
+                                        reason=f"{action.reason}; not ready: {exc}"))
         with self.database.session() as session:
             upsert_replica(session, deployment=action.deployment, ordinal=action.replica, worker=placement.worker,
                            gpus=placement.gpus, container_id=container.id if container else None,
                            endpoint=endpoint, spec=spec, spec_hash=action.spec_hash or "", revision=self.revision,
                            status="ready", message=action.reason, engine_key=key)
+        if action.adopt:
+            self._event("Normal", "Deployment", action.deployment, "ReplicaAdopted",
+                        f"replica {action.replica} on {placement.worker} ready at {endpoint}: {action.reason}")
+            return f"adopted: ready at {endpoint}", endpoint
         self._event("Normal", "Deployment", action.deployment, "ReplicaUpdated",
                     f"replica {action.replica} on {placement.worker} updated in place: {action.reason}")
         return "updated in place", endpoint
@@ -131,7 +169,7 @@ class Executor:
         backend = backend_for(spec.backend)
         target = self.targets.get(placement.worker)
         if target is None:
-            raise _ReplicaFailed(f"{placement.worker}: no connection details (not in the inventory)")
+            raise ReplicaFailed(f"{placement.worker}: no connection details (not in the inventory)", retryable=False)
         env = resolve_env(action.deployment, spec.env, environ=self.environ, limits=self.limits)
         moving = previous is not None and previous.worker != placement.worker
         old = self.containers.get((action.deployment, action.replica))
@@ -193,21 +231,26 @@ class Executor:
         deadline = time.monotonic() + spec.health.startup_timeout
         while request(endpoint + "/", timeout_s=2).status is None:
             if time.monotonic() > deadline:
-                raise _ReplicaFailed(f"{endpoint} never answered within {spec.health.startup_timeout} s")
+                raise ReplicaFailed(f"{endpoint} never answered within {spec.health.startup_timeout} s",
+                                    retryable=False)
             time.sleep(self.poll_s)
         for call in calls:
             self.progress(action, f"{call.method} {call.path}")
             answer = request(endpoint + call.path, method=call.method, body=call.json, timeout_s=call.timeout_s,
                              bearer=key)
             if answer.status is None or answer.status >= 400:
-                raise _ReplicaFailed(f"{call.method} {call.path} on {endpoint} failed: "
-                                     f"{answer.error or answer.status}")
+                # No answer may clear by itself; an engine that refuses the call refuses it again.
+                raise ReplicaFailed(f"{call.method} {call.path} on {endpoint} failed: "
+                                    f"{answer.error or answer.status}", retryable=answer.status is None)
 
     def _wait_ready(self, action: Action, spec: EffectiveSpec, worker: str, container_id: str | None,
-                    endpoint: str, key: str | None) -> None:
+                    endpoint: str, key: str | None, *, since: datetime | None = None) -> None:
         backend = backend_for(spec.backend)
         timeout = spec.health.startup_timeout
-        deadline = time.monotonic() + timeout
+        if since is not None and since.tzinfo is None:
+            since = since.replace(tzinfo=UTC)
+        waited = 0.0 if since is None else max((datetime.now(UTC) - since).total_seconds(), 0.0)
+        deadline = time.monotonic() + timeout - waited
         served = backend.upstream_model(spec)
         checks = 0
         while True:
@@ -225,10 +268,10 @@ class Executor:
                 if state is None or state.state not in ("running", "created", "restarting"):
                     logs = self._tail(worker, container_id)
                     what = "is gone" if state is None else f"exited ({state.status})"
-                    raise _ReplicaFailed(f"container on {worker} {what} before it was ready{logs}")
+                    raise ReplicaFailed(f"container on {worker} {what} before it was ready{logs}", retryable=False)
             if time.monotonic() > deadline:
-                raise _ReplicaFailed(f"not ready after {timeout} s (health.startupTimeout): {endpoint}"
-                                     f"{path} answered {answer.status or answer.error}")
+                raise ReplicaFailed(f"not ready after {timeout} s (health.startupTimeout): {endpoint}"
+                                    f"{path} answered {answer.status or answer.error}", retryable=False)
             if checks == 1 or checks % 10 == 0:
                 self.progress(action, f"waiting for {served} at {endpoint}")
             # Quick checks first (small engines are up in well under a second), then back off to poll_s.
@@ -288,10 +331,6 @@ class Executor:
         with self.database.session() as session:
             add_event(session, type="Warning" if type_ == "Warning" else "Normal", kind=kind, name=name,
                       reason=reason, message=message, sync_run=self.sync_run)
-
-
-class _ReplicaFailed(Exception):
-    pass
 
 
 def _port_of(container: ManagedContainer | None) -> int | None:

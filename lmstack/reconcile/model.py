@@ -86,6 +86,9 @@ class Action:
     previous: Placement | None = None  # where it runs now (None for create)
     changes: tuple[FieldChange, ...] = ()
     spec_hash: str | None = None
+    # An UPDATE that takes over a replica a stopped pass left unsettled (starting, pending, deleting): wait
+    # for its container's readiness as a create does, and recreate it when it does not become ready.
+    adopt: bool = False
 
     @property
     def replica_name(self) -> str:
@@ -132,6 +135,7 @@ class Plan:
                     "previous": placement(action.previous),
                     "changes": [{"path": c.path, "old": c.old, "new": c.new} for c in action.changes],
                     "specHash": action.spec_hash,
+                    "adopt": action.adopt,
                 }
                 for action in self.actions
             ],

@@ -33,6 +33,9 @@ from lmstack.reconcile.scheduler import Request, Scheduler
 
 # Statuses of a replica whose container does not run: it is recreated.
 _BROKEN = frozenset({"failed", "missing"})
+# Statuses only a pass under way leaves (a pass holds the lock while it runs): seen at the start of a pass,
+# the pass that left them was killed, and the replica is adopted (its readiness waited for) or recreated.
+_UNSETTLED = frozenset({"pending", "starting", "deleting"})
 # How copies of one replica are ordered: see _copy_rank.
 _CopyRank = tuple[bool, str, tuple[int, ...], str, str]
 # The path of the one change reported when a stored spec no longer validates: always a restart.
@@ -199,6 +202,14 @@ def _in_place(replica: ReplicaObservation, target: _Desired, changes: tuple[Fiel
         kind, reason = ActionKind.RECREATE, "the spec it was created with no longer validates"
     elif restart:
         kind, reason = ActionKind.RECREATE, "spec changed: " + _paths(restart)
+    elif replica.status in _UNSETTLED:
+        current = Placement(replica.worker, replica.gpus)
+        reason = (f"left {replica.status} by a pass that stopped: wait for readiness (recreate if it does not "
+                  "become ready)")
+        if in_place:
+            reason += "; changed in place: " + _paths(in_place)
+        return Action(ActionKind.UPDATE, replica.deployment, replica.ordinal, reason, current, current, changes,
+                      target.hash, adopt=True)
     elif in_place:
         kind, reason = ActionKind.UPDATE, "changed in place: " + _paths(in_place)
     elif changes:

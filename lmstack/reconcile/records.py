@@ -60,6 +60,20 @@ def set_replica_status(session: Session, deployment: str, ordinal: int, status: 
                     .values(**values))
 
 
+def record_lost(session: Session, *, deployment: str, ordinal: int, recorded: str, recorded_container: str | None,
+                status: ReplicaStatus, message: str) -> bool:
+    """Record that a replica's container was seen gone or stopped. Only when the row still says what the pass
+    read (status and container): a row another process changed meanwhile is left as it is. True: recorded."""
+    values: dict[str, Any] = {"status": status, "message": message, "updated_at": func.now(),
+                              "conditions": [condition("Ready", False, status.capitalize(), message)]}
+    same_container = (Replica.container_id.is_(None) if recorded_container is None
+                      else Replica.container_id == recorded_container)
+    result = session.execute(update(Replica).where(
+        Replica.deployment_name == deployment, Replica.ordinal == ordinal, Replica.status == recorded,
+        same_container).values(**values))
+    return bool(getattr(result, "rowcount", 0))
+
+
 def delete_replica(session: Session, deployment: str, ordinal: int, worker: str) -> None:
     session.execute(delete(Replica).where(Replica.deployment_name == deployment, Replica.ordinal == ordinal,
                                           Replica.worker_name == worker))

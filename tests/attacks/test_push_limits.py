@@ -277,7 +277,9 @@ def test_apply_refuses_a_secret_symlink_leading_out(tmp_path: Path, clean_testbe
 
     failed = {r.action.deployment: r.message for r in report.failed}
     assert set(failed) == {"leak"}, failed
-    assert failed["leak"] == "deployment leak: spec.env.TOKEN.fromFile: 'leak' is not readable in the secrets directory"
+    assert failed["leak"] == ("deployment leak: spec.env.TOKEN.fromFile: 'leak' is not readable in the secrets "
+                              "directory (permanent: fix the manifest, the worker or the settings; a later pass "
+                              "fails the same way)")
     names = {host.name: bed.docker(host, "ps", "-a", "--format", "{{.Names}}").stdout.split() for host in bed.hosts}
     assert "lmstack-leak-0" not in names[first]  # the replica was not created
     with db.session() as session:

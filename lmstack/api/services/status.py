@@ -14,7 +14,7 @@ import re
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
@@ -25,14 +25,12 @@ from lmstack.backends import EffectiveSpec, normalize_applied
 from lmstack.gitsource import SourceError
 from lmstack.reconcile.observe import load_observed
 from lmstack.reconcile.planner import plan as make_plan
+from lmstack.reconcile.status import SyncState, compare_revisions
 from lmstack.state import Database
 from lmstack.state.models import Deployment, Event, Replica, SyncRun, Worker
 
 NO_REPO = ("the server has no repository configured: set LMSTACK_REPO (and LMSTACK_REF, default HEAD) to the "
            "fleet's Git repository")
-
-
-SyncState = Literal["Synced", "OutOfSync", "Unknown"]
 
 
 # URLs and IPv4 addresses (with a port) inside messages: an engine's or a worker's address.
@@ -217,14 +215,10 @@ def _head(repo: RepoView) -> tuple[schemas.RepoHead | None, str]:
 
 
 def _compare(head: str, applied: str | None, latest: schemas.SyncRun | None) -> tuple[SyncState, str]:
-    if applied == head:
-        return "Synced", f"{head[:12]} is applied"
-    message = f"{head[:12]} is not applied yet" + (f" (the last applied is {applied[:12]})" if applied else
-                                                    " (nothing was applied yet)")
-    if latest is not None and latest.revision == head and latest.status != "succeeded":
-        message += ("; a sync run on it is under way" if latest.status == "running"
-                    else f"; the last sync run on it failed: {latest.error or 'see its events'}")
-    return "OutOfSync", message
+    # The rule `lmstack status` uses too (reconcile.status): both say the same.
+    return compare_revisions(head, applied, latest_revision=latest.revision if latest else None,
+                             latest_status=latest.status if latest else None,
+                             latest_error=latest.error if latest else None)
 
 
 def _run(row: SyncRun, view: View) -> schemas.SyncRun:

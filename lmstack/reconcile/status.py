@@ -1,0 +1,163 @@
+"""Where the fleet stands, read from the database: one word per deployment, and the sync state of the whole.
+
+Shared by `lmstack status` and the status API (/api/sync), so both say the same. A deployment is:
+
+- Degraded: the last pass failed on it (its Degraded condition) or a replica is recorded failed or missing;
+- Progressing: a replica is pending, starting or being deleted, or fewer are ready than its spec asks for;
+- OutOfSync: the commit's spec of it differs from the one last applied (without the commit's specs: the
+  commit is not the one it was last applied from), it is in the commit but was never applied, or it was
+  removed from the commit and is still running;
+- Synced: otherwise.
+
+The first that holds wins: a broken replica matters more than a new commit waiting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from lmstack.backends import normalize_applied
+from lmstack.state.models import Deployment, Replica, SyncRun
+
+SyncState = Literal["Synced", "OutOfSync", "Unknown"]
+DeploymentState = Literal["Synced", "OutOfSync", "Progressing", "Degraded"]
+
+_BROKEN = frozenset({"failed", "missing"})
+_UNSETTLED = frozenset({"pending", "starting", "deleting"})
+
+
+def compare_revisions(head: str, applied: str | None, *, latest_revision: str | None = None,
+                      latest_status: str | None = None, latest_error: str | None = None) -> tuple[SyncState, str]:
+    """Synced when `applied` (the revision of the last succeeded sync run) is `head`; the message says why
+    not, with the latest run when it was on `head`."""
+    if applied == head:
+        return "Synced", f"{head[:12]} is applied"
+    message = f"{head[:12]} is not applied yet" + (f" (the last applied is {applied[:12]})" if applied else
+                                                    " (nothing was applied yet)")
+    if latest_revision == head and latest_status not in (None, "succeeded"):
+        message += ("; a sync run on it is under way" if latest_status == "running"
+                    else f"; the last sync run on it failed: {latest_error or 'see its events'}")
+    return "OutOfSync", message
+
+
+@dataclass(frozen=True)
+class ReplicaLine:
+    name: str
+    worker: str
+    status: str
+    message: str | None
+    revision: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "worker": self.worker, "status": self.status, "message": self.message,
+                "revision": self.revision}
+
+
+@dataclass(frozen=True)
+class DeploymentStatus:
+    name: str
+    state: DeploymentState
+    reason: str
+    last_applied_revision: str | None
+    last_attempted_revision: str | None
+    ready: int
+    wanted: int
+    replicas: tuple[ReplicaLine, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "state": self.state, "reason": self.reason,
+                "lastAppliedRevision": self.last_applied_revision,
+                "lastAttemptedRevision": self.last_attempted_revision, "replicasReady": self.ready,
+                "replicasWanted": self.wanted, "replicas": [line.to_json() for line in self.replicas]}
+
+
+@dataclass(frozen=True)
+class FleetStatus:
+    sync: SyncState
+    sync_message: str
+    head: str | None  # the branch's commit, when it was read
+    applied: str | None  # the revision of the last succeeded sync run
+    deployments: tuple[DeploymentStatus, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"sync": {"state": self.sync, "message": self.sync_message, "head": self.head,
+                         "revision": self.applied},
+                "deployments": [deployment.to_json() for deployment in self.deployments]}
+
+
+def fleet_status(session: Session, *, head: str | None = None,
+                 desired: Mapping[str, str] | None = None) -> FleetStatus:
+    """Every recorded deployment (and, with `desired`, the commit's deployments never applied), by name.
+    `head`: the branch's commit, when known; without it the sync state is Unknown. `desired`: the commit's
+    deployments and the hash of each one's effective spec (`backends.spec_hash`)."""
+    applied_run = session.scalars(select(SyncRun).where(SyncRun.status == "succeeded")
+                                  .order_by(SyncRun.id.desc()).limit(1)).one_or_none()
+    latest = session.scalars(select(SyncRun).order_by(SyncRun.id.desc()).limit(1)).one_or_none()
+    applied = applied_run.revision if applied_run is not None else None
+    sync: SyncState
+    if head is None:
+        sync, message = "Unknown", "the branch's commit was not read (pass --repo)"
+    else:
+        sync, message = compare_revisions(head, applied, latest_revision=latest.revision if latest else None,
+                                          latest_status=latest.status if latest else None,
+                                          latest_error=latest.error if latest else None)
+    replicas: dict[str, list[Replica]] = {}
+    for row in session.scalars(select(Replica).order_by(Replica.deployment_name, Replica.ordinal)):
+        replicas.setdefault(row.deployment_name, []).append(row)
+    rows = {row.name: row for row in session.scalars(select(Deployment))}
+    names = sorted(set(rows) | set(replicas) | set(desired or ()))
+    found = tuple(_deployment(name, rows.get(name), replicas.get(name, []), head=head, desired=desired)
+                  for name in names)
+    return FleetStatus(sync, message, head, applied, found)
+
+
+def _deployment(name: str, row: Deployment | None, replicas: list[Replica], *, head: str | None,
+                desired: Mapping[str, str] | None) -> DeploymentStatus:
+    lines = tuple(ReplicaLine(f"{name}/{r.ordinal}", r.worker_name, r.status, r.message, r.revision)
+                  for r in replicas)
+    spec = normalize_applied(name, row.spec or {}) if row is not None else None
+    wanted = spec.replicas if spec is not None else 0
+    ready = sum(1 for r in replicas if r.status == "ready")
+    state, reason = _state(name, row, replicas, ready, wanted, head=head, desired=desired)
+    return DeploymentStatus(name, state, reason, row.revision if row else None,
+                            row.last_attempted_revision if row else None, ready, wanted, lines)
+
+
+def _state(name: str, row: Deployment | None, replicas: list[Replica], ready: int, wanted: int, *,
+           head: str | None, desired: Mapping[str, str] | None) -> tuple[DeploymentState, str]:
+    degraded = _condition(row.conditions if row else [], "Degraded")
+    if degraded is not None and degraded.get("status") == "True":
+        return "Degraded", str(degraded.get("message") or degraded.get("reason") or "the last pass failed on it")
+    broken = [r for r in replicas if r.status in _BROKEN]
+    if broken:
+        first = broken[0]
+        return "Degraded", f"replica {first.ordinal} on {first.worker_name} is {first.status}: {first.message or ''}"
+    unsettled = [r for r in replicas if r.status in _UNSETTLED]
+    if unsettled:
+        first = unsettled[0]
+        return "Progressing", f"replica {first.ordinal} on {first.worker_name} is {first.status}"
+    if row is not None and ready < wanted:
+        return "Progressing", f"{ready}/{wanted} replicas ready"
+    if desired is not None and name not in desired:
+        return "OutOfSync", "removed from the commit; the next apply deletes it"
+    if row is None:
+        return "OutOfSync", "in the commit, not applied yet"
+    if desired is not None:
+        if desired[name] != row.spec_hash:
+            return "OutOfSync", "the commit changes its spec; the next apply rolls it out"
+    elif head is not None and row.revision != head:
+        applied = f"last applied from {row.revision[:12]}" if row.revision else "never applied"
+        return "OutOfSync", f"{head[:12]} is not applied to it ({applied})"
+    return "Synced", f"{ready}/{wanted} replicas ready" + (f" at {row.revision[:12]}" if row.revision else "")
+
+
+def _condition(conditions: Sequence[Mapping[str, Any]] | None, kind: str) -> Mapping[str, Any] | None:
+    for item in conditions or []:
+        if isinstance(item, Mapping) and item.get("type") == kind:
+            return item
+    return None
