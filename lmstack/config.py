@@ -66,6 +66,10 @@ class Settings(BaseSettings):
                                                                    "new commit")
     drift_interval_s: float = Field(default=15.0, gt=0, description="how often the controller re-observes the "
                                                                     "workers and repairs drift without a new commit")
+    facts_interval_s: float = Field(default=60.0, ge=0, description="how often the controller gathers node facts "
+                                                                   "(Ansible, every worker); a pass in between plans "
+                                                                   "on the stored facts and still lists the "
+                                                                   "containers. 0: every pass")
     webhook_secret: SecretStr | None = Field(
         default=None, description="the secret Git hosts sign POST /api/hooks/git with (GitHub, Gitea: HMAC-SHA256; "
                                   "GitLab: the token); unset: the webhook is off (404)")

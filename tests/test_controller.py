@@ -21,8 +21,10 @@ from typing import Any
 import pytest
 from apiserver import ServeProcess
 from gitops import MODELS, Remote, replica_status, sync_runs, wait_for
+from sqlalchemy import select
 
-from lmstack.controller import Controller, PassResult, build_controller
+from lmstack.config import ssh_files
+from lmstack.controller import Controller, PassResult, PassRunner, build_controller
 from lmstack.reconcile.leader import INTERRUPTED, current_holder
 from lmstack.state import Database
 
@@ -232,3 +234,33 @@ def test_lmstack_serve_runs_the_controller_and_stops_it_cleanly(remote: Remote, 
     missing = {**env, "LMSTACK_SSH_KEY": str(remote.home / "no-such-key")}
     with pytest.raises(RuntimeError, match="no-such-key does not exist"):
         ServeProcess(missing).__enter__()
+
+
+def test_passes_between_fact_gatherings_still_repair_drift(remote: Remote, db: Database, database_url: str) -> None:
+    """Facts (Ansible on every worker, most of a pass) are gathered every facts_interval_s and when the commit
+    names a new worker; the passes in between plan on the stored facts but still list the containers, so a
+    container removed by hand is recreated by the next drift pass."""
+    from lmstack.state import Worker
+
+    def gathered_at() -> dict[str, object]:
+        with db.session() as session:
+            return {w.name: w.facts_at for w in session.scalars(select(Worker))}
+
+    runner = PassRunner(remote.settings(database_url, facts_interval_s=3600), db,
+                        ssh_files(remote.settings(database_url)))
+    sha = remote.push("chat", replicas=1)
+    first = runner.run("webhook")
+    assert (first.outcome, first.revision) == ("applied", sha), first.summary
+    facts_at = gathered_at()
+    assert facts_at and all(facts_at.values())
+
+    host = remote.containers()["chat/0"]
+    remote.bed.docker(host, "rm", "-f", "lmstack-chat-0")
+    repaired = runner.run("drift")
+    assert repaired.outcome == "applied" and "1 recreated" in repaired.summary, repaired.summary
+    assert set(remote.containers()) == {"chat/0"} and replica_status(db) == {"chat/0": "ready"}
+    assert gathered_at() == facts_at  # planned on the stored facts: no Ansible run
+
+    again = PassRunner(remote.settings(database_url, facts_interval_s=0), db, ssh_files(remote.settings(database_url)))
+    assert again.run("drift").outcome == "unchanged"
+    assert all(gathered_at()[name] > facts_at[name] for name in facts_at)  # interval 0: every pass gathers
