@@ -184,3 +184,12 @@ def smollm2_model(testbed) -> Iterator[str]:
     yield SMOLLM2_MODEL
     for path in placed:
         path.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def throwaway_postgres():
+    """A PostgreSQL server of the test's own (pgserver.ThrowawayPostgres): stop() and start() it at will."""
+    from pgserver import throwaway_postgres_server
+
+    with throwaway_postgres_server() as server:
+        yield server

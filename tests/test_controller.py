@@ -264,3 +264,35 @@ def test_passes_between_fact_gatherings_still_repair_drift(remote: Remote, db: D
     again = PassRunner(remote.settings(database_url, facts_interval_s=0), db, ssh_files(remote.settings(database_url)))
     assert again.run("drift").outcome == "unchanged"
     assert all(gathered_at()[name] > facts_at[name] for name in facts_at)  # interval 0: every pass gathers
+
+
+def test_a_database_outage_makes_the_controller_wait_and_retry_not_exit(remote: Remote, throwaway_postgres: Any
+                                                                         ) -> None:
+    """The controller's database stops (a restart, a failover) while it runs: passes fail and are retried,
+    the thread stays up, and once the database is back the next pass applies what was pushed meanwhile."""
+    from lmstack.state import open_database
+
+    settings = remote.settings(throwaway_postgres.url, drift_interval_s=0.5)
+    database = open_database(settings)  # migrated
+    try:
+        controller = build_controller(settings, database, watch=False, retry_first_s=0.2)
+        assert controller is not None
+        controller.start()
+        try:
+            first = remote.head
+            wait_for("the first commit applied", lambda: sync_runs(database) == [("poll", "succeeded", first)])
+            throwaway_postgres.stop()
+            sha = remote.push("chat", replicas=1)
+            controller.poke("webhook")
+            wait_for("a pass to fail on the database", lambda: controller.failures >= 2, timeout_s=60)
+            assert controller.last_error is not None
+            throwaway_postgres.start()
+            wait_for("the push applied once the database is back",
+                     lambda: ("webhook", "succeeded", sha) in sync_runs(database)
+                     or ("drift", "succeeded", sha) in sync_runs(database), timeout_s=120)
+            assert replica_status(database) == {"chat/0": "ready"} and set(remote.containers()) == {"chat/0"}
+            assert controller.failures == 0
+        finally:
+            assert controller.stop(grace_s=30)
+    finally:
+        database.close()

@@ -5,14 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import shutil
-import subprocess
-import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -136,48 +129,6 @@ def test_usage_rows_equal_what_the_engine_reported(db, standins, start_gateway):
 
 
 # -- the recorder's database going away ---------------------------------------------------------------------
-
-
-@dataclass
-class ThrowawayPostgres:
-    """A PostgreSQL server of our own (initdb + pg_ctl as the postgres user), to stop and start at will."""
-
-    bin_dir: Path
-    root: Path
-    port: int
-
-    @property
-    def url(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
-
-    def _pg(self, *argv: str) -> None:
-        subprocess.run(["runuser", "-u", "postgres", "--", *argv], check=True, capture_output=True, timeout=60)
-
-    def start(self) -> None:
-        self._pg(str(self.bin_dir / "pg_ctl"), "-D", str(self.root / "data"), "-l", str(self.root / "log"), "-w",
-                 "-o", f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
-
-    def stop(self) -> None:
-        self._pg(str(self.bin_dir / "pg_ctl"), "-D", str(self.root / "data"), "-m", "fast", "-w", "stop")
-
-
-@pytest.fixture
-def throwaway_postgres() -> Iterator[ThrowawayPostgres]:
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
-    if not found or os.geteuid() != 0 or shutil.which("runuser") is None:
-        pytest.skip("needs root, runuser and a PostgreSQL server installation (/usr/lib/postgresql/*/bin)")
-    root = Path(tempfile.mkdtemp(prefix="lmstack-usage-pg-"))
-    shutil.chown(root, "postgres", "postgres")
-    server = ThrowawayPostgres(found[-1].parent, root, free_port())
-    try:
-        server._pg(str(server.bin_dir / "initdb"), "-D", str(root / "data"), "-A", "trust", "-U", "postgres",
-                   "--no-sync", "-E", "UTF8")
-        server.start()
-        yield server
-    finally:
-        subprocess.run(["runuser", "-u", "postgres", "--", str(server.bin_dir / "pg_ctl"), "-D",
-                        str(root / "data"), "-m", "immediate", "-w", "stop"], capture_output=True, check=False)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_usage_is_kept_while_its_database_is_down(db, standins, start_gateway, throwaway_postgres):
