@@ -116,6 +116,10 @@ def test_create_serves_lists_and_removes_only_its_own(pool, clean_testbed, stand
     hostcfg = json.loads(bed.docker(node1, "inspect", "--format", "{{json .HostConfig}}", created.id).stdout)
     assert hostcfg["NetworkMode"] == "host" and hostcfg["ShmSize"] == 64 * 1024 * 1024
     assert hostcfg["DeviceRequests"] in (None, [])
+    assert hostcfg["CapDrop"] == ["MKNOD"] and not hostcfg["Privileged"]
+    mknod = "import os, stat; os.mknod('/tmp/null', stat.S_IFCHR | 0o666, os.makedev(1, 3))"
+    made = bed.docker(node1, "exec", created.id, "python3", "-c", mknod, check=False)
+    assert made.returncode != 0 and "Operation not permitted" in made.stderr  # no device nodes from a container
 
     t0 = time.monotonic()
     listed = pool.list_managed("node1")

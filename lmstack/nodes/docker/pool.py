@@ -277,6 +277,8 @@ class DockerPool:
             restart_policy=restart_policy(spec.restart_policy),
             device_requests=[docker.types.DeviceRequest(device_ids=[str(i) for i in spec.gpus],
                                                         capabilities=[["gpu"]])] if spec.gpus else None,
+            # No engine makes device nodes; one planted in the mounted model cache would be a way to the host.
+            cap_drop=["MKNOD"],
         )
 
         def attempt() -> str:
