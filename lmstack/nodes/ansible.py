@@ -33,7 +33,10 @@ from typing import Any, Literal
 import ansible_runner  # type: ignore[import-untyped]  # noqa: TID251 (this is the one allowed place)
 import yaml
 
-PLAYBOOKS_DIR = Path(__file__).resolve().parents[2] / "playbooks"
+# playbooks/ ships inside the package (lmstack/playbooks, mapped in pyproject.toml); an editable install runs
+# from the source checkout, where it is the top-level playbooks/.
+_PACKAGE = Path(__file__).resolve().parents[1]
+PLAYBOOKS_DIR = _PACKAGE / "playbooks" if (_PACKAGE / "playbooks").is_dir() else _PACKAGE.parent / "playbooks"
 FACTS_PLAYBOOK = "facts.yml"
 FACTS_MODULE = "lmstack_facts"
 MAX_FORKS = 50

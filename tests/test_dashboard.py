@@ -1,0 +1,283 @@
+"""The dashboard (ui/) in a real browser: Debian's headless Chromium driven by Playwright, against a real
+`lmstack serve` that syncs a fleet repository onto the multi-host test bed (its own database, the bed's
+workers, one stand-in replica; the first host has two fake GPUs, the only fake).
+
+Each view is saved as a full-page screenshot at 1280 and 390 px wide (light, and the overview dark too) under
+$LMSTACK_TEST_ARTIFACTS/dashboard (default build/test-artifacts/dashboard).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from apiserver import ServeProcess
+from gitops import MODELS, Remote, wait_for
+
+from lmstack.api.security import hash_password, issue_token
+from lmstack.config import Settings
+from lmstack.state import User, open_database
+
+CHROMIUM = "/usr/bin/chromium"
+SECRET = "dashboard-test-secret-0123456789abcdef"
+USER, PASSWORD = "ops", "correct horse battery"
+# Two H100s; GPU 0 also holds someone else's 1 GiB process.
+GPUS = [
+    {"index": 0, "name": "NVIDIA H100 80GB HBM3", "memory_total": 81559, "utilization": 37,
+     "processes": [{"pid": 999_001, "used_memory": 1024, "process_name": "jupyter"}]},
+    {"index": 1, "name": "NVIDIA H100 80GB HBM3", "memory_total": 81559, "utilization": 0},
+]
+DESKTOP, PHONE = {"width": 1280, "height": 800}, {"width": 390, "height": 844}
+ARTIFACTS = Path(os.environ.get("LMSTACK_TEST_ARTIFACTS") or Path(__file__).parents[1] / "build" / "test-artifacts"
+                 ) / "dashboard"
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@dataclass
+class Fleet:
+    server: ServeProcess
+    remote: Remote
+    gpu_worker: str
+    env: dict[str, str]
+
+    def get(self, path: str) -> Any:
+        token, _ = issue_token(SECRET, user=USER, role="viewer", ttl_s=600)
+        request = urllib.request.Request(self.server.url + path, headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.load(response)
+
+
+def _settled(fleet: Fleet) -> bool:
+    """The pushed commit applied, its replica ready, and the GPU host's facts in."""
+    sync = fleet.get("/api/sync")
+    workers = {w["name"]: w for w in fleet.get("/api/workers")["workers"]}
+    try:
+        chat = fleet.get("/api/deployments/chat")
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:  # not applied yet
+            return False
+        raise
+    gpus = ((workers.get(fleet.gpu_worker) or {}).get("facts") or {}).get("gpus", [])
+    return (sync["state"] == "Synced" and sync["revision"] == fleet.remote.head and len(gpus) == 2
+            and [r["status"] for r in chat["replicas"]] == ["ready"])
+
+
+@pytest.fixture(scope="module")
+def fleet(testbed: Any, standin_image: str, create_database: Callable[[], str],
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    url = create_database()  # its own: other tests empty the shared one
+    database = open_database(Settings(database_url=url))
+    with database.session() as session:
+        session.add(User(name=USER, password_hash=hash_password(PASSWORD), role="viewer"))
+    database.close()
+    root = tmp_path_factory.mktemp("dashboard")
+    remote = Remote(root, testbed, standin_image)
+    remote.push("chat", replicas=1, message="chat: one replica")
+    testbed.install_fake_nvidia_smi(testbed.hosts[0], GPUS)
+    env = {"LMSTACK_DATABASE_URL": url, "LMSTACK_HOME": str(root / "home"), "LMSTACK_REPO": remote.url,
+           "LMSTACK_REF": "main", "LMSTACK_SSH_KEY": str(testbed.ssh_key),
+           "LMSTACK_KNOWN_HOSTS": str(testbed.known_hosts), "LMSTACK_MOUNT_ROOTS": MODELS,
+           "LMSTACK_JWT_SECRET": SECRET, "LMSTACK_POLL_INTERVAL_S": "1", "LMSTACK_DRIFT_INTERVAL_S": "3600"}
+    fleet = None
+    try:
+        fleet = Fleet(ServeProcess(env).__enter__(), remote, testbed.hosts[0].name, env)
+        wait_for("the commit applied with a ready replica and the GPU facts in", lambda: _settled(fleet),
+                 timeout_s=90, interval_s=0.5)
+        yield fleet
+    finally:
+        if fleet is not None:
+            fleet.server.__exit__(None, None, None)  # the one running now: a test restarts it
+        testbed.reset()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if not Path(CHROMIUM).exists():
+        message = f"{CHROMIUM} is missing: apt-get install -y chromium"
+        if _in_ci():
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        yield launched
+        launched.close()
+
+
+@pytest.fixture(scope="module")
+def shots() -> Path:
+    shutil.rmtree(ARTIFACTS, ignore_errors=True)
+    ARTIFACTS.mkdir(parents=True)
+    return ARTIFACTS
+
+
+def _page(browser: Any, size: dict[str, int], *, dark: bool = False) -> Any:
+    context = browser.new_context(viewport=size, color_scheme="dark" if dark else "light")
+    context.set_default_timeout(15_000)
+    return context.new_page()
+
+
+def _log_in(page: Any, url: str, password: str = PASSWORD) -> None:
+    page.goto(url + "/")
+    page.get_by_label("User name").fill(USER)
+    page.get_by_label("Password").fill(password)
+    page.get_by_role("button", name="Log in").click()
+
+
+def _shoot(page: Any, shots: Path, name: str) -> None:
+    page.screenshot(path=str(shots / f"{name}.png"), full_page=True)
+
+
+def test_nothing_is_fetched_before_login_and_a_wrong_password_shows_an_error(
+        fleet: Fleet, browser: Any, shots: Path) -> None:
+    page = _page(browser, DESKTOP)
+    requests: list[tuple[str, str]] = []
+    page.on("request", lambda r: requests.append((r.method, r.url.removeprefix(fleet.server.url))))
+    page.goto(fleet.server.url + "/")
+    page.get_by_role("heading", name="Log in to lmstack").wait_for()
+    assert page.get_by_role("navigation").count() == 0  # no views without a login
+    page.wait_for_load_state("networkidle")
+    assert requests == [("GET", "/"), ("GET", "/ui/app.css"), ("GET", "/ui/app.js")]
+    _shoot(page, shots, "login-1280")
+
+    requests.clear()
+    _log_in(page, fleet.server.url, password="not the password")
+    error = page.get_by_role("alert")
+    error.wait_for()
+    assert error.inner_text() == "Wrong user name or password."
+    assert page.get_by_label("Password").is_visible()
+    page.wait_for_load_state("networkidle")
+    assert [r for r in requests if r[1].startswith("/api/")] == [("POST", "/api/auth/login")]  # and nothing else
+    _shoot(page, shots, "login-error-1280")
+    page.context.close()
+
+    phone = _page(browser, PHONE)
+    phone.goto(fleet.server.url + "/")
+    phone.get_by_role("heading", name="Log in to lmstack").wait_for()
+    _shoot(phone, shots, "login-390")
+    phone.context.close()
+
+
+@pytest.mark.parametrize("size", [DESKTOP, PHONE], ids=["1280", "390"])
+def test_after_login_the_overview_shows_the_commit_and_the_workers_their_gpus(
+        fleet: Fleet, browser: Any, shots: Path, size: dict[str, int]) -> None:
+    width = size["width"]
+    page = _page(browser, size)
+    _log_in(page, fleet.server.url)
+    page.get_by_role("heading", name="Overview", exact=True).wait_for()
+    sync = page.get_by_role("region", name="Sync")
+    head = fleet.remote.head
+    commit = sync.locator(f'code.sha[data-sha="{head}"]').first
+    commit.wait_for()
+    assert commit.inner_text() == head[:12] and commit.get_attribute("title") == head
+    assert "chat: one replica" in sync.inner_text()
+    assert sync.locator(".badge").first.inner_text() == "Synced"
+    assert "main" in sync.inner_text()
+    workers = page.get_by_role("region", name="Workers")
+    assert workers.locator(".counts li.ok .count").inner_text() == str(len(fleet.remote.bed.hosts))
+    replicas = page.get_by_role("region", name="Replicas")
+    assert "1ready" in replicas.locator(".counts").inner_text().replace("\n", "").replace(" ", "")
+    assert replicas.get_by_role("row", name="chat").count() == 1
+    _shoot(page, shots, f"overview-{width}")
+
+    # To the workers by keyboard: the nav link is reachable and follows with Enter.
+    link = page.get_by_role("link", name="Workers", exact=True)
+    link.focus()
+    page.keyboard.press("Enter")
+    page.get_by_role("heading", name="Workers", exact=True, level=1).wait_for()
+    assert link.get_attribute("aria-current") == "page"
+    card = page.locator(f'article[data-worker="{fleet.gpu_worker}"]')
+    card.wait_for()
+    assert card.locator(".badge").first.inner_text() == "Ready"
+    gpus = card.locator(".gpu")
+    assert gpus.count() == 2
+    first, second = gpus.nth(0).inner_text(), gpus.nth(1).inner_text()
+    assert "GPU 0" in first and "NVIDIA H100 80GB HBM3" in first and "other 1.0 GiB" in first and "37 %" in first
+    assert "GPU 1" in second and "other 0 B" in second and "free 79.6 GiB" in second
+    assert "Facts" in card.inner_text() and "ago" in card.inner_text()
+    assert gpus.nth(0).get_by_role("img", name="Memory: lmstack 0 B · other 1.0 GiB · free 78.6 GiB of 79.6 GiB"
+                                   ).count() == 1
+    # The GPU-less hosts say why they have none; the replica is on the card of the worker it runs on.
+    others = page.locator(f'article[data-worker]:not([data-worker="{fleet.gpu_worker}"])')
+    assert others.count() == len(fleet.remote.bed.hosts) - 1
+    assert "No GPUs: " in others.first.inner_text()
+    placed = page.locator("article[data-worker]", has=page.locator(".replicas li", has_text="chat/0"))
+    assert placed.count() == 1 and "ready" in placed.locator(".replicas").inner_text()
+    _shoot(page, shots, f"workers-{width}")
+    page.context.close()
+
+
+def test_the_overview_in_dark_mode(fleet: Fleet, browser: Any, shots: Path) -> None:
+    page = _page(browser, DESKTOP, dark=True)
+    _log_in(page, fleet.server.url)
+    page.locator(f'code.sha[data-sha="{fleet.remote.head}"]').first.wait_for()
+    background = page.evaluate("getComputedStyle(document.body).backgroundColor")
+    assert background == "rgb(17, 20, 24)", background  # the dark palette, not white
+    _shoot(page, shots, "overview-dark-1280")
+    page.get_by_role("link", name="Workers", exact=True).click()
+    page.locator(f'article[data-worker="{fleet.gpu_worker}"]').wait_for()
+    _shoot(page, shots, "workers-dark-1280")
+    page.context.close()
+
+
+def test_a_rejected_token_returns_to_the_login(fleet: Fleet, browser: Any) -> None:
+    page = _page(browser, DESKTOP)
+    page.goto(fleet.server.url + "/")
+    page.evaluate("sessionStorage.setItem('lmstack.token', 'not-a-token')")
+    page.reload()
+    page.get_by_role("heading", name="Log in to lmstack").wait_for()
+    assert page.get_by_role("alert").inner_text() == "Your session has ended: log in again."
+    assert page.evaluate("sessionStorage.getItem('lmstack.token')") is None
+    page.context.close()
+
+
+def test_the_page_keeps_its_data_through_a_server_restart_and_updates_again(
+        fleet: Fleet, browser: Any, shots: Path) -> None:
+    page = _page(browser, DESKTOP)
+    _log_in(page, fleet.server.url)
+    page.get_by_role("link", name="Workers", exact=True).click()
+    card = page.locator(f'article[data-worker="{fleet.gpu_worker}"]')
+    card.wait_for()
+    updated = page.locator("#updated").inner_text()
+
+    port = fleet.server.port
+    fleet.server.__exit__(None, None, None)
+    banner = page.get_by_role("status")
+    banner.filter(has_text="Not updated since").wait_for(timeout=20_000)
+    assert card.is_visible() and card.locator(".gpu").count() == 2  # the last data stays on screen
+    _shoot(page, shots, "workers-server-down-1280")
+
+    restarted = ServeProcess(fleet.env)
+    restarted.port = port  # the same address: the page retries where it was loaded from
+    restarted.env["LMSTACK_PORT"] = str(port)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            fleet.server = restarted.__enter__()
+            break
+        except RuntimeError:  # the old socket may linger a moment
+            if time.monotonic() > deadline:
+                raise
+            restarted = ServeProcess(fleet.env)
+            restarted.port = port
+            restarted.env["LMSTACK_PORT"] = str(port)
+            time.sleep(0.5)
+    banner.wait_for(state="hidden", timeout=20_000)
+    wait_for("the page updated again", lambda: page.locator("#updated").inner_text() != updated, timeout_s=20)
+    assert card.locator(".gpu").count() == 2
+    page.context.close()
