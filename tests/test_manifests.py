@@ -201,7 +201,7 @@ def test_good_minimal_defaults() -> None:
     assert spec.args == []
     assert spec.env == {}
     assert spec.health.startup_timeout == 20 * 60
-    assert spec.rollout.max_unavailable == 0
+    assert spec.rollout.max_unavailable == 0  # never stop a serving replica before its replacement is ready
 
 
 def test_good_quantities_and_durations() -> None:

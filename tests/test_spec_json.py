@@ -48,7 +48,7 @@ PINNED: dict[str, tuple[str, str]] = {
         '{"backend": "vllm", "model": "Qwen/Qwen2.5-7B-Instruct", "servedName": "qwen-7b", '
         '"image": "vllm/vllm-openai:v0.11.0", "replicas": 1, "resources": {"gpus": 1, "gpuMemory": null}, '
         '"placement": {"workers": [], "selector": {}, "strategy": "binpack"}, "args": [], "env": {}, '
-        '"health": {"startupTimeout": "20m"}, "rollout": {"maxUnavailable": 0}}',
+        '"health": {"startupTimeout": "20m"}, "rollout": {"maxUnavailable": 0, "drainTimeout": "30s"}}',
         "60605e32314b5e49"),
     "chat": (
         '{"backend": "vllm", "model": "meta-llama/Llama-3.1-70B-Instruct", "servedName": "llama-70b", '
@@ -57,32 +57,34 @@ PINNED: dict[str, tuple[str, str]] = {
         '"strategy": "spread"}, "args": ["--max-model-len", "8192", "--enable-prefix-caching"], '
         '"env": {"HF_TOKEN": {"fromEnv": "LMSTACK_SECRET_HF_TOKEN"}, "KEY": {"fromFile": "keys/k.txt"}, '
         '"VLLM_LOGGING_LEVEL": "DEBUG"}, "health": {"startupTimeout": "1h30m"}, '
-        '"rollout": {"maxUnavailable": 1}}',
+        '"rollout": {"maxUnavailable": 1, "drainTimeout": "30s"}}',
         "0023ee5f1ebedab5"),
     "sg": (
         '{"backend": "sglang", "model": "Qwen/Qwen2.5-7B-Instruct", "servedName": "sg", '
         '"image": "lmsysorg/sglang:v0.5.3-cu126", "replicas": 1, "resources": {"gpus": 2, '
         '"gpuMemory": "512Mi"}, "placement": {"workers": [], "selector": {}, "strategy": "binpack"}, '
-        '"args": [], "env": {}, "health": {"startupTimeout": "1m30s"}, "rollout": {"maxUnavailable": 0}}',
+        '"args": [], "env": {}, "health": {"startupTimeout": "1m30s"}, '
+        '"rollout": {"maxUnavailable": 0, "drainTimeout": "30s"}}',
         "8ee3f57b3b51736d"),
     "phi": (
         '{"backend": "ollama", "model": "phi3:mini", "servedName": "phi", "image": "ollama/ollama:0.12.6", '
         '"replicas": 3, "resources": {"gpus": 0, "gpuMemory": null}, "placement": {"workers": [], '
         '"selector": {}, "strategy": "binpack"}, "args": [], "env": {}, '
-        '"health": {"startupTimeout": "20m"}, "rollout": {"maxUnavailable": 0}}',
+        '"health": {"startupTimeout": "20m"}, "rollout": {"maxUnavailable": 0, "drainTimeout": "30s"}}',
         "f8dd13bc238da902"),
     "tiny": (
         '{"backend": "llamacpp", "model": "hf://ggml-org/tinygemma3-GGUF/tinygemma3-Q8_0.gguf", '
         '"servedName": "tiny", "image": "ghcr.io/ggml-org/llama.cpp:server-b10133", "replicas": 1, '
         '"resources": {"gpus": 0, "gpuMemory": null}, "placement": {"workers": [], "selector": {}, '
         '"strategy": "binpack"}, "args": ["-c", "2048"], "env": {}, "health": {"startupTimeout": "20m"}, '
-        '"rollout": {"maxUnavailable": 0}}',
+        '"rollout": {"maxUnavailable": 0, "drainTimeout": "30s"}}',
         "32c5cb4a6e6a927c"),
     "tiny-gpu": (
         '{"backend": "llamacpp", "model": "models/tiny.gguf", "servedName": "tiny-gpu", '
         '"image": "ghcr.io/ggml-org/llama.cpp:server-cuda-b10133", "replicas": 1, "resources": {"gpus": 1, '
         '"gpuMemory": "1G"}, "placement": {"workers": [], "selector": {}, "strategy": "binpack"}, '
-        '"args": [], "env": {}, "health": {"startupTimeout": "20m"}, "rollout": {"maxUnavailable": 0}}',
+        '"args": [], "env": {}, "health": {"startupTimeout": "20m"}, '
+        '"rollout": {"maxUnavailable": 0, "drainTimeout": "30s"}}',
         "cd97ab869ef96068"),
 }
 
@@ -111,7 +113,7 @@ def test_a_spec_stored_by_an_older_version_gets_todays_defaults() -> None:
         '{"backend": "vllm", "model": "Qwen/Qwen2.5-7B-Instruct", "servedName": "old", '
         '"image": "vllm/vllm-openai:v0.11.0", "replicas": 1, "resources": {"gpus": 1, "gpuMemory": null}, '
         '"placement": {"workers": [], "selector": {}, "strategy": "binpack"}, "args": [], "env": {}, '
-        '"health": {"startupTimeout": "20m"}, "rollout": {"maxUnavailable": 0}}')
+        '"health": {"startupTimeout": "20m"}, "rollout": {"maxUnavailable": 0, "drainTimeout": "30s"}}')
     assert spec_hash(spec) == "41fbcfed7942ba58"
     assert normalize_applied("bad", {"backend": "tgi", "model": "x"}) is None
 
@@ -139,7 +141,8 @@ def test_a_sync_runs_plan_is_stored_as_before() -> None:
         {"kind": "Worker", "metadata": {"name": "gpu-a"}, "spec": {"host": "gpu-a"}},
         {"kind": "Deployment", "metadata": {"name": "chat"},
          "spec": {"backend": "vllm", "model": "Qwen/Qwen2.5-7B-Instruct", "replicas": 2,
-                  "resources": {"gpus": 1, "gpuMemory": "24Gi"}, "args": ["--new"], "env": {"A": "1"}}},
+                  "resources": {"gpus": 1, "gpuMemory": "24Gi"}, "args": ["--new"], "env": {"A": "1"},
+                  "rollout": {"maxUnavailable": 1}}},
         {"kind": "Deployment", "metadata": {"name": "phi"},
          "spec": {"backend": "ollama", "model": "phi3:mini", "resources": {"gpus": 0}}},
     ]
@@ -158,19 +161,26 @@ def test_a_sync_runs_plan_is_stored_as_before() -> None:
                   ReplicaObservation("gone", 0, "gpu-a", (1,), {"backend": "vllm", "model": "m"})))
     assert json.dumps(plan(desired, observed).to_json()) == (
         '{"actions": [{"kind": "recreate", "deployment": "chat", "replica": 0, '
-        '"reason": "spec changed: args, env.A, env.B, resources.gpuMemory", '
+        '"reason": "spec changed: args, env.A, env.B, resources.gpuMemory; drained and stopped first: no room to '
+        'start its replacement beside it (needs 1 GPU with 24Gi free; gpu-a has 0 free)", '
         '"placement": {"worker": "gpu-a", "gpus": [0]}, "previous": {"worker": "gpu-a", "gpus": [0]}, '
         '"changes": [{"path": "args", "old": ["--old"], "new": ["--new"]}, {"path": "env.A", "old": "0", '
         '"new": "1"}, {"path": "env.B", "old": {"fromEnv": "X"}, "new": null}, '
         '{"path": "resources.gpuMemory", "old": "16Gi", "new": "24Gi"}], "specHash": "64d66bc72eaf57ed", '
-        '"adopt": false}, '
+        '"adopt": false, "surge": null}, '
         '{"kind": "create", "deployment": "chat", "replica": 1, "reason": "scale up 1 -> 2", '
         '"placement": {"worker": "gpu-a", "gpus": [1]}, "previous": null, "changes": [], '
-        '"specHash": "64d66bc72eaf57ed", "adopt": false}, {"kind": "delete", "deployment": "gone", "replica": 0, '
+        '"specHash": "64d66bc72eaf57ed", "adopt": false, "surge": null}, '
+        '{"kind": "delete", "deployment": "gone", "replica": 0, '
         '"reason": "deployment removed from manifests", "placement": null, "previous": {"worker": "gpu-a", '
-        '"gpus": [1]}, "changes": [], "specHash": null, "adopt": false}, {"kind": "update", "deployment": "phi", '
+        '"gpus": [1]}, "changes": [], "specHash": null, "adopt": false, "surge": null}, '
+        '{"kind": "update", "deployment": "phi", '
         '"replica": 0, "reason": "changed in place: model, servedName", "placement": {"worker": "gpu-a", '
         '"gpus": []}, "previous": {"worker": "gpu-a", "gpus": []}, "changes": [{"path": "model", '
         '"old": "llama3.2:1b", "new": "phi3:mini"}, {"path": "servedName", "old": "llama", "new": "phi"}], '
-        '"specHash": "f8dd13bc238da902", "adopt": false}], "unplaceable": [], "notes": [], "summary": {"create": 1, '
+        '"specHash": "f8dd13bc238da902", "adopt": false, "surge": null}], "unplaceable": [], '
+        '"notes": ["chat: down during this change: chat/0 stopped before the replacement is ready (no room to start '
+        'one beside it; rollout.maxUnavailable: 1)"], "downtime": [{"deployment": "chat", "reason": "chat/0 stopped '
+        'before the replacement is ready (no room to start one beside it; rollout.maxUnavailable: 1)"}], '
+        '"summary": {"create": 1, '
         '"recreate": 1, "update": 1, "delete": 1, "noop": 0, "unplaceable": 0}}')

@@ -65,7 +65,7 @@ def test_migrations_up_down_up(fresh: Database):
     assert current_revision(fresh) is None
 
     upgrade(fresh)
-    assert current_revision(fresh) == head_revision() == "0002"
+    assert current_revision(fresh) == head_revision() == "0003"
     assert _tables(fresh) == TABLES | {"alembic_version"}
 
     downgrade(fresh, "base")
@@ -76,7 +76,7 @@ def test_migrations_up_down_up(fresh: Database):
     upgrade(fresh)
     assert _tables(fresh) == TABLES | {"alembic_version"}
     upgrade(fresh)  # at head already: a no-op
-    assert current_revision(fresh) == "0002"
+    assert current_revision(fresh) == "0003"
 
 
 def test_open_database_migrates_a_fresh_database(create_database: Callable[[], str]):
@@ -285,7 +285,7 @@ def _record(db: Database, api_key_id: int | None, hour: datetime, tokens: int) -
         api_key_id=api_key_id, model="qwen", hour=hour, requests=1, prompt_tokens=tokens, latency_ms_sum=100
     )
     stmt = stmt.on_conflict_do_update(
-        index_elements=[Usage.api_key_id, Usage.model, Usage.hour],
+        index_elements=[Usage.api_key_id, Usage.model, Usage.revision, Usage.hour],
         set_={
             "requests": Usage.requests + stmt.excluded.requests,
             "prompt_tokens": Usage.prompt_tokens + stmt.excluded.prompt_tokens,

@@ -155,6 +155,11 @@ class Replica(ApiModel):
     spec_hash: str = Field(description="equal to the deployment's when the replica runs the current spec")
     revision: str | None
     updated_at: datetime
+    crash_count: int = Field(default=0, description="failures in a row of bringing it up (crash-loop backoff)")
+    retry_after: datetime | None = Field(default=None, description="not tried again before then (backing off)")
+    last_exit_code: int | None = Field(default=None, description="exit code of the container that failed last")
+    last_log: str | None = Field(default=None,
+                                 description="that container's last log lines, secrets blanked")
 
 
 class DeploymentDetail(Deployment):

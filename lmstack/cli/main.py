@@ -319,7 +319,7 @@ def apply(
                               "running by a process that stopped; marked interrupted.[/]")
                 prepared, report = apply_source(source, database, ssh_key=ssh.key, known_hosts=ssh.known_hosts,
                                                 ssh_config=ssh.config, confirm=confirm, progress=progress,
-                                                parallel=parallel)
+                                                parallel=parallel, route_refresh_s=settings.registry_refresh_s)
         finally:
             database.close()
     except (DatabaseError, FactsError, NodeSetupError) as exc:

@@ -135,6 +135,8 @@ def _render_action(console: Console, action: Action, width: int) -> None:
 def _where(action: Action) -> str:
     if action.kind is ActionKind.DELETE:
         return f"from {action.previous}" if action.previous else ""
+    if action.surge is not None:
+        return f"as {action.deployment}/{action.surge} on {action.placement}, then drained"
     if action.kind is ActionKind.RECREATE and action.previous and action.placement \
             and action.previous.worker != action.placement.worker:
         return f"on {action.placement} (from {action.previous.worker})"
@@ -215,7 +217,7 @@ def _planned_containers(plan: Plan, desired: DesiredState,
             declared = desired.workers.get(worker)
             cache = declared.spec.model_cache if declared else WorkerSpec.model_fields["model_cache"].default
         replica = ReplicaContext(
-            deployment=deployment.name, ordinal=action.replica, served_name=spec.served_name,
+            deployment=deployment.name, ordinal=action.new_replica, served_name=spec.served_name,
             gpus=action.placement.gpus, port=backend.default_port, model_cache=str(cache), revision=None,
             spec_hash=action.spec_hash or spec_hash(spec),
         )

@@ -6,8 +6,9 @@ when a local repository's refs change (watch.py); a drift pass every `drift_inte
 runs, one more pass follows, of the commit the ref names then.
 
 A pass that raises (repository unreachable, database down) or leaves a replica failed is logged and retried
-after 2 s, 6 s, 18 s, ... (at most RETRY_CAP_S); a push (webhook, watch) retries at once. Nothing a pass
-does stops the thread.
+after 2 s, 6 s, 18 s, ... (at most RETRY_CAP_S); a push (webhook, watch) retries at once. A pass that held a
+replica back (crash-loop backoff, reconcile/backoff.py) says when it may be tried again (`retry_at`): the retry
+comes then if that is sooner. Nothing a pass does stops the thread.
 
 Stopping: `stop()` wakes the thread and waits up to `grace_s` for the pass in flight. A pass is not
 interrupted (an action half-done is worse than one finished); one still running after the grace period is
@@ -22,6 +23,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 from lmstack.controller.passes import PassResult
 
@@ -139,6 +141,9 @@ class Controller:
                 next_drift = now + self.drift_interval_s  # and this one looked at every container
             if result is None or not result.ok:
                 delay = min(RETRY_CAP_S, self._retry_first_s * RETRY_FACTOR ** (self.failures - 1))
+                if result is not None and result.retry_at is not None:
+                    # A replica backing off may be tried again sooner than the pass's own backoff says.
+                    delay = min(delay, max(0.0, (result.retry_at - datetime.now(UTC)).total_seconds()))
                 retry_at, retry_trigger = now + delay, trigger
                 log.warning("controller: retrying in %.0f s (%d failed in a row)", delay, self.failures)
             else:

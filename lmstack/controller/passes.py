@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Literal
 
 from sqlalchemy import select
@@ -45,6 +46,7 @@ class PassResult:
     summary: str  # the one line logged
     sync_run: int | None = None
     observed: bool = False  # the containers were listed (a drift check happened)
+    retry_at: datetime | None = None  # the earliest a replica backing off may be tried again (reconcile/backoff.py)
 
     @property
     def ok(self) -> bool:
@@ -92,7 +94,7 @@ class PassRunner:
             self._invalid = None
             with Applier(source, self.database, ssh_key=self.ssh.key, known_hosts=self.ssh.known_hosts,
                          ssh_config=self.ssh.config, parallel=self.parallel, trigger=trigger,
-                         environ=self.environ) as applier:
+                         environ=self.environ, route_refresh_s=self.settings.registry_refresh_s) as applier:
                 workers = frozenset(source.desired.workers)
                 if self._facts_due(workers):
                     prepared = applier.prepare()
@@ -108,7 +110,7 @@ class PassRunner:
                 report = applier.execute(prepared)
         return PassResult(trigger, "applied" if report.ok else "failed", sha,
                           f"{trigger} {short}: {_counts(report)} ({time.monotonic() - started:.1f} s, "
-                          f"sync run {report.sync_run})", report.sync_run, observed=True)
+                          f"sync run {report.sync_run})", report.sync_run, observed=True, retry_at=report.retry_at)
 
     def _facts_due(self, workers: frozenset[str]) -> bool:
         """Whether this pass gathers facts: every `facts_interval_s`, and whenever the commit names a worker the

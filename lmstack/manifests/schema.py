@@ -233,7 +233,18 @@ class Health(StrictModel):
 
 
 class Rollout(StrictModel):
-    max_unavailable: Count = Field(default=0, ge=0, le=1000)
+    """How replicas are replaced. A replica whose spec needs a restart is replaced by a new one started beside
+    it first (a surge) when a GPU (or, for `gpus: 0`, a Ready worker) fits; otherwise it is stopped first,
+    at most `maxUnavailable` of the deployment at a time. The default, 0, never stops a serving replica
+    before its replacement is ready (a rollout with no room for a surge waits, and the plan says why); 1
+    lets a full machine roll one replica at a time (a 1-replica deployment is then down while it restarts:
+    the plan says so)."""
+
+    max_unavailable: Count = Field(default=0, ge=0, le=1000,
+                                   description="replicas that may be down at once when no GPU is free for a surge")
+    drain_timeout: Duration = Field(default=30, ge=0, le=24 * 3600,
+                                    description="how long requests in flight may take to finish before a "
+                                                "replica is stopped (it gets no new ones meanwhile)")
 
 
 class DeploymentSpec(StrictModel):

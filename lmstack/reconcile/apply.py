@@ -6,8 +6,8 @@ A pass is ok only when every replica was acted on or checked: a replica on a wor
 whose containers could not be listed, and a replica that cannot be placed, make it fail with the reason.
 
 Deletes run before creates (their GPUs are free in the same plan). Creates and moves run in parallel
-across workers with a bounded pool; recreating replicas of one deployment in place goes one at a time,
-so a deployment with several replicas keeps serving while it rolls.
+across workers with a bounded pool; the restarts of one deployment (its rollout: surges first, then restarts
+in place) go in `rollout.maxUnavailable` chains, and stop when one of them fails.
 """
 
 from __future__ import annotations
@@ -17,12 +17,14 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from lmstack.backends import effective_spec
+from lmstack.backends import EffectiveSpec, effective_spec
 from lmstack.gitsource import Source
 from lmstack.nodes.docker import DockerPool, DockerTarget
+from lmstack.reconcile.backoff import CrashBackoff
 from lmstack.reconcile.execute import ActionResult, Executor, Progress, WorkerTarget
 from lmstack.reconcile.facts import FactsReport, gather_facts
 from lmstack.reconcile.live import LiveView, Lost, observe_live, recorded_only
@@ -90,7 +92,8 @@ class ApplyReport:
     orphans_removed: int
     errors: tuple[str, ...]
     sync_run: int
-    problems: tuple[Problem, ...] = ()  # replicas not acted on (worker down, unplaceable)
+    problems: tuple[Problem, ...] = ()  # replicas not acted on (worker down, unplaceable, backing off)
+    retry_at: datetime | None = None  # the earliest a replica backing off may be tried again (backoff.py)
 
     @property
     def failed(self) -> tuple[ActionResult, ...]:
@@ -106,7 +109,7 @@ class Applier:
 
     def __init__(self, source: Source, database: Database, *, ssh_key: Path, known_hosts: Path,
                  parallel: int = 8, environ: Mapping[str, str] | None = None, trigger: str = "cli",
-                 poll_s: float = 1.0, ssh_config: Path | None = None) -> None:
+                 poll_s: float = 1.0, ssh_config: Path | None = None, route_refresh_s: float = 1.0) -> None:
         self.source = source
         self.database = database
         self.ssh_key = ssh_key
@@ -116,6 +119,7 @@ class Applier:
         self.environ = dict(os.environ) if environ is None else environ
         self.trigger = trigger
         self.poll_s = poll_s
+        self.route_refresh_s = route_refresh_s  # the gateway's settings.registry_refresh_s: see Executor
         self.targets = self._targets()
         self.pool = DockerPool(
             [DockerTarget(worker=name, url=url) for name, (url, _target) in self.targets.items()],
@@ -177,8 +181,10 @@ class Applier:
             specs=specs, revision=revision.sha if revision else None, sync_run=run_id, environ=self.environ,
             limits=self.source.limits, containers=prepared.live.containers,
             progress=progress or (lambda action, status: None),
-            poll_s=self.poll_s,
+            poll_s=self.poll_s, route_refresh_s=self.route_refresh_s,
         )
+        backoff = CrashBackoff(self.database, self.pool, specs=specs, environ=self.environ, limits=self.source.limits)
+        backoff.note_lost(prepared.live)  # before the actions remove the stopped containers
         errors: list[str] = []
         removed = 0
         for orphan in prepared.live.orphans:
@@ -188,14 +194,15 @@ class Applier:
             else:
                 errors.append(error)
         results: list[ActionResult] = []
-        changes = [action for action in plan.actions if action.kind is not ActionKind.NOOP]
+        changes, held = backoff.hold_back([action for action in plan.actions if action.kind is not ActionKind.NOOP])
         deletes = [action for action in changes if action.kind is ActionKind.DELETE]
         others = [action for action in changes if action.kind is not ActionKind.DELETE]
         with ThreadPoolExecutor(max_workers=max(1, self.parallel)) as threads:
             results.extend(threads.map(executor.run, deletes))
-            for chain_results in threads.map(lambda chain: [executor.run(a) for a in chain], _chains(others)):
+            for chain_results in threads.map(executor.run_chain, _chains(others, specs)):
                 results.extend(chain_results)
-        problems = prepared.unchecked()
+        backoff.after(results)
+        problems = prepared.unchecked() + tuple(Problem(h.deployment, h.replica, h.reason) for h in held)
         failed_by_deployment: dict[str, str] = {}
         for result in results:
             if not result.ok:
@@ -203,7 +210,7 @@ class Applier:
                                                 f"replica {result.action.replica}: {result.message}")
         for problem in problems:
             failed_by_deployment.setdefault(problem.deployment, f"replica {problem.replica} {problem.reason}")
-        report = ApplyReport(plan, tuple(results), removed, tuple(errors), run_id, problems)
+        report = ApplyReport(plan, tuple(results), removed, tuple(errors), run_id, problems, backoff.retry_at())
         with self.database.session() as session:
             record_deployments(
                 session,
@@ -221,19 +228,26 @@ class Applier:
             return worker_targets(self.source, session)
 
 
-def _chains(actions: list[Action]) -> list[list[Action]]:
-    """Independent chains of work: each create or move alone; in-place recreates of one deployment in a
-    row (one replica of it down at a time)."""
+def _chains(actions: list[Action], specs: Mapping[str, EffectiveSpec]) -> list[list[Action]]:
+    """Independent chains of work: each create or move alone; the restarts of one deployment (its rollout) in
+    `rollout.maxUnavailable` chains (at least one), surges first: a surge keeps its old replica serving until
+    the new one is Ready, a restart in place stops it first, so at most that many are down at once."""
     chains: list[list[Action]] = []
-    in_place: dict[str, list[Action]] = defaultdict(list)
+    rollouts: dict[str, list[Action]] = defaultdict(list)
     for action in actions:
         same_worker = (action.kind is ActionKind.RECREATE and action.previous is not None
                        and action.placement is not None and action.previous.worker == action.placement.worker)
-        if same_worker:
-            in_place[action.deployment].append(action)
+        if same_worker or (action.kind is ActionKind.RECREATE and action.surge is not None):
+            rollouts[action.deployment].append(action)
         else:
             chains.append([action])
-    chains.extend(in_place.values())
+    for name, group in rollouts.items():
+        spec = specs.get(name)
+        lanes: list[list[Action]] = [[] for _ in range(max(1, spec.rollout.max_unavailable if spec else 1))]
+        lanes[0] += [action for action in group if action.surge is not None]
+        for index, action in enumerate(action for action in group if action.surge is None):
+            lanes[index % len(lanes)].append(action)
+        chains += [lane for lane in lanes if lane]
     return chains
 
 
@@ -264,11 +278,13 @@ def _result_json(results: list[ActionResult], removed: int, errors: list[str],
 
 def apply_source(source: Source, database: Database, *, ssh_key: Path, known_hosts: Path,
                  confirm: Callable[[Prepared], bool] = lambda prepared: True, progress: Progress | None = None,
-                 parallel: int = 8, ssh_config: Path | None = None) -> tuple[Prepared, ApplyReport | None]:
+                 parallel: int = 8, ssh_config: Path | None = None,
+                 route_refresh_s: float = 1.0) -> tuple[Prepared, ApplyReport | None]:
     """Plan, ask (only when there is something to change), and apply. Returns the report, or None when the
-    user said no. A pass with nothing to change is still recorded: the revision is then the one in sync."""
+    user said no. A pass with nothing to change is still recorded: the revision is then the one in sync.
+    `route_refresh_s`: how often the gateway re-reads its replicas (a replica is drained at least that long)."""
     with Applier(source, database, ssh_key=ssh_key, known_hosts=known_hosts, parallel=parallel,
-                 ssh_config=ssh_config) as applier:
+                 ssh_config=ssh_config, route_refresh_s=route_refresh_s) as applier:
         prepared = applier.prepare()
         if (prepared.plan.has_changes or prepared.live.orphans) and not confirm(prepared):
             return prepared, None

@@ -89,10 +89,20 @@ class Action:
     # An UPDATE that takes over a replica a stopped pass left unsettled (starting, pending, deleting): wait
     # for its container's readiness as a create does, and recreate it when it does not become ready.
     adopt: bool = False
+    # A RECREATE by surge: the ordinal its replacement takes (a replica row per container, so the new one
+    # needs its own). The new replica starts on `placement` beside the old one and must be Ready before the
+    # old one is drained and removed; if it never is, it is removed and the old one keeps serving.
+    # None: the old replica is drained and stopped first (its GPUs are the new one's).
+    surge: int | None = None
 
     @property
     def replica_name(self) -> str:
         return f"{self.deployment}/{self.replica}"
+
+    @property
+    def new_replica(self) -> int:
+        """The ordinal of the container this action starts (the surge's, else the replica's own)."""
+        return self.replica if self.surge is None else self.surge
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +117,9 @@ class Plan:
     actions: tuple[Action, ...]
     unplaceable: tuple[Unplaceable, ...] = ()
     notes: tuple[str, ...] = ()
+    # Deployments with no replica serving for a while during this plan (their replicas are stopped before
+    # their replacements are ready: no room for a surge), each with why.
+    downtime: tuple[tuple[str, str], ...] = ()
 
     @property
     def changes(self) -> tuple[Action, ...]:
@@ -136,6 +149,7 @@ class Plan:
                     "changes": [{"path": c.path, "old": c.old, "new": c.new} for c in action.changes],
                     "specHash": action.spec_hash,
                     "adopt": action.adopt,
+                    "surge": action.surge,
                 }
                 for action in self.actions
             ],
@@ -144,6 +158,7 @@ class Plan:
                 for item in self.unplaceable
             ],
             "notes": list(self.notes),
+            "downtime": [{"deployment": name, "reason": reason} for name, reason in self.downtime],
             "summary": {kind.value: count for kind, count in self.counts().items()}
             | {"unplaceable": len(self.unplaceable)},
         }

@@ -5,6 +5,16 @@ Phase 1 reviews every replica that exists: it goes (deployment removed, duplicat
 placement, it no longer fits its GPUs). Every replica kept reserves its GPUs, healthy ones first (they
 win a GPU two replicas claim), so phase 2 places moving replicas, then new ones (biggest first), only
 on what is really free. The GPUs of replicas being deleted are free for phase 2.
+
+Ordinals name replicas; they are not positions. A deployment of `replicas: N` keeps N of its replicas
+(serving and up to date first, then the lowest ordinals) and a new replica takes the lowest ordinal its
+deployment does not use. So a replica replaced by surge (phase 3) keeps its new ordinal for good.
+
+Phase 3 rolls out restarts of serving replicas, after everything else is placed (a replica that must run
+wins a GPU over a twin that runs for a minute): a surge, the new replica on a free GPU (for `gpus: 0`, any
+Ready worker) beside the old one, which is drained and removed once the new one is Ready; else, within
+`rollout.maxUnavailable`, the old one is drained and stopped first, and the plan says when that leaves a
+deployment with no replica serving.
 """
 
 from __future__ import annotations
@@ -12,7 +22,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any
 
@@ -35,7 +45,7 @@ from lmstack.reconcile.scheduler import Request, Scheduler
 _BROKEN = frozenset({"failed", "missing"})
 # Statuses only a pass under way leaves (a pass holds the lock while it runs): seen at the start of a pass,
 # the pass that left them was killed, and the replica is adopted (its readiness waited for) or recreated.
-_UNSETTLED = frozenset({"pending", "starting", "deleting"})
+_UNSETTLED = frozenset({"pending", "starting", "deleting", "draining"})
 # How copies of one replica are ordered: see _copy_rank.
 _CopyRank = tuple[bool, str, tuple[int, ...], str, str]
 # The path of the one change reported when a stored spec no longer validates: always a restart.
@@ -93,17 +103,23 @@ def plan(desired: DesiredState, observed: Observed) -> Plan:
     that fit nowhere with the reason, and notes on workers nothing can be placed on."""
     wanted = {name: _Desired(spec, Request.of(spec)) for name, spec in desired.deployments.items()}
     scheduler = Scheduler(desired.workers, observed.workers)
-    actions, to_place, kept = _review_existing(observed.replicas, wanted, scheduler)
+    actions, to_place, kept, rolling = _review_existing(observed.replicas, wanted, scheduler)
     to_place += _missing(wanted, kept, observed.replicas)
     unplaceable: list[Unplaceable] = []
     for item in sorted(to_place, key=_ToPlace.order):
         action = _place(item, scheduler, unplaceable)
         if action is not None:
             actions.append(action)
+    used = _used_ordinals(observed.replicas, actions)
+    rolled = [_roll(action, wanted[action.deployment], scheduler, used[action.deployment], unplaceable)
+              for action in sorted(rolling, key=lambda a: (a.deployment, a.replica))]
+    actions += rolled
     actions.sort(key=lambda a: (a.deployment, a.replica, a.kind is not ActionKind.DELETE))
     unplaceable.sort(key=lambda u: (u.deployment, u.replica))
-    notes = (*_notes(desired, observed), *_download_notes(wanted, actions))
-    return Plan(tuple(actions), tuple(unplaceable), notes)
+    downtime = tuple(_downtime(wanted, observed.replicas, rolled))
+    notes = (*_notes(desired, observed), *_download_notes(wanted, actions),
+             *(f"{name}: down during this change: {why}" for name, why in downtime))
+    return Plan(tuple(actions), tuple(unplaceable), notes, downtime)
 
 
 # -- phase 1: the replicas that exist ------------------------------------------------------------
@@ -111,28 +127,63 @@ def plan(desired: DesiredState, observed: Observed) -> Plan:
 
 def _review_existing(
     replicas: tuple[ReplicaObservation, ...], wanted: Mapping[str, _Desired], scheduler: Scheduler
-) -> tuple[list[Action], list[_ToPlace], dict[str, set[int]]]:
-    """Actions for replicas that stay or go, the replicas to re-place, and the ordinals kept."""
+) -> tuple[list[Action], list[_ToPlace], dict[str, set[int]], list[Action]]:
+    """Actions for replicas that stay or go, the replicas to re-place, the ordinals kept, and the serving
+    replicas to restart in place (phase 3 decides how)."""
     actions: list[Action] = []
     to_place: list[_ToPlace] = []
+    rolling: list[Action] = []
     kept: dict[str, set[int]] = defaultdict(set)
     observed_count = _distinct_ordinals(replicas)
+    keep = _to_keep(replicas, wanted)
     for replica in _in_review_order(replicas, wanted):
         target = wanted.get(replica.deployment)
         if target is None:
             actions.append(_delete(replica, "deployment removed from manifests"))
         elif replica.ordinal in kept[replica.deployment]:
             actions.append(_delete(replica, "duplicate of a replica that is kept"))
-        elif replica.ordinal >= target.replicas:
+        elif replica.ordinal not in keep[replica.deployment]:
             actions.append(_delete(replica, _scale_down_reason(replica, observed_count, target.replicas)))
         else:
             kept[replica.deployment].add(replica.ordinal)
             decision = _review(replica, target, scheduler)
-            if isinstance(decision, Action):
-                actions.append(decision)
-            else:
+            if isinstance(decision, _ToPlace):
                 to_place.append(decision)
-    return actions, to_place, kept
+            elif decision.kind is ActionKind.RECREATE and replica.status == "ready":
+                rolling.append(decision)
+            else:
+                actions.append(decision)
+    return actions, to_place, kept, rolling
+
+
+def _to_keep(replicas: tuple[ReplicaObservation, ...], wanted: Mapping[str, _Desired]) -> dict[str, set[int]]:
+    """The ordinals each deployment keeps: all of them up to `replicas`; beyond that, serving before not, up
+    to date before stale, then the lowest (a pass stopped half way through a surge left both the old replica
+    and its Ready replacement: the replacement stays)."""
+    by_ordinal: dict[str, dict[int, list[ReplicaObservation]]] = defaultdict(lambda: defaultdict(list))
+    for replica in replicas:
+        if replica.deployment in wanted:
+            by_ordinal[replica.deployment][replica.ordinal].append(replica)
+    keep: dict[str, set[int]] = defaultdict(set)
+    for name, ordinals in by_ordinal.items():
+        target = wanted[name]
+        if len(ordinals) <= target.replicas:
+            keep[name] = set(ordinals)
+            continue
+
+        def rank(ordinal: int, target: _Desired = target,
+                 ordinals: Mapping[int, list[ReplicaObservation]] = ordinals) -> tuple[bool, bool, bool, int]:
+            best = min((replica.status in _BROKEN, replica.status != "ready", bool(_restart_changes(replica, target)))
+                       for replica in ordinals[ordinal])
+            return (*best, ordinal)
+
+        keep[name] = set(sorted(ordinals, key=rank)[: target.replicas])
+    return keep
+
+
+def _restart_changes(replica: ReplicaObservation, target: _Desired) -> list[FieldChange]:
+    backend = backend_for(target.spec.backend)
+    return [c for c in _diff(replica, target) if c.path == _WHOLE_SPEC or backend.classify(c.path) == "restart"]
 
 
 def _in_review_order(replicas: tuple[ReplicaObservation, ...],
@@ -241,10 +292,7 @@ def _distinct_ordinals(replicas: tuple[ReplicaObservation, ...]) -> dict[str, in
 
 
 def _scale_down_reason(replica: ReplicaObservation, observed_count: Mapping[str, int], replicas: int) -> str:
-    count = observed_count[replica.deployment]
-    if count > replicas:
-        return f"scale down {count} -> {replicas}"
-    return f"ordinal {replica.ordinal} is out of range for replicas: {replicas} (a lower one replaces it)"
+    return f"scale down {observed_count[replica.deployment]} -> {replicas}"
 
 
 def _delete(replica: ReplicaObservation, reason: str) -> Action:
@@ -257,15 +305,29 @@ def _delete(replica: ReplicaObservation, reason: str) -> Action:
 
 def _missing(wanted: Mapping[str, _Desired], kept: Mapping[str, set[int]],
              replicas: tuple[ReplicaObservation, ...]) -> list[_ToPlace]:
-    """The ordinals below `replicas` that no observed replica has, for every deployment."""
-    observed = {replica.deployment for replica in replicas}
+    """The replicas each deployment lacks, on the lowest ordinals none of its observed replicas has (one being
+    deleted in this pass included: its row lasts until its container is gone)."""
+    observed: dict[str, set[int]] = defaultdict(set)
+    for replica in replicas:
+        observed[replica.deployment].add(replica.ordinal)
     items = []
     for name in sorted(wanted):
         target = wanted[name]
         have = kept.get(name, set())
         reason = f"scale up {len(have)} -> {target.replicas}" if name in observed else "new replica"
-        items += [_ToPlace(target, n, reason) for n in range(target.replicas) if n not in have]
+        taken = set(observed.get(name, ()))
+        for _ in range(target.replicas - len(have)):
+            ordinal = _lowest_free(taken)
+            taken.add(ordinal)
+            items.append(_ToPlace(target, ordinal, reason))
     return items
+
+
+def _lowest_free(taken: set[int]) -> int:
+    ordinal = 0
+    while ordinal in taken:
+        ordinal += 1
+    return ordinal
 
 
 def _place(item: _ToPlace, scheduler: Scheduler, unplaceable: list[Unplaceable]) -> Action | None:
@@ -288,6 +350,59 @@ def _place(item: _ToPlace, scheduler: Scheduler, unplaceable: list[Unplaceable])
     if previous is not None and previous.worker != result.worker:
         reason = f"{reason}; moving from {previous.worker}"
     return Action(kind, name, item.ordinal, reason, result, previous, item.changes, item.desired.hash)
+
+
+# -- phase 3: rolling out restarts ----------------------------------------------------------------
+
+
+def _used_ordinals(replicas: tuple[ReplicaObservation, ...], actions: list[Action]) -> dict[str, set[int]]:
+    used: dict[str, set[int]] = defaultdict(set)
+    for replica in replicas:
+        used[replica.deployment].add(replica.ordinal)
+    for action in actions:
+        used[action.deployment].add(action.replica)
+    return used
+
+
+def _roll(action: Action, target: _Desired, scheduler: Scheduler, used: set[int],
+          unplaceable: list[Unplaceable]) -> Action:
+    """A serving replica that needs a restart: by surge when a new replica fits beside it, else stopped first
+    (within rollout.maxUnavailable), else it waits."""
+    current = action.previous
+    assert current is not None
+    name = action.deployment
+    ordinal = _lowest_free(used)
+    placed = scheduler.place(target.request, f"{name}/{ordinal}", prefer=current.worker)
+    if isinstance(placed, Placement):
+        used.add(ordinal)
+        return replace(action, placement=placed, surge=ordinal,
+                       reason=f"{action.reason}; surge: {name}/{ordinal} starts on {placed} first, then "
+                              f"{action.replica_name} is drained and removed")
+    if target.deployment.spec.rollout.max_unavailable == 0:
+        why = (f"no room to start its replacement beside it ({placed}) and rollout.maxUnavailable is 0; set "
+               "spec.rollout.maxUnavailable: 1 to restart it in place (it is down meanwhile)")
+        unplaceable.append(Unplaceable(name, action.replica, f"cannot roll out: {why}"))
+        return replace(action, kind=ActionKind.NOOP, reason=f"{action.reason}; cannot roll out: {why}")
+    return replace(action, reason=f"{action.reason}; drained and stopped first: no room to start its "
+                                  f"replacement beside it ({placed})")
+
+
+def _downtime(wanted: Mapping[str, _Desired], replicas: tuple[ReplicaObservation, ...],
+              rolled: list[Action]) -> Iterator[tuple[str, str]]:
+    """Deployments left with no replica serving while replicas stop before their replacements are ready:
+    at most rollout.maxUnavailable of them are down at once, out of those serving now."""
+    stopping: dict[str, list[Action]] = defaultdict(list)
+    for action in rolled:
+        if action.kind is ActionKind.RECREATE and action.surge is None:
+            stopping[action.deployment].append(action)
+    for name in sorted(stopping):
+        target = wanted[name]
+        serving = len({r.ordinal for r in replicas if r.deployment == name and r.status == "ready"})
+        lanes = target.deployment.spec.rollout.max_unavailable
+        if serving - min(len(stopping[name]), lanes) <= 0:
+            names = ", ".join(action.replica_name for action in stopping[name])
+            yield name, (f"{names} stopped before the replacement is ready (no room to start one beside it; "
+                         f"rollout.maxUnavailable: {lanes})")
 
 
 # -- field diff ----------------------------------------------------------------------------------

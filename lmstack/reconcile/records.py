@@ -1,4 +1,13 @@
-"""What the reconciler writes to PostgreSQL: replicas, deployments' status, sync runs and events."""
+"""What the reconciler writes to PostgreSQL: replicas, deployments' status, sync runs and events.
+
+A deployment's conditions, written at the end of every pass that applies:
+- Ready: every replica its spec asks for is ready (ReplicasReady / ReplicasNotReady, "2/3 replicas ready");
+- Progressing: replicas are still coming up or going (ReplicasChanging), none failed; otherwise ReplicasSettled;
+- Degraded: a replica keeps failing and is backed off (CrashLoopBackOff: the exit code, when it is backed
+  off until, the last log lines), or an action of the pass failed or a replica could not be acted on
+  (ActionFailed); otherwise AsExpected.
+A condition's lastTransitionTime changes only when its status does.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import case, delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -35,12 +44,17 @@ def upsert_replica(session: Session, *, deployment: str, ordinal: int, worker: s
         "conditions": [condition("Ready", status == "ready", status.capitalize(), message or "")],
         "engine_key": engine_key,
     }
+    if status == "ready":
+        values["retry_after"] = None  # Ready: no longer backing off (the failure count stays: backoff.py)
     statement = insert(Replica).values(**values)
+    set_: dict[str, Any] = {key: statement.excluded[key] for key in values if key not in ("deployment_name", "ordinal")}
+    # A replica recorded failed keeps the key its (failed) container was started with: that container's last
+    # log lines are read for the crash report, and the key is blanked from them (backoff.py).
+    set_["engine_key"] = case((statement.excluded.status == "failed",
+                               func.coalesce(statement.excluded.engine_key, Replica.engine_key)),
+                              else_=statement.excluded.engine_key)
     session.execute(statement.on_conflict_do_update(
-        index_elements=[Replica.deployment_name, Replica.ordinal],
-        set_={**{key: statement.excluded[key] for key in values if key not in ("deployment_name", "ordinal")},
-              "updated_at": func.now()},
-    ))
+        index_elements=[Replica.deployment_name, Replica.ordinal], set_={**set_, "updated_at": func.now()}))
 
 
 def engine_key_of(session: Session, deployment: str, ordinal: int) -> str | None:
@@ -56,6 +70,8 @@ def set_replica_status(session: Session, deployment: str, ordinal: int, status: 
                                                        message or "")]}
     if container_id is not None:
         values["container_id"] = container_id
+    if status == "ready":
+        values["retry_after"] = None  # Ready: no longer backing off (the failure count stays: backoff.py)
     session.execute(update(Replica).where(Replica.deployment_name == deployment, Replica.ordinal == ordinal)
                     .values(**values))
 
@@ -72,6 +88,28 @@ def record_lost(session: Session, *, deployment: str, ordinal: int, recorded: st
         Replica.deployment_name == deployment, Replica.ordinal == ordinal, Replica.status == recorded,
         same_container).values(**values))
     return bool(getattr(result, "rowcount", 0))
+
+
+def record_crash(session: Session, *, deployment: str, ordinal: int, count: int, crashed_at: datetime,
+                 retry_after: datetime, exit_code: int | None, log: str | None, spec_hash: str | None) -> None:
+    """Record a failure of the replica's own (backoff.py): how many in a row, when it may be tried again, and
+    what its container left (exit code, last log lines with secrets blanked)."""
+    session.execute(update(Replica).where(Replica.deployment_name == deployment, Replica.ordinal == ordinal).values(
+        crash_count=count, crashed_at=crashed_at, retry_after=retry_after, crash_exit_code=exit_code,
+        crash_log=log, crash_spec_hash=spec_hash, updated_at=func.now()))
+
+
+def crash_message(replica: Replica) -> str:
+    """One line on a backed-off replica: how it failed, until when it waits, its last log lines."""
+    exit_code = f" (exit code {replica.crash_exit_code})" if replica.crash_exit_code is not None else ""
+    times = "once" if replica.crash_count == 1 else f"{replica.crash_count} times in a row"
+    text = f"replica {replica.ordinal} on {replica.worker_name} failed{exit_code}, {times}"
+    if replica.retry_after is not None and replica.retry_after > now():
+        text += f"; backing off until {replica.retry_after.astimezone(UTC):%H:%M:%S} UTC " \
+                f"(attempt {replica.crash_count + 1})"
+    if replica.crash_log:
+        text += f"; last log lines: {replica.crash_log}"
+    return text
 
 
 def delete_replica(session: Session, deployment: str, ordinal: int, worker: str) -> None:
@@ -104,16 +142,13 @@ def record_deployments(session: Session, *, specs: Mapping[str, EffectiveSpec], 
                        revision: str | None) -> None:
     """Upsert a row per desired deployment (served name, effective spec, hash, revisions, conditions) and drop
     rows of deployments gone from the manifests once none of their replicas remain."""
+    previous = {row.name: row.conditions for row in session.scalars(select(Deployment)
+                                                                     .where(Deployment.name.in_(list(specs))))}
     for name, spec in specs.items():
-        replicas = session.scalars(select(Replica).where(Replica.deployment_name == name)).all()
-        ready = sum(1 for replica in replicas if replica.status == "ready")
-        wanted = spec.replicas
+        replicas = session.scalars(select(Replica).where(Replica.deployment_name == name)
+                                   .order_by(Replica.ordinal)).all()
         problem = failed.get(name)
-        conditions = [
-            condition("Ready", ready >= wanted, "ReplicasReady" if ready >= wanted else "ReplicasNotReady",
-                      f"{ready}/{wanted} replicas ready"),
-            condition("Degraded", problem is not None, "ActionFailed" if problem else "AsExpected", problem or ""),
-        ]
+        conditions = _keep_transitions(_conditions(spec, replicas, problem), previous.get(name) or [])
         values: dict[str, Any] = {"name": name, "served_name": spec.served_name, "spec": spec.to_json(),
                                   "spec_hash": spec_hash(spec), "last_attempted_revision": revision,
                                   "conditions": conditions}
@@ -126,3 +161,33 @@ def record_deployments(session: Session, *, specs: Mapping[str, EffectiveSpec], 
     remaining = set(session.scalars(select(Replica.deployment_name).distinct()))
     session.execute(delete(Deployment).where(Deployment.name.not_in(list(specs)),
                                              Deployment.name.not_in(list(remaining))))
+
+
+def _conditions(spec: EffectiveSpec, replicas: Sequence[Replica], problem: str | None) -> list[dict[str, Any]]:
+    ready = sum(1 for replica in replicas if replica.status == "ready")
+    wanted = spec.replicas
+    backed_off = [r for r in replicas if r.status == "failed" and r.crash_count > 0 and r.retry_after is not None]
+    if backed_off:
+        degraded = condition("Degraded", True, "CrashLoopBackOff", crash_message(backed_off[0]))
+    else:
+        degraded = condition("Degraded", problem is not None, "ActionFailed" if problem else "AsExpected",
+                             problem or "")
+    changing = [r for r in replicas if r.status in ("pending", "starting", "deleting")]
+    progressing = degraded["status"] == "False" and (bool(changing) or ready != wanted)
+    return [
+        condition("Ready", ready >= wanted, "ReplicasReady" if ready >= wanted else "ReplicasNotReady",
+                  f"{ready}/{wanted} replicas ready"),
+        condition("Progressing", progressing, "ReplicasChanging" if progressing else "ReplicasSettled",
+                  f"{ready}/{wanted} replicas ready" + (f", {len(changing)} changing" if changing else "")),
+        degraded,
+    ]
+
+
+def _keep_transitions(conditions: list[dict[str, Any]], previous: Sequence[Any]) -> list[dict[str, Any]]:
+    """The conditions, each with the previous lastTransitionTime when its status did not change."""
+    before = {c.get("type"): c for c in previous if isinstance(c, Mapping)}
+    for item in conditions:
+        old = before.get(item["type"])
+        if old is not None and old.get("status") == item["status"] and old.get("lastTransitionTime"):
+            item["lastTransitionTime"] = old["lastTransitionTime"]
+    return conditions

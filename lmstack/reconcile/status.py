@@ -2,7 +2,9 @@
 
 Shared by `lmstack status` and the status API (/api/sync), so both say the same. A deployment is:
 
-- Degraded: the last pass failed on it (its Degraded condition) or a replica is recorded failed or missing;
+- Degraded: the last pass failed on it (its Degraded condition, whose reason leads: CrashLoopBackOff with the
+  exit code, until when it backs off and the last log lines, or ActionFailed) or a replica is recorded failed
+  or missing;
 - Progressing: a replica is pending, starting or being deleted, or fewer are ready than its spec asks for;
 - OutOfSync: the commit's spec of it differs from the one last applied (without the commit's specs: the
   commit is not the one it was last applied from), it is in the commit but was never applied, or it was
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal
 
 from sqlalchemy import select
@@ -28,7 +31,7 @@ SyncState = Literal["Synced", "OutOfSync", "Unknown"]
 DeploymentState = Literal["Synced", "OutOfSync", "Progressing", "Degraded"]
 
 _BROKEN = frozenset({"failed", "missing"})
-_UNSETTLED = frozenset({"pending", "starting", "deleting"})
+_UNSETTLED = frozenset({"pending", "starting", "draining", "deleting"})
 
 
 def compare_revisions(head: str, applied: str | None, *, latest_revision: str | None = None,
@@ -52,10 +55,16 @@ class ReplicaLine:
     status: str
     message: str | None
     revision: str | None
+    crash_count: int = 0  # failures in a row (crash-loop backoff)
+    retry_after: datetime | None = None  # not tried again before then
+    last_exit_code: int | None = None  # of the container that failed last
+    last_log: str | None = None  # its last log lines, secrets blanked
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "worker": self.worker, "status": self.status, "message": self.message,
-                "revision": self.revision}
+                "revision": self.revision, "crashCount": self.crash_count,
+                "retryAfter": self.retry_after.isoformat() if self.retry_after else None,
+                "lastExitCode": self.last_exit_code, "lastLog": self.last_log}
 
 
 @dataclass(frozen=True)
@@ -118,7 +127,8 @@ def fleet_status(session: Session, *, head: str | None = None,
 
 def _deployment(name: str, row: Deployment | None, replicas: list[Replica], *, head: str | None,
                 desired: Mapping[str, str] | None) -> DeploymentStatus:
-    lines = tuple(ReplicaLine(f"{name}/{r.ordinal}", r.worker_name, r.status, r.message, r.revision)
+    lines = tuple(ReplicaLine(f"{name}/{r.ordinal}", r.worker_name, r.status, r.message, r.revision,
+                              r.crash_count, r.retry_after, r.crash_exit_code, r.crash_log)
                   for r in replicas)
     spec = normalize_applied(name, row.spec or {}) if row is not None else None
     wanted = spec.replicas if spec is not None else 0
@@ -132,7 +142,9 @@ def _state(name: str, row: Deployment | None, replicas: list[Replica], ready: in
            head: str | None, desired: Mapping[str, str] | None) -> tuple[DeploymentState, str]:
     degraded = _condition(row.conditions if row else [], "Degraded")
     if degraded is not None and degraded.get("status") == "True":
-        return "Degraded", str(degraded.get("message") or degraded.get("reason") or "the last pass failed on it")
+        reason, message = str(degraded.get("reason") or ""), str(degraded.get("message") or "")
+        return "Degraded", (f"{reason}: {message}" if reason and message
+                            else message or reason or "the last pass failed on it")
     broken = [r for r in replicas if r.status in _BROKEN]
     if broken:
         first = broken[0]

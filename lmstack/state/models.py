@@ -38,7 +38,7 @@ NAMING_CONVENTION: dict[str, str] = {
     "pk": "pk_%(table_name)s",
 }
 
-ReplicaStatus = Literal["pending", "starting", "ready", "failed", "deleting", "missing"]
+ReplicaStatus = Literal["pending", "starting", "ready", "draining", "failed", "deleting", "missing"]
 REPLICA_STATUSES: tuple[ReplicaStatus, ...] = get_args(ReplicaStatus)
 SyncRunStatus = Literal["running", "succeeded", "failed"]
 SYNC_RUN_STATUSES: tuple[SyncRunStatus, ...] = get_args(SyncRunStatus)
@@ -132,6 +132,15 @@ class Replica(Base):
     status: Mapped[ReplicaStatus] = mapped_column(Text, default="pending", server_default="pending")
     message: Mapped[str | None] = mapped_column(Text)
     conditions: Mapped[list[dict[str, Any]]] = _conditions()
+    # Crash-loop backoff (reconcile/backoff.py): failures in a row of bringing it up (its container exited or
+    # never became ready), the earliest a new attempt may start, and what the last failure left behind (its
+    # exit code and last log lines, secrets blanked), for the spec (hash) that failed.
+    crash_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    retry_after: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    crashed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    crash_exit_code: Mapped[int | None] = mapped_column(Integer)
+    crash_log: Mapped[str | None] = mapped_column(Text)
+    crash_spec_hash: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = _created_at()
     updated_at: Mapped[datetime] = _updated_at()
 
@@ -207,16 +216,18 @@ class ApiKey(Base):
 
 
 class Usage(Base):
-    """Requests rolled up per API key, model and hour (upserted by the gateway)."""
+    """Requests rolled up per API key, model, revision and hour (upserted by the gateway)."""
 
     __tablename__ = "usage"
     __table_args__ = (
-        # NULLS NOT DISTINCT (PostgreSQL 15+): requests without a key (or whose key was deleted) roll up
-        # into one row per model and hour, so `ON CONFLICT (api_key_id, model, hour)` upserts them too.
+        # NULLS NOT DISTINCT (PostgreSQL 15+): requests without a key (or whose key was deleted, or served by
+        # no replica) roll up into one row per model and hour, so `ON CONFLICT (api_key_id, model, revision,
+        # hour)` upserts them too.
         Index(
-            "uq_usage_api_key_id_model_hour",
+            "uq_usage_api_key_id_model_revision_hour",
             "api_key_id",
             "model",
+            "revision",
             "hour",
             unique=True,
             postgresql_nulls_not_distinct=True,
@@ -226,6 +237,9 @@ class Usage(Base):
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     api_key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id", ondelete="SET NULL"))
     model: Mapped[str] = mapped_column(Text)
+    # The commit the replica that served the requests was created from: which config answered. None: no
+    # replica was reached, or usage recorded before revisions were.
+    revision: Mapped[str | None] = mapped_column(Text)
     hour: Mapped[datetime] = mapped_column(DateTime(timezone=True))  # truncated to the hour
     requests: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     errors: Mapped[int] = mapped_column(Integer, default=0, server_default="0")

@@ -11,7 +11,8 @@ real engines and ignores the options it does not know, so a backend's generated 
 Every option can also come from the environment (STANDIN_PORT, STANDIN_SERVED_MODEL_NAME, ...).
 Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions (also with "stream": true, and usage
 when "stream_options": {"include_usage": true}), POST /v1/completions, POST /v1/embeddings,
-GET /metrics, GET /version. /health and /v1/models report the GPUs the container was given
+GET /metrics (request counts, and the requests being answered as vLLM's `vllm:num_requests_running`),
+GET /version. /health and /v1/models report the GPUs the container was given
 (NVIDIA_VISIBLE_DEVICES / CUDA_VISIBLE_DEVICES). Every request is logged on stdout (for log tests).
 SIGTERM and SIGINT stop it at once (a Python PID 1 would otherwise ignore SIGTERM).
 With an API key (`--api-key`, or VLLM_API_KEY / LLAMA_API_KEY as the real engines read it), /v1/* answers
@@ -85,6 +86,7 @@ class Engine:
         self.hostname = socket.gethostname()
         self.started = time.time()
         self.requests: dict[str, int] = {}
+        self.running = 0  # POST requests being answered now (vLLM's num_requests_running, for draining)
         self.lock = threading.Lock()
 
     def count(self, path: str) -> None:
@@ -191,7 +193,12 @@ class Handler(BaseHTTPRequestHandler):
         elif path == "/metrics":
             with engine.lock:
                 counts = sorted(engine.requests.items())
+                running = engine.running
             lines = [f'standin_requests_total{{path="{p}"}} {n}' for p, n in counts]
+            # The gauges vLLM exports, by its names: what lmstack reads to know a drained replica is idle.
+            name = engine.args.served_model_names[0]
+            lines += [f'vllm:num_requests_running{{model_name="{name}"}} {float(running)}',
+                      f'vllm:num_requests_waiting{{model_name="{name}"}} 0.0']
             data = ("\n".join(lines) + "\n").encode()
             self.send_response(200)
             self.send_header("Content-Type", "text/plain; version=0.0.4")
@@ -216,8 +223,15 @@ class Handler(BaseHTTPRequestHandler):
         if body is None:
             return
         model = self.check_model(body)
-        if model is not None:
+        if model is None:
+            return
+        with self.engine.lock:
+            self.engine.running += 1
+        try:
             route(body, model)
+        finally:
+            with self.engine.lock:
+                self.engine.running -= 1
 
     def chat(self, body: dict[str, object], model: str) -> None:
         messages = body.get("messages")

@@ -1,9 +1,12 @@
 """Ready replicas by served model name, for the gateway to route to.
 
 The table of replicas is re-read from the database every `refresh_s` (in a thread, off the event loop);
-requests never touch the database. What the gateway learns while serving — requests in flight, failures —
-lives in a `ReplicaLoad` per replica, kept across refreshes for as long as the replica stays Ready at the
-same endpoint.
+requests never touch the database. Only `ready` replicas are routed to: the reconciler marks a replica
+`draining` and waits at least `refresh_s` (its `route_refresh_s`) before it waits out the requests in flight
+and stops it, so no new request is sent to a replica about to stop.
+
+What the gateway learns while serving — requests in flight, failures — lives in a `ReplicaLoad` per replica,
+kept across refreshes for as long as the replica stays Ready at the same endpoint.
 
 Choosing a replica is "power of two choices": two Ready replicas at random, the one with fewer requests in
 flight wins. It spreads load nearly as well as least-loaded without every server herding onto the same

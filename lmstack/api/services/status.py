@@ -148,7 +148,9 @@ def get_deployment(*, session: Session, name: str, view: View = EVERYTHING) -> s
             gpus=list(replica.gpu_indices or []), status=replica.status,
             endpoint=replica.endpoint if view.addresses else None, message=view.text(replica.message),
             container_id=replica.container_id, spec_hash=replica.spec_hash,
-            revision=replica.revision, updated_at=replica.updated_at) for replica in replicas],
+            revision=replica.revision, updated_at=replica.updated_at, crash_count=replica.crash_count,
+            retry_after=replica.retry_after, last_exit_code=replica.crash_exit_code,
+            last_log=view.text(replica.crash_log)) for replica in replicas],
     )
 
 

@@ -1,5 +1,10 @@
-"""Usage: one record per gateway request, buffered in memory, rolled up per (API key, model, hour) into the
-`usage` table by a background flush.
+"""Usage: one record per gateway request, buffered in memory, rolled up per (API key, model, revision, hour)
+into the `usage` table by a background flush.
+
+The revision is the commit the replica that answered was created from (which config served the request).
+The gateway passes it when it knows it; a record without one is given its replica's recorded revision when
+it is written, a few seconds later (a replica recreated from a newer commit in between is credited with
+that one).
 
 The request path only appends to a deque (`record`, no I/O, no lock), so a slow or unreachable database
 never slows or fails a request. `run()` flushes every `flush_s` seconds: the buffered records are rolled
@@ -15,17 +20,17 @@ import logging
 import time
 from collections import deque
 from collections.abc import Collection, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import Connection, bindparam, select, tuple_
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from lmstack.api.services.metrics import Metrics
-from lmstack.state import ApiKey, Database, Usage, User
+from lmstack.state import ApiKey, Database, Replica, Usage, User
 
 log = logging.getLogger("lmstack.api.usage")
 
@@ -43,6 +48,7 @@ class UsageRecord:
     prompt_tokens: int  # as the engine reported them (0 when it did not)
     completion_tokens: int
     at: float  # unix time the request arrived
+    revision: str | None = None  # the commit the replica was created from (None: not known yet, or no replica)
 
     @property
     def failed(self) -> bool:
@@ -53,21 +59,23 @@ Rollup = dict[str, Any]  # one row's worth of counts: the bind parameters of the
 
 
 def rollup(records: Iterable[UsageRecord]) -> list[Rollup]:
-    """Records summed per (key, model, hour), sorted by that key (a fixed lock order across servers)."""
-    sums: dict[tuple[int | None, str, int], list[int]] = {}
+    """Records summed per (key, model, revision, hour), sorted by that key (a fixed lock order across servers)."""
+    sums: dict[tuple[int | None, str, str | None, int], list[int]] = {}
     for r in records:
-        row = sums.setdefault((r.key_id, r.model, int(r.at // 3600)), [0, 0, 0, 0, 0, 0])  # hours since 1970
+        row = sums.setdefault((r.key_id, r.model, r.revision, int(r.at // 3600)),  # hours since 1970
+                              [0, 0, 0, 0, 0, 0])
         row[0] += 1
         row[1] += r.failed
         row[2] += r.prompt_tokens
         row[3] += r.completion_tokens
         row[4] += r.latency_ms
         row[5] += r.ttft_ms
-    ordered = sorted(sums.items(), key=lambda item: (item[0][0] is None, item[0][0] or 0, item[0][1], item[0][2]))
-    return [{"p_key_id": key_id, "p_model": model, "p_hour": datetime.fromtimestamp(hour * 3600, UTC),
-             "p_requests": n[0], "p_errors": n[1],
+    ordered = sorted(sums.items(), key=lambda item: (item[0][0] is None, item[0][0] or 0, item[0][1],
+                                                     item[0][2] is None, item[0][2] or "", item[0][3]))
+    return [{"p_key_id": key_id, "p_model": model, "p_revision": revision,
+             "p_hour": datetime.fromtimestamp(hour * 3600, UTC), "p_requests": n[0], "p_errors": n[1],
              "p_prompt_tokens": n[2], "p_completion_tokens": n[3], "p_latency_ms_sum": n[4], "p_ttft_ms_sum": n[5]}
-            for (key_id, model, hour), n in ordered]
+            for (key_id, model, revision, hour), n in ordered]
 
 
 def _upsert_statement() -> Any:
@@ -75,13 +83,13 @@ def _upsert_statement() -> Any:
     # whole batch on the foreign key: the subquery finds no row and gives NULL.
     key_id = select(ApiKey.id).where(ApiKey.id == bindparam("p_key_id")).scalar_subquery()
     stmt = insert(Usage).values(
-        api_key_id=key_id, model=bindparam("p_model"), hour=bindparam("p_hour"),
+        api_key_id=key_id, model=bindparam("p_model"), revision=bindparam("p_revision"), hour=bindparam("p_hour"),
         requests=bindparam("p_requests"), errors=bindparam("p_errors"),
         prompt_tokens=bindparam("p_prompt_tokens"), completion_tokens=bindparam("p_completion_tokens"),
         latency_ms_sum=bindparam("p_latency_ms_sum"), ttft_ms_sum=bindparam("p_ttft_ms_sum"))
     added = ("requests", "errors", "prompt_tokens", "completion_tokens", "latency_ms_sum", "ttft_ms_sum")
     return stmt.on_conflict_do_update(
-        index_elements=[Usage.api_key_id, Usage.model, Usage.hour],
+        index_elements=[Usage.api_key_id, Usage.model, Usage.revision, Usage.hour],
         set_={name: getattr(Usage, name) + getattr(stmt.excluded, name) for name in added})
 
 
@@ -120,12 +128,13 @@ class UsageRecorder:
 
     def record(self, *, key_id: int | None, model: str, replica: str | None, status: int, latency_ms: int,
                ttft_ms: int = 0, prompt_tokens: int = 0, completion_tokens: int = 0,
-               at: float | None = None) -> None:
-        """Buffer one request's usage. Never blocks, never raises for the database's sake."""
+               at: float | None = None, revision: str | None = None) -> None:
+        """Buffer one request's usage. Never blocks, never raises for the database's sake. `revision`: the
+        commit the answering replica was created from (None: looked up by `replica` when written)."""
         self.append(UsageRecord(key_id=key_id, model=model, replica=replica, status=status,
                                 latency_ms=max(latency_ms, 0), ttft_ms=max(ttft_ms, 0),
                                 prompt_tokens=max(prompt_tokens, 0), completion_tokens=max(completion_tokens, 0),
-                                at=time.time() if at is None else at))
+                                at=time.time() if at is None else at, revision=revision))
 
     def append(self, record: UsageRecord) -> None:
         # Every gateway request passes here once, so this is also where the Prometheus series are fed.
@@ -175,9 +184,8 @@ class UsageRecorder:
             return True
 
     def _write(self, batch: list[UsageRecord]) -> None:
-        rows = rollup(batch)
         with self.database.engine.begin() as conn:
-            conn.execute(_UPSERT, rows)
+            conn.execute(_UPSERT, rollup(with_revisions(conn, batch)))
 
     def _requeue(self, batch: list[UsageRecord]) -> None:
         # Older records go back in front of those recorded during the failed write; over the bound, the
@@ -186,6 +194,24 @@ class UsageRecorder:
         while len(self._buffer) > self.max_buffer:
             self._buffer.popleft()
             self._dropped(1)
+
+
+def with_revisions(conn: Connection, records: list[UsageRecord]) -> list[UsageRecord]:
+    """The records, each one without a revision given its replica's recorded revision (one query for all)."""
+    keys = [_replica_key(r.replica) if r.revision is None else None for r in records]
+    wanted = sorted({key for key in keys if key is not None})
+    if not wanted:
+        return records
+    revisions = {(name, ordinal): revision for name, ordinal, revision in conn.execute(
+        select(Replica.deployment_name, Replica.ordinal, Replica.revision)
+        .where(tuple_(Replica.deployment_name, Replica.ordinal).in_(wanted)))}
+    return [r if key is None else replace(r, revision=revisions.get(key)) for r, key in zip(records, keys, strict=True)]
+
+
+def _replica_key(replica: str | None) -> tuple[str, int] | None:
+    """("chat", 0) for "chat/0"; None for anything else."""
+    name, _, ordinal = (replica or "").rpartition("/")
+    return (name, int(ordinal)) if name and ordinal.isdigit() else None
 
 
 # -- reading ---------------------------------------------------------------------------------------------
@@ -204,7 +230,7 @@ def query_usage(session: Session, *, user: str | None, models: Collection[str] |
         select(Usage, ApiKey.name, User.name)
         .outerjoin(ApiKey, ApiKey.id == Usage.api_key_id)
         .outerjoin(User, User.id == ApiKey.user_id)
-        .order_by(Usage.hour.desc(), Usage.model, Usage.api_key_id)
+        .order_by(Usage.hour.desc(), Usage.model, Usage.api_key_id, Usage.revision)
         .limit(limit)
     )
     if user is not None:
@@ -220,7 +246,8 @@ def query_usage(session: Session, *, user: str | None, models: Collection[str] |
     if key_id is not None:
         stmt = stmt.where(Usage.api_key_id == key_id)
     return [{"key_id": row.api_key_id, "key_name": key_name, "user": user_name, "model": row.model,
-             "hour": row.hour.astimezone(UTC).isoformat(), "requests": row.requests, "errors": row.errors,
+             "revision": row.revision, "hour": row.hour.astimezone(UTC).isoformat(), "requests": row.requests,
+             "errors": row.errors,
              "prompt_tokens": row.prompt_tokens, "completion_tokens": row.completion_tokens,
              "total_tokens": row.prompt_tokens + row.completion_tokens,
              "latency_ms_sum": row.latency_ms_sum, "ttft_ms_sum": row.ttft_ms_sum}
