@@ -22,7 +22,7 @@ from testbed.fleet import workers_yaml, write_fleet
 
 from lmstack.config import Settings
 from lmstack.gitsource import Source, init_repository, load_source
-from lmstack.reconcile.apply import ApplyReport, Prepared, apply_source
+from lmstack.reconcile.apply import ApplyReport, Survey, apply_source
 from lmstack.state import Database, Replica, SyncRun
 
 pytestmark = pytest.mark.testbed
@@ -70,9 +70,9 @@ class Fleet:
         settings = Settings(home=self.home, mount_roots=[Path("/tmp/lmstack-test-models")])
         return load_source(repo=str(self.repo), ref="HEAD", directory=None, settings=settings)
 
-    def apply(self, confirm: Any = None) -> tuple[Prepared, ApplyReport | None]:
+    def apply(self, confirm: Any = None) -> tuple[Survey, ApplyReport | None]:
         return apply_source(self.source(), self.database, ssh_key=self.bed.ssh_key,
-                            known_hosts=self.bed.known_hosts, confirm=confirm or (lambda prepared: True))
+                            known_hosts=self.bed.known_hosts, confirm=confirm or (lambda survey: True))
 
     def containers(self) -> dict[str, list[dict[str, str]]]:
         """Every container on every host: host -> [{id, name, deployment, replica}]."""
@@ -106,9 +106,9 @@ def _ids(containers: dict[str, list[dict[str, str]]]) -> dict[str, str]:
 
 
 def test_apply_runs_replicas_where_planned_and_is_idempotent(fleet: Fleet) -> None:
-    prepared, report = fleet.apply()
+    survey, report = fleet.apply()
     assert report is not None and report.ok, [r.message for r in report.failed] if report else None
-    planned = {a.replica_name: a.placement.worker for a in prepared.plan.actions if a.placement}
+    planned = {a.replica_name: a.placement.worker for a in survey.plan.actions if a.placement}
     assert planned == {"chat/0": "node1", "chat/1": "node2", "embed/0": "node3"}
     containers = fleet.containers()
     running = {f"{c['deployment']}/{c['replica']}": host for host, cs in containers.items() for c in cs}
@@ -124,8 +124,8 @@ def test_apply_runs_replicas_where_planned_and_is_idempotent(fleet: Fleet) -> No
 
     # Again with no change: nothing to do, and no container restarted.
     before = _ids(containers)
-    prepared, report = fleet.apply()
-    assert report is not None and report.ok and not report.results and not prepared.plan.has_changes
+    survey, report = fleet.apply()
+    assert report is not None and report.ok and not report.results and not survey.plan.has_changes
     assert _ids(fleet.containers()) == before
     with fleet.database.session() as session:  # the no-op pass is recorded: that revision is in sync
         runs = session.scalars(select(SyncRun).order_by(SyncRun.id)).all()
@@ -133,7 +133,7 @@ def test_apply_runs_replicas_where_planned_and_is_idempotent(fleet: Fleet) -> No
 
 
 def test_changed_args_recreate_only_that_deployment_and_removed_ones_are_pruned(fleet: Fleet) -> None:
-    prepared, report = fleet.apply()
+    survey, report = fleet.apply()
     assert report is not None and report.ok
     foreign = fleet.bed.docker("node1", "run", "-d", "--name", "someone-else", "--network", "host",
                                fleet.image, "--port", "19999").stdout.strip()
@@ -141,9 +141,9 @@ def test_changed_args_recreate_only_that_deployment_and_removed_ones_are_pruned(
 
     fleet.write("chat", replicas=2, args=["--max-model-len", "4096"])
     fleet.commit("chat: shorter context")
-    prepared, report = fleet.apply()
+    survey, report = fleet.apply()
     assert report is not None and report.ok
-    kinds = {a.replica_name: a.kind.value for a in prepared.plan.changes}
+    kinds = {a.replica_name: a.kind.value for a in survey.plan.changes}
     assert kinds == {"chat/0": "recreate", "chat/1": "recreate"}
     after = _ids(fleet.containers())
     assert after["embed/0"] == before["embed/0"]
@@ -152,9 +152,9 @@ def test_changed_args_recreate_only_that_deployment_and_removed_ones_are_pruned(
 
     fleet.remove("embed")
     fleet.commit("drop embed")
-    prepared, report = fleet.apply()
+    survey, report = fleet.apply()
     assert report is not None and report.ok
-    assert {a.replica_name: a.kind.value for a in prepared.plan.changes} == {"embed/0": "delete"}
+    assert {a.replica_name: a.kind.value for a in survey.plan.changes} == {"embed/0": "delete"}
     containers = fleet.containers()
     assert "embed/0" not in _ids(containers) and "embed/0" not in fleet.replicas()
     # The container without lmstack's labels is untouched.
@@ -162,8 +162,8 @@ def test_changed_args_recreate_only_that_deployment_and_removed_ones_are_pruned(
 
 
 def test_a_host_lost_during_apply_fails_alone_and_the_next_apply_converges(fleet: Fleet) -> None:
-    def lose_node2(prepared: Prepared) -> bool:
-        assert {a.placement.worker for a in prepared.plan.changes if a.placement} == {"node1", "node2", "node3"}
+    def lose_node2(survey: Survey) -> bool:
+        assert {a.placement.worker for a in survey.plan.changes if a.placement} == {"node1", "node2", "node3"}
         fleet.bed.stop_sshd("node2")  # after facts and the plan: its actions are under way when it goes
         return True
 
@@ -188,14 +188,14 @@ def test_a_host_lost_during_apply_fails_alone_and_the_next_apply_converges(fleet
 
 
 def test_an_orphaned_labelled_container_is_removed(fleet: Fleet) -> None:
-    prepared, report = fleet.apply()
+    survey, report = fleet.apply()
     assert report is not None and report.ok
     # As if a crash happened between creating a container and recording it: labels, but no replica row.
     fleet.bed.docker("node2", "run", "-d", "--name", "lmstack-chat-7", "--network", "host",
                      "--label", "lmstack.deployment=chat", "--label", "lmstack.replica=7",
                      fleet.image, "--port", "18999")
-    prepared, report = fleet.apply()
-    assert [o.name for o in prepared.live.orphans] == ["lmstack-chat-7"]
+    survey, report = fleet.apply()
+    assert [o.name for o in survey.live.orphans] == ["lmstack-chat-7"]
     assert report is not None and report.orphans_removed == 1
     assert "chat/7" not in _ids(fleet.containers())
 
@@ -207,10 +207,10 @@ def test_gpus_on_a_host_without_a_gpu_runtime_fail_clearly(fleet: Fleet) -> None
     ])
     fleet.write("big", replicas=1, gpus=1, placement="{workers: [node3]}")
     fleet.commit("a GPU deployment")
-    prepared, report = fleet.apply()
-    gpu_facts = {w.worker: len((w.facts or {}).get("gpus", [])) for w in prepared.facts.workers}
+    survey, report = fleet.apply()
+    gpu_facts = {w.worker: len((w.facts or {}).get("gpus", [])) for w in survey.facts.workers}
     assert gpu_facts == {"node1": 0, "node2": 0, "node3": 2}
-    big = next(a for a in prepared.plan.actions if a.deployment == "big")
+    big = next(a for a in survey.plan.actions if a.deployment == "big")
     assert big.kind.value == "create" and big.placement is not None
     assert (big.placement.worker, big.placement.gpus) == ("node3", (0,))
     assert report is not None
@@ -245,8 +245,8 @@ def test_a_replica_recorded_as_failed_is_recreated_even_if_its_container_runs(fl
     # As after a readiness timeout: the container runs (restart policy) but the replica never became ready.
     with fleet.database.session() as session:
         session.execute(update(Replica).where(Replica.deployment_name == "embed").values(status="failed"))
-    prepared, report = fleet.apply()
-    assert {a.replica_name: a.kind.value for a in prepared.plan.changes} == {"embed/0": "recreate"}
+    survey, report = fleet.apply()
+    assert {a.replica_name: a.kind.value for a in survey.plan.changes} == {"embed/0": "recreate"}
     assert report is not None and report.ok
     after = _ids(fleet.containers())
     assert after["embed/0"] != before["embed/0"] and after["chat/0"] == before["chat/0"]

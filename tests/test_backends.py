@@ -37,7 +37,7 @@ from lmstack.cli.render import plan_document, plan_reach, render_commands, rende
 from lmstack.manifests import ManifestValidationError, load_manifests
 from lmstack.manifests.policy import PushLimits
 from lmstack.manifests.schema import BACKEND_NAMES, GPU_REQUIRED_BACKENDS, BackendName, DeploymentSpec
-from lmstack.reconcile.execute import WorkerTarget
+from lmstack.reconcile.access import WorkerAccess
 from lmstack.reconcile.model import Action, ActionKind, Placement, Plan
 
 SHA = "4f1c2e0b9d8a7c6b5e4f3a2b1c0d9e8f7a6b5c4d"
@@ -539,9 +539,9 @@ def test_plan_shows_docker_endpoints_and_mounts() -> None:
     """What a reviewer must see before a commit reaches the workers: each worker's Docker endpoint and what
     each new container mounts from it (the model cache apply will use: the target's, else the manifest's)."""
     plan, desired = _plan()
-    targets = {"gpu-a": ("ssh://root@10.0.0.5:22", WorkerTarget("gpu-a", "10.0.0.5", "/data/models")),
-               "gpu-b": ("ssh://deploy@10.0.0.6:2222", WorkerTarget("gpu-b", "10.0.0.6", "/var/lib/lmstack/b"))}
-    reach = plan_reach(plan, desired, targets)
+    workers = {"gpu-a": WorkerAccess("gpu-a", "ssh://root@10.0.0.5:22", "10.0.0.5", "/data/models"),
+               "gpu-b": WorkerAccess("gpu-b", "ssh://deploy@10.0.0.6:2222", "10.0.0.6", "/var/lib/lmstack/b")}
+    reach = plan_reach(plan, desired, workers)
     assert reach.mounts == {
         ("qwen-7b", 0): (("/data/models", "/root/.cache/huggingface"),),
         ("qwen-7b", 1): (("/var/lib/lmstack/b", "/root/.cache/huggingface"),),

@@ -18,7 +18,7 @@ from sqlalchemy import update
 from test_apply import Fleet, _ids, _models
 
 from lmstack.api.services.status import get_deployment
-from lmstack.reconcile.apply import Prepared
+from lmstack.reconcile.apply import Survey
 from lmstack.state import Database, Replica
 
 
@@ -75,9 +75,9 @@ def test_a_replica_left_starting_by_a_killed_apply_is_adopted(fleet: Fleet, data
     before = _ids(fleet.containers())
     assert list(before) == ["slow/0"] and fleet.replicas()["slow/0"].status == "starting"
 
-    prepared, report = fleet.apply()
-    assert {a.replica_name: a.kind.value for a in prepared.plan.changes} == {"slow/0": "update"}
-    assert "left starting" in prepared.plan.changes[0].reason
+    survey, report = fleet.apply()
+    assert {a.replica_name: a.kind.value for a in survey.plan.changes} == {"slow/0": "update"}
+    assert "left starting" in survey.plan.changes[0].reason
     assert report is not None and report.ok, [r.message for r in report.failed]
     assert _ids(fleet.containers()) == before  # the same container, waited for, not a new one
     row = fleet.replicas()["slow/0"]
@@ -91,8 +91,8 @@ def test_an_adopted_replica_that_never_becomes_ready_is_recreated(fleet: Fleet, 
     _only(fleet, "stuck", args=["--startup-delay", "600"], startup_timeout="4s")
     _kill_apply_while_starting(fleet, database_url)
     before = _ids(fleet.containers())
-    prepared, report = fleet.apply()
-    assert {a.replica_name: a.kind.value for a in prepared.plan.changes} == {"stuck/0": "update"}
+    survey, report = fleet.apply()
+    assert {a.replica_name: a.kind.value for a in survey.plan.changes} == {"stuck/0": "update"}
     assert report is not None and not report.ok
     [result] = report.failed
     assert "not ready after 4 s" in result.message and "(permanent:" in result.message
@@ -112,8 +112,8 @@ def test_replicas_left_pending_or_deleting_converge(fleet: Fleet) -> None:
         session.execute(update(Replica).where(Replica.deployment_name == "chat", Replica.ordinal == 0)
                         .values(status="pending"))
         session.execute(update(Replica).where(Replica.deployment_name == "embed").values(status="deleting"))
-    prepared, report = fleet.apply()
-    assert {a.replica_name: a.kind.value for a in prepared.plan.changes} == {"chat/0": "update",
+    survey, report = fleet.apply()
+    assert {a.replica_name: a.kind.value for a in survey.plan.changes} == {"chat/0": "update",
                                                                            "embed/0": "update"}
     assert report is not None and report.ok, [r.message for r in report.failed]
     assert _ids(fleet.containers()) == before  # no duplicate, no orphan, nothing restarted
@@ -129,12 +129,12 @@ def test_a_removed_or_stopped_container_is_recorded_before_it_is_repaired(fleet:
     fleet.bed.docker("node3", "kill", before["embed/0"])
     seen: dict[str, Any] = {}
 
-    def look(prepared: Prepared) -> bool:
+    def look(survey: Survey) -> bool:
         # After the observe phase, before any repair: what the database, and so the API and the gateway, say.
         with fleet.database.session() as session:
             seen["chat"] = get_deployment(session=session, name="chat")
             seen["embed"] = get_deployment(session=session, name="embed")
-        seen["plan"] = {a.replica_name: a.kind.value for a in prepared.plan.changes}
+        seen["plan"] = {a.replica_name: a.kind.value for a in survey.plan.changes}
         return True
 
     _, report = fleet.apply(confirm=look)

@@ -26,7 +26,7 @@ from sqlalchemy import select
 from test_apply import Fleet, _ids, _models
 from test_gateway import Gateway, add_key, start_gateway, wait_until_routed
 
-from lmstack.reconcile.apply import Applier, ApplyReport, Prepared
+from lmstack.reconcile.apply import Applier, ApplyReport, Survey
 from lmstack.reconcile.model import ActionKind, Plan
 from lmstack.reconcile.status import fleet_status
 from lmstack.state import Database, Deployment, Event
@@ -61,10 +61,10 @@ def _head(fleet: Fleet) -> str:
                           text=True).stdout.strip()
 
 
-def _apply_ok(fleet: Fleet) -> tuple[Prepared, ApplyReport]:
-    prepared, report = fleet.apply()
+def _apply_ok(fleet: Fleet) -> tuple[Survey, ApplyReport]:
+    survey, report = fleet.apply()
     assert report is not None and report.ok, [r.message for r in report.failed] + [str(p) for p in report.problems]
-    return prepared, report
+    return survey, report
 
 
 def _ready(fleet: Fleet) -> dict[str, list[str]]:
@@ -158,10 +158,10 @@ def test_an_args_change_of_a_one_replica_deployment_surges_with_no_failed_reques
 
     _only(fleet, "solo", "faster", replicas=1, args=["--token-delay", "0.03"], placement="{workers: [node1]}")
     before = len(traffic.ok)
-    prepared, report = _apply_ok(fleet)
-    [action] = prepared.plan.changes
+    survey, report = _apply_ok(fleet)
+    [action] = survey.plan.changes
     assert (action.kind, action.replica_name, action.surge) == (ActionKind.RECREATE, "solo/0", 1)
-    assert not prepared.plan.downtime
+    assert not survey.plan.downtime
     traffic.wait_for_answers(before + 8)  # answered by the new replica too
     traffic.__exit__()
 
@@ -187,8 +187,8 @@ def test_a_version_that_never_becomes_ready_is_rolled_back_while_the_old_one_ser
 
     _only(fleet, "solo", "a version that never answers", replicas=1, image="lmstack-standin:never-ready",
           args=["--startup-delay", "600"], placement="{workers: [node1]}", startup_timeout="4s")
-    prepared, report = fleet.apply()
-    assert [a.surge for a in prepared.plan.changes] == [1]
+    survey, report = fleet.apply()
+    assert [a.surge for a in survey.plan.changes] == [1]
     assert report is not None and not report.ok
     [result] = report.failed
     assert "not ready after 4 s" in result.message and "replica 0 keeps serving the previous spec" in result.message
@@ -203,8 +203,8 @@ def test_a_version_that_never_becomes_ready_is_rolled_back_while_the_old_one_ser
 
     _only(fleet, "solo", "revert", **good)
     before = len(traffic.ok)
-    prepared, report = _apply_ok(fleet)
-    assert not prepared.plan.has_changes
+    survey, report = _apply_ok(fleet)
+    assert not survey.plan.has_changes
     traffic.wait_for_answers(before + 4)
     traffic.__exit__()
     assert traffic.failed == []  # the old replica answered the whole time
@@ -223,15 +223,15 @@ def test_a_two_replica_rollout_and_a_scale_down_under_load_fail_no_request(
 
     _only(fleet, "pair", "new args", replicas=2, args=["--token-delay", "0.03"])
     before = len(traffic.ok)
-    prepared, _ = _apply_ok(fleet)
-    assert sorted((a.replica_name, a.surge) for a in prepared.plan.changes) == [("pair/0", 2), ("pair/1", 3)]
+    survey, _ = _apply_ok(fleet)
+    assert sorted((a.replica_name, a.surge) for a in survey.plan.changes) == [("pair/0", 2), ("pair/1", 3)]
     assert _ready(fleet) == {"pair/2": ["--token-delay", "0.03"], "pair/3": ["--token-delay", "0.03"]}
     rolled = len(traffic.ok) - before
 
     _only(fleet, "pair", "scale down", replicas=1, args=["--token-delay", "0.03"])
     before = len(traffic.ok)
-    prepared, _ = _apply_ok(fleet)
-    assert [(a.kind, a.replica_name) for a in prepared.plan.changes] == [(ActionKind.DELETE, "pair/3")]
+    survey, _ = _apply_ok(fleet)
+    assert [(a.kind, a.replica_name) for a in survey.plan.changes] == [(ActionKind.DELETE, "pair/3")]
     traffic.wait_for_answers(len(traffic.ok) + 4)
     traffic.__exit__()
 
@@ -254,10 +254,10 @@ def test_a_restart_in_place_whose_new_spec_fails_puts_the_previous_spec_back(fle
 
     with Applier(fleet.source(), fleet.database, ssh_key=fleet.bed.ssh_key,
                  known_hosts=fleet.bed.known_hosts) as applier:
-        prepared = applier.prepare()
-        [action] = prepared.plan.changes
+        survey = applier.survey()
+        [action] = survey.plan.changes
         in_place = replace(action, surge=None, placement=action.previous)
-        report = applier.execute(replace(prepared, plan=Plan((in_place,))))
+        report = applier.execute(replace(survey, plan=Plan((in_place,))))
 
     [result] = report.failed
     assert "not ready after 3 s" in result.message and "rolled back: replica 0 serves the previous spec" \

@@ -60,7 +60,7 @@ def test_status_follows_commits_and_what_passes_see(fleet: Fleet, database_url: 
 
     # A container removed by hand: the pass that sees it records it (the user then declines the repair).
     fleet.bed.docker("node3", "rm", "-f", _ids(fleet.containers())["embed/0"])
-    _, declined = fleet.apply(confirm=lambda prepared: False)
+    _, declined = fleet.apply(confirm=lambda survey: False)
     assert declined is None
     code, status = _status(fleet, database_url)
     embed = next(d for d in status["deployments"] if d["name"] == "embed")

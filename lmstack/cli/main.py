@@ -32,7 +32,7 @@ from lmstack.gitsource import Source, SourceError, init_repository, load_source,
 from lmstack.gitsource.source import push_limits
 from lmstack.manifests import ManifestValidationError, json_schema
 from lmstack.nodes.docker import DockerSetupError as NodeSetupError
-from lmstack.reconcile.apply import Prepared, apply_source, plan_source
+from lmstack.reconcile.apply import Survey, apply_source, plan_source
 from lmstack.reconcile.facts import FactsError, gather_facts
 from lmstack.reconcile.leader import Holder, lead
 from lmstack.reconcile.model import Action, ActionKind, Plan
@@ -153,17 +153,17 @@ def plan(
     try:
         database = open_database(settings)
         try:
-            prepared = plan_source(source, database, ssh_key=ssh.key if ssh else None,
+            survey = plan_source(source, database, ssh_key=ssh.key if ssh else None,
                                    known_hosts=ssh.known_hosts if ssh else None, ssh_config=ssh.config if ssh else None)
         finally:
             database.close()
     except (DatabaseError, NodeSetupError) as exc:
         _fail(str(exc))
-    result = prepared.plan
-    reach = plan_reach(result, source.desired, prepared.targets)
+    result = survey.plan
+    reach = plan_reach(result, source.desired, survey.workers)
     if as_json:
         revision = source.revision
-        live = prepared.live
+        live = survey.live
         document = {
             "source": {
                 "origin": source.origin,
@@ -174,7 +174,7 @@ def plan(
             "observed": {
                 "live": live.observed_live,
                 "unreachable": dict(live.unreachable),
-                "notReady": dict(prepared.not_ready),
+                "notReady": dict(survey.not_ready),
                 "lost": [{"replica": f"{x.deployment}/{x.ordinal}", "status": x.status, "message": x.message}
                          for x in live.lost],
                 "orphans": [{"worker": o.worker, "name": o.name, "reason": o.reason} for o in live.orphans],
@@ -182,12 +182,12 @@ def plan(
         }
         sys.stdout.write(json.dumps(document, indent=2) + "\n")
     else:
-        render_observation(out, prepared)
+        render_observation(out, survey)
         render_plan(out, result, header=f"Plan for {_describe(source)}", show_noop=show_unchanged, reach=reach)
-        render_orphans(out, prepared)
+        render_orphans(out, survey)
         if show_commands:
             _print_commands(result, source)
-    raise typer.Exit(2 if result.has_changes or result.unplaceable or prepared.live.orphans else 0)
+    raise typer.Exit(2 if result.has_changes or result.unplaceable or survey.live.orphans else 0)
 
 
 def _print_commands(result: Plan, source: Source) -> None:
@@ -288,13 +288,13 @@ def apply(
     source = _source(repo, ref, directory, settings)
     ssh = _ssh_files(settings, ssh_key, known_hosts)
 
-    def confirm(prepared: Prepared) -> bool:
-        render_observation(out, prepared)
-        render_plan(out, prepared.plan, header=f"Plan for {_describe(source)}",
-                    reach=plan_reach(prepared.plan, source.desired, prepared.targets))
-        render_orphans(out, prepared)
+    def confirm(survey: Survey) -> bool:
+        render_observation(out, survey)
+        render_plan(out, survey.plan, header=f"Plan for {_describe(source)}",
+                    reach=plan_reach(survey.plan, source.desired, survey.workers))
+        render_orphans(out, survey)
         if show_commands:
-            _print_commands(prepared.plan, source)
+            _print_commands(survey.plan, source)
         if yes:
             return True
         if not sys.stdin.isatty():
@@ -317,7 +317,7 @@ def apply(
                 if leadership.interrupted_runs:
                     err.print(f"[yellow]Sync runs {', '.join(map(str, leadership.interrupted_runs))} were left "
                               "running by a process that stopped; marked interrupted.[/]")
-                prepared, report = apply_source(source, database, ssh_key=ssh.key, known_hosts=ssh.known_hosts,
+                survey, report = apply_source(source, database, ssh_key=ssh.key, known_hosts=ssh.known_hosts,
                                                 ssh_config=ssh.config, confirm=confirm, progress=progress,
                                                 parallel=parallel, route_refresh_s=settings.registry_refresh_s)
         finally:
@@ -327,8 +327,8 @@ def apply(
     if report is None:
         _fail("Apply cancelled; nothing was changed.")
     if not report.results and not report.orphans_removed and not report.errors:
-        render_observation(out, prepared)
-        render_plan(out, prepared.plan, header=f"Plan for {_describe(source)}")
+        render_observation(out, survey)
+        render_plan(out, survey.plan, header=f"Plan for {_describe(source)}")
         for problem in report.problems:
             err.print(f"[red]failed:[/] {escape(str(problem))}")
         raise typer.Exit(0 if report.ok else 1)

@@ -10,7 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from lmstack.reconcile.apply import Prepared
+from lmstack.reconcile.apply import Survey
 from lmstack.reconcile.model import Action, ActionKind, Plan
 from lmstack.reconcile.status import FleetStatus
 
@@ -69,24 +69,24 @@ def render_plan(console: Console, plan: Plan, *, header: str, show_noop: bool = 
         console.print(f"[bold]Plan:[/] {summary}.", highlight=False)
 
 
-def render_observation(console: Console, prepared: Prepared) -> None:
+def render_observation(console: Console, survey: Survey) -> None:
     """What the observe phase saw besides the plan: workers not Ready, workers whose containers could not be
     listed, containers found gone or stopped, orphans; or that nothing was observed."""
-    for name, reason in sorted(prepared.not_ready.items()):
+    for name, reason in sorted(survey.not_ready.items()):
         console.print(f"[yellow]Worker {escape(name)} is not Ready:[/] {escape(reason)}", highlight=False)
-    if not prepared.live.observed_live:
+    if not survey.live.observed_live:
         console.print("[yellow]Containers not observed:[/] the plan trusts the recorded status of every replica.",
                       highlight=False)
-    for name, reason in sorted(prepared.live.unreachable.items()):
+    for name, reason in sorted(survey.live.unreachable.items()):
         console.print(f"[yellow]Containers on {escape(name)} could not be listed:[/] {escape(reason)} "
                       "(its replicas are planned as recorded)", highlight=False)
-    for lost in prepared.live.lost:
+    for lost in survey.live.lost:
         console.print(f"[red]{escape(lost.deployment)}/{lost.ordinal} is {lost.status}:[/] {escape(lost.message)}",
                       highlight=False)
 
 
-def render_orphans(console: Console, prepared: Prepared) -> None:
-    for orphan in prepared.live.orphans:
+def render_orphans(console: Console, survey: Survey) -> None:
+    for orphan in survey.live.orphans:
         console.print(f"  [red]- orphan[/]   {escape(orphan.name)} on {escape(orphan.worker)}  "
                       f"[dim]{escape(orphan.reason)}[/]", highlight=False)
 
@@ -156,7 +156,7 @@ from lmstack.backends import ReplicaContext, backend_for, effective_spec, spec_h
 from lmstack.backends.container import ContainerSpec  # noqa: E402
 from lmstack.manifests.loader import DesiredState  # noqa: E402
 from lmstack.manifests.schema import WorkerSpec  # noqa: E402
-from lmstack.reconcile.execute import WorkerTarget  # noqa: E402
+from lmstack.reconcile.access import WorkerAccess  # noqa: E402
 
 
 def render_commands(plan: Plan, desired: DesiredState, *,
@@ -172,10 +172,10 @@ def render_commands(plan: Plan, desired: DesiredState, *,
             for action, container in _planned_containers(plan, desired, model_cache)]
 
 
-def plan_reach(plan: Plan, desired: DesiredState, targets: Mapping[str, tuple[str, WorkerTarget]]) -> Reach:
-    """Each worker's Docker endpoint and model cache as apply uses them (`targets`, from worker_targets), and
+def plan_reach(plan: Plan, desired: DesiredState, workers: Mapping[str, WorkerAccess]) -> Reach:
+    """Each worker's Docker endpoint and model cache as apply uses them (`workers`, from worker_access), and
     the mounts of each container the plan creates or recreates."""
-    caches = {name: target.model_cache for name, (_url, target) in targets.items()}
+    caches = {name: access.model_cache for name, access in workers.items()}
 
     def model_cache(worker: str) -> str:
         if worker in caches:
@@ -185,7 +185,7 @@ def plan_reach(plan: Plan, desired: DesiredState, targets: Mapping[str, tuple[st
 
     mounts = {(action.deployment, action.replica): tuple(sorted(container.volumes.items()))
               for action, container in _planned_containers(plan, desired, model_cache)}
-    return Reach(endpoints={name: url for name, (url, _target) in targets.items()}, model_caches=caches,
+    return Reach(endpoints={name: access.docker_url for name, access in workers.items()}, model_caches=caches,
                  mounts=mounts)
 
 

@@ -97,17 +97,17 @@ class PassRunner:
                          environ=self.environ, route_refresh_s=self.settings.registry_refresh_s) as applier:
                 workers = frozenset(source.desired.workers)
                 if self._facts_due(workers):
-                    prepared = applier.prepare()
+                    survey = applier.survey()
                     self._facts_at, self._facts_workers = time.monotonic(), workers
                 else:
-                    prepared = applier.observe(record=True)
+                    survey = applier.observe(record=True)
                 # Nothing to do and nothing unchecked (a worker down is recorded: its deployments go Degraded).
-                settled = not (prepared.plan.has_changes or prepared.live.orphans or prepared.unchecked())
+                settled = not (survey.plan.has_changes or survey.live.orphans or survey.unchecked())
                 if settled and sha == applied:
                     return PassResult(trigger, "unchanged", sha, f"{trigger} {short}: no changes "
                                                                  f"({time.monotonic() - started:.1f} s)",
                                       observed=True)
-                report = applier.execute(prepared)
+                report = applier.execute(survey)
         return PassResult(trigger, "applied" if report.ok else "failed", sha,
                           f"{trigger} {short}: {_counts(report)} ({time.monotonic() - started:.1f} s, "
                           f"sync run {report.sync_run})", report.sync_run, observed=True, retry_at=report.retry_at)

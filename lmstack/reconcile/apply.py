@@ -24,8 +24,9 @@ from typing import Any
 from lmstack.backends import EffectiveSpec, effective_spec
 from lmstack.gitsource import Source
 from lmstack.nodes.docker import DockerPool, DockerTarget
+from lmstack.reconcile.access import WorkerAccess, worker_access
 from lmstack.reconcile.backoff import CrashBackoff
-from lmstack.reconcile.execute import ActionResult, Executor, Progress, WorkerTarget
+from lmstack.reconcile.execute import ActionResult, Executor, Progress
 from lmstack.reconcile.facts import FactsReport, gather_facts
 from lmstack.reconcile.live import LiveView, Lost, observe_live, recorded_only
 from lmstack.reconcile.model import Action, ActionKind, Observed, Plan
@@ -38,19 +39,18 @@ from lmstack.reconcile.records import (
     record_lost,
     start_sync_run,
 )
-from lmstack.reconcile.targets import worker_targets
 from lmstack.state import Database
 
 
 @dataclass(frozen=True)
-class Prepared:
+class Survey:
     """Everything known before anything changes: shown to the user, who then says yes or no."""
 
     facts: FactsReport | None  # None: not gathered now (`lmstack plan` plans on the stored facts)
     live: LiveView
     plan: Plan
-    # worker -> (its Docker endpoint, its target): where the plan's containers are made and what they mount
-    targets: Mapping[str, tuple[str, WorkerTarget]] = field(default_factory=dict)
+    # where the plan's containers are made and what they mount, by worker
+    workers: Mapping[str, WorkerAccess] = field(default_factory=dict)
     # worker -> why it is not Ready (its stored facts say so)
     not_ready: Mapping[str, str] = field(default_factory=dict)
 
@@ -120,9 +120,9 @@ class Applier:
         self.trigger = trigger
         self.poll_s = poll_s
         self.route_refresh_s = route_refresh_s  # the gateway's settings.registry_refresh_s: see Executor
-        self.targets = self._targets()
+        self.workers = self._workers()
         self.pool = DockerPool(
-            [DockerTarget(worker=name, url=url) for name, (url, _target) in self.targets.items()],
+            [DockerTarget(worker=name, url=access.docker_url) for name, access in self.workers.items()],
             ssh_key=ssh_key, known_hosts=known_hosts, ssh_config=ssh_config,
         )
 
@@ -134,26 +134,26 @@ class Applier:
 
     # -- phases ------------------------------------------------------------------------------------
 
-    def prepare(self) -> Prepared:
+    def survey(self) -> Survey:
         """Facts, then observe (recording what is lost), then plan."""
         facts = gather_facts(self.source, self.database, ssh_key=self.ssh_key, known_hosts=self.known_hosts,
                              ssh_config=self.ssh_config)
         return self.observe(facts, record=True)
 
-    def observe(self, facts: FactsReport | None = None, *, record: bool = False) -> Prepared:
+    def observe(self, facts: FactsReport | None = None, *, record: bool = False) -> Survey:
         """Observe the containers of every worker Ready by the stored facts (and of workers gone from the
         manifests), and plan. `record`: write the replicas seen gone or stopped to the database now."""
         with self.database.session() as session:
             stored = load_observed(session)
-        workers = {name for name in self.source.desired.workers if name in self.targets}
-        workers |= {replica.worker for replica in stored.replicas if replica.worker in self.targets}
+        workers = {name for name in self.source.desired.workers if name in self.workers}
+        workers |= {replica.worker for replica in stored.replicas if replica.worker in self.workers}
         ready = {name for name, worker in stored.workers.items() if worker.ready}
         live = observe_live(stored, self.pool, sorted(w for w in workers if w in ready
                                                       or w not in self.source.desired.workers),
                             parallel=self.parallel)
         if record:
             self._record_lost(live.lost)
-        return Prepared(facts, live, make_plan(self.source.desired, live.observed), self.targets,
+        return Survey(facts, live, make_plan(self.source.desired, live.observed), self.workers,
                         _not_ready(stored, self.source.desired.workers))
 
     def _record_lost(self, lost: tuple[Lost, ...]) -> None:
@@ -166,8 +166,8 @@ class Applier:
                               reason="ReplicaLost", message=f"replica {item.ordinal}: {item.message}",
                               sync_run=None)
 
-    def execute(self, prepared: Prepared, *, progress: Progress | None = None) -> ApplyReport:
-        plan = prepared.plan
+    def execute(self, survey: Survey, *, progress: Progress | None = None) -> ApplyReport:
+        plan = survey.plan
         revision = self.source.revision
         specs = {name: effective_spec(name, deployment.spec)
                  for name, deployment in self.source.desired.deployments.items()}
@@ -177,17 +177,17 @@ class Applier:
                                     trigger=self.trigger, plan=plan.to_json())
         executor = Executor(
             pool=self.pool, database=self.database,
-            targets={name: target for name, (_url, target) in self.targets.items()},
+            workers=self.workers,
             specs=specs, revision=revision.sha if revision else None, sync_run=run_id, environ=self.environ,
-            limits=self.source.limits, containers=prepared.live.containers,
+            limits=self.source.limits, containers=survey.live.containers,
             progress=progress or (lambda action, status: None),
             poll_s=self.poll_s, route_refresh_s=self.route_refresh_s,
         )
         backoff = CrashBackoff(self.database, self.pool, specs=specs, environ=self.environ, limits=self.source.limits)
-        backoff.note_lost(prepared.live)  # before the actions remove the stopped containers
+        backoff.note_lost(survey.live)  # before the actions remove the stopped containers
         errors: list[str] = []
         removed = 0
-        for orphan in prepared.live.orphans:
+        for orphan in survey.live.orphans:
             error = executor.remove_orphan(orphan.worker, orphan.container_id, orphan.name)
             if error is None:
                 removed += 1
@@ -202,7 +202,7 @@ class Applier:
             for chain_results in threads.map(executor.run_chain, _chains(others, specs)):
                 results.extend(chain_results)
         backoff.after(results)
-        problems = prepared.unchecked() + tuple(Problem(h.deployment, h.replica, h.reason) for h in held)
+        problems = survey.unchecked() + tuple(Problem(h.deployment, h.replica, h.reason) for h in held)
         failed_by_deployment: dict[str, str] = {}
         for result in results:
             if not result.ok:
@@ -223,9 +223,9 @@ class Applier:
 
     # -- connection details --------------------------------------------------------------------------
 
-    def _targets(self) -> dict[str, tuple[str, WorkerTarget]]:
+    def _workers(self) -> dict[str, WorkerAccess]:
         with self.database.session() as session:
-            return worker_targets(self.source, session)
+            return worker_access(self.source, session)
 
 
 def _chains(actions: list[Action], specs: Mapping[str, EffectiveSpec]) -> list[list[Action]]:
@@ -277,30 +277,30 @@ def _result_json(results: list[ActionResult], removed: int, errors: list[str],
 
 
 def apply_source(source: Source, database: Database, *, ssh_key: Path, known_hosts: Path,
-                 confirm: Callable[[Prepared], bool] = lambda prepared: True, progress: Progress | None = None,
+                 confirm: Callable[[Survey], bool] = lambda survey: True, progress: Progress | None = None,
                  parallel: int = 8, ssh_config: Path | None = None,
-                 route_refresh_s: float = 1.0) -> tuple[Prepared, ApplyReport | None]:
+                 route_refresh_s: float = 1.0) -> tuple[Survey, ApplyReport | None]:
     """Plan, ask (only when there is something to change), and apply. Returns the report, or None when the
     user said no. A pass with nothing to change is still recorded: the revision is then the one in sync.
     `route_refresh_s`: how often the gateway re-reads its replicas (a replica is drained at least that long)."""
     with Applier(source, database, ssh_key=ssh_key, known_hosts=known_hosts, parallel=parallel,
                  ssh_config=ssh_config, route_refresh_s=route_refresh_s) as applier:
-        prepared = applier.prepare()
-        if (prepared.plan.has_changes or prepared.live.orphans) and not confirm(prepared):
-            return prepared, None
-        return prepared, applier.execute(prepared, progress=progress)
+        survey = applier.survey()
+        if (survey.plan.has_changes or survey.live.orphans) and not confirm(survey):
+            return survey, None
+        return survey, applier.execute(survey, progress=progress)
 
 
 def plan_source(source: Source, database: Database, *, ssh_key: Path | None, known_hosts: Path | None,
-                ssh_config: Path | None = None, parallel: int = 8) -> Prepared:
+                ssh_config: Path | None = None, parallel: int = 8) -> Survey:
     """What `apply` would do now, on the stored facts: the containers observed over SSH as apply's observe
     phase does (nothing is recorded or changed), or, without `ssh_key` and `known_hosts`, the recorded
-    state as it is (`Prepared.live.observed_live` False)."""
+    state as it is (`Survey.live.observed_live` False)."""
     if ssh_key is None or known_hosts is None:
         with database.session() as session:
             stored = load_observed(session)
-            targets = worker_targets(source, session)
-        return Prepared(None, recorded_only(stored), make_plan(source.desired, stored), targets,
+            workers = worker_access(source, session)
+        return Survey(None, recorded_only(stored), make_plan(source.desired, stored), workers,
                         _not_ready(stored, source.desired.workers))
     with Applier(source, database, ssh_key=ssh_key, known_hosts=known_hosts, parallel=parallel,
                  ssh_config=ssh_config) as applier:

@@ -37,6 +37,7 @@ from lmstack.manifests.policy import PushLimits
 from lmstack.nodes.docker import DockerPool, ManagedContainer, NodeError
 from lmstack.nodes.http import request
 from lmstack.nodes.inflight import requests_in_flight
+from lmstack.reconcile.access import WorkerAccess
 from lmstack.reconcile.backoff import read_log_tail, secret_values
 from lmstack.reconcile.model import Action, ActionKind
 from lmstack.reconcile.records import add_event, delete_replica, engine_key_of, set_replica_status, upsert_replica
@@ -48,15 +49,6 @@ Progress = Callable[[Action, str], None]
 # Beyond the gateway's refresh interval: its read of the replicas, and a request picked just before it, land.
 _ROUTE_MARGIN_S = 0.5
 _DRAIN_POLL_S = 0.2
-
-
-@dataclass(frozen=True)
-class WorkerTarget:
-    """How to reach a worker: its address for HTTP (engine endpoints) and its model cache."""
-
-    name: str
-    address: str
-    model_cache: str
 
 
 @dataclass(frozen=True)
@@ -105,7 +97,7 @@ def failure_text(message: str, retryable: bool) -> str:
 class Executor:
     pool: DockerPool
     database: Database
-    targets: Mapping[str, WorkerTarget]
+    workers: Mapping[str, WorkerAccess]
     specs: Mapping[str, EffectiveSpec]  # deployment -> its desired spec
     revision: str | None
     sync_run: int | None
@@ -238,7 +230,7 @@ class Executor:
         backend = backend_for(spec.backend)
         container = self.containers.get((action.deployment, action.replica))
         port = _port_of(container) or backend.default_port
-        endpoint = f"http://{self.targets[placement.worker].address}:{port}"
+        endpoint = f"http://{self.workers[placement.worker].address}:{port}"
         with self.database.session() as session:
             key = engine_key_of(session, action.deployment, action.replica)  # the running container's
         try:
@@ -311,8 +303,8 @@ class Executor:
         placement = action.placement
         assert placement is not None
         backend = backend_for(spec.backend)
-        target = self.targets.get(placement.worker)
-        if target is None:
+        worker = self.workers.get(placement.worker)
+        if worker is None:
             raise ReplicaFailed(f"{placement.worker}: no connection details (not in the inventory)", retryable=False)
         env = resolve_env(action.deployment, spec.env, environ=self.environ, limits=self.limits)
         port = self._claim_port(placement.worker, backend.default_port, keep_port)
@@ -320,11 +312,11 @@ class Executor:
         key = token_urlsafe(32) if backend.takes_engine_key else None
         context = ReplicaContext(
             deployment=action.deployment, ordinal=action.replica, served_name=spec.served_name,
-            gpus=placement.gpus, port=port, model_cache=target.model_cache, revision=revision,
+            gpus=placement.gpus, port=port, model_cache=worker.model_cache, revision=revision,
             spec_hash=hash_, engine_key=key,
         )
         container_spec = backend.container(spec, context, env)
-        endpoint = f"http://{target.address}:{port}"
+        endpoint = f"http://{worker.address}:{port}"
         self.progress(action, f"creating container on {placement.worker}")
         try:
             created = self.pool.create(placement.worker, container_spec)

@@ -273,7 +273,7 @@ def test_apply_refuses_a_secret_symlink_leading_out(tmp_path: Path, clean_testbe
     source = load_source(repo=str(repo), ref="HEAD", directory=None, settings=settings)
     with Applier(source, db, ssh_key=bed.ssh_key, known_hosts=bed.known_hosts,
                  environ={"LMSTACK_SECRET_OTHER": "other-value", "LMSTACK_JWT_SECRET": "x"}) as applier:
-        report = applier.execute(applier.prepare())
+        report = applier.execute(applier.survey())
 
     failed = {r.action.deployment: r.message for r in report.failed}
     assert set(failed) == {"leak"}, failed

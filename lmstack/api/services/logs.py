@@ -23,7 +23,7 @@ from lmstack.config import Settings, SshFilesError, ssh_files
 from lmstack.gitsource import SourceError
 from lmstack.manifests import ManifestValidationError
 from lmstack.nodes.docker import DockerPool, DockerSetupError, DockerTarget, NodeError
-from lmstack.reconcile.targets import worker_targets
+from lmstack.reconcile.access import worker_access
 from lmstack.state import Database
 
 log = logging.getLogger(__name__)
@@ -74,10 +74,10 @@ def resolve(*, database: Database, repo: RepoView, deployment: str, ordinal: int
     except (SourceError, ManifestValidationError) as exc:
         raise LogsError(503, f"cannot read the repository for the workers' addresses: {exc}") from exc
     with database.session() as session:
-        targets = worker_targets(source, session)
-    if replica.worker not in targets:
+        workers = worker_access(source, session)
+    if replica.worker not in workers:
         raise LogsError(503, f"worker {replica.worker} is not in the inventory of {source.origin}")
-    return LogTarget(replica=replica, container_id=replica.container_id, docker_url=targets[replica.worker][0])
+    return LogTarget(replica=replica, container_id=replica.container_id, docker_url=workers[replica.worker].docker_url)
 
 
 class LogSession:
