@@ -201,6 +201,18 @@ def test_a_version_that_never_becomes_ready_is_rolled_back_while_the_old_one_ser
         reasons = set(session.scalars(select(Event.reason).where(Event.object_name == "solo")))
         assert "RolloutFailed" in reasons
 
+    # The failed version is not tried on every pass (each try costs its startupTimeout): like a crash loop it
+    # waits 2 s, then 6 s, ..., while the old replica keeps serving. The second try (2 s later) fails too;
+    # a pass right after it holds the rollout back.
+    assert report.retry_at is not None
+    _survey, second = fleet.apply()
+    assert second is not None and [r.action.surge for r in second.failed] == [1]
+    _survey, third = fleet.apply()
+    assert third is not None and not third.ok and third.results == ()
+    assert [str(p).split(" until ")[0] for p in third.problems] == ["solo/0: backing off"], third.problems
+    assert "(attempt 3)" in str(third.problems[0])
+    assert list(_ids(fleet.containers())) == ["solo/0"]
+
     _only(fleet, "solo", "revert", **good)
     before = len(traffic.ok)
     survey, report = _apply_ok(fleet)

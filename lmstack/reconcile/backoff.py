@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, func, or_, select
 from sqlalchemy.orm import Session
 
 from lmstack.backends import EffectiveSpec
@@ -155,22 +155,25 @@ class CrashBackoff:
                              spec_hash=row.spec_hash)
 
     def hold_back(self, actions: Sequence[Action]) -> tuple[list[Action], tuple[Held, ...]]:
-        """The actions to take now, and those held back: any but a delete for a replica that is not ready and
-        whose retry_after lies ahead, for the spec that failed (a changed spec is tried at once)."""
+        """The actions to take now, and those held back: any but a delete for a replica whose retry_after lies
+        ahead, for the spec that failed (a changed spec is tried at once), when the replica is not ready or the
+        action is a surge (a rollout whose replacement failed: the old replica keeps serving meanwhile)."""
         now = self.clock()
         with self.database.session() as session:
-            waiting = {(row.deployment_name, row.ordinal): (row.retry_after, row.crash_count, row.crash_spec_hash)
+            waiting = {(row.deployment_name, row.ordinal): (row.retry_after, row.crash_count, row.crash_spec_hash,
+                                                            row.status)
                        for row in session.execute(
                            select(Replica.deployment_name, Replica.ordinal, Replica.retry_after,
-                                  Replica.crash_count, Replica.crash_spec_hash)
-                           .where(Replica.retry_after > now, Replica.status != "ready"))}
+                                  Replica.crash_count, Replica.crash_spec_hash, Replica.status)
+                           .where(Replica.retry_after > now, _waiting()))}
         take, held = [], []
         for action in actions:
             found = waiting.get((action.deployment, action.replica))
-            if action.kind is ActionKind.DELETE or found is None or found[2] != action.spec_hash:
+            if (action.kind is ActionKind.DELETE or found is None or found[2] != action.spec_hash
+                    or (found[3] == "ready" and action.surge is None)):
                 take.append(action)
                 continue
-            until, count, _ = found
+            until, count, _, _ = found
             assert until is not None  # selected so
             held.append(Held(action.deployment, action.replica, until, count + 1))
         return take, tuple(held)
@@ -202,7 +205,7 @@ class CrashBackoff:
         """The earliest time a replica held back may be tried again (None: none is waiting)."""
         with self.database.session() as session:
             return session.scalar(select(func.min(Replica.retry_after)).where(
-                Replica.retry_after > self.clock(), Replica.status != "ready"))
+                Replica.retry_after > self.clock(), _waiting()))
 
     def _container(self, worker: str, action: Action) -> ManagedContainer | None:
         """The replica's newest container on the worker (the one that just failed), if it is still there."""
@@ -219,6 +222,11 @@ class CrashBackoff:
         secrets = secret_values(deployment, self.specs.get(deployment), environ=self.environ, limits=self.limits,
                                 engine_key=row.engine_key)
         return read_log_tail(self.pool, worker, container.id, secrets=secrets)
+
+
+def _waiting() -> ColumnElement[bool]:
+    """Replicas a retry_after may hold back: not ready, or ready with a failed rollout to another spec."""
+    return or_(Replica.status != "ready", Replica.crash_spec_hash != Replica.spec_hash)
 
 
 def _row(session: Session, deployment: str, ordinal: int) -> Replica | None:
