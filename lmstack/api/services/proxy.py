@@ -157,7 +157,7 @@ async def forward(call: Call, *, client: UpstreamClient, registry: Registry, usa
             load.outstanding -= 1
             registry.counters.client_disconnects += 1
             usage.record(key_id=call.key_id, model=call.model, replica=target.name, status=CLIENT_CLOSED,
-                         latency_ms=call.elapsed_ms(), at=call.at)
+                         latency_ms=call.elapsed_ms(), at=call.at, revision=target.revision)
             return Response(status_code=CLIENT_CLOSED)  # nobody reads it
         except BaseException:
             load.outstanding -= 1
@@ -232,7 +232,7 @@ def _whole(call: Call, target: Target, answer: _Answer, usage: UsageRecorder) ->
     response, content = answer.response, answer.content or b""
     tokens = _usage_of_json(content) if response.status == 200 else None
     usage.record(key_id=call.key_id, model=call.model, replica=target.name, status=response.status,
-                 latency_ms=call.elapsed_ms(), ttft_ms=answer.ttft_ms, at=call.at,
+                 latency_ms=call.elapsed_ms(), ttft_ms=answer.ttft_ms, at=call.at, revision=target.revision,
                  prompt_tokens=tokens[0] if tokens else 0, completion_tokens=tokens[1] if tokens else 0)
     return Response(content, status_code=response.status,
                     media_type=response.headers.get("content-type", "application/json"))
@@ -333,7 +333,7 @@ class _Relay:
         prompt, completion = self.tokens or (0, 0)
         self.usage.record(key_id=self.call.key_id, model=self.call.model, replica=self.target.name, status=status,
                           latency_ms=self.call.elapsed_ms(), ttft_ms=self.answer.ttft_ms, at=self.call.at,
-                          prompt_tokens=prompt, completion_tokens=completion)
+                          prompt_tokens=prompt, completion_tokens=completion, revision=self.target.revision)
 
 
 class RelayResponse(StreamingResponse):

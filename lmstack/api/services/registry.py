@@ -59,6 +59,7 @@ class Target:
     ordinal: int
     worker: str
     load: ReplicaLoad = field(compare=False, repr=False)
+    revision: str | None = None  # the commit the replica was created from: what usage records say served it
     # The engine's API key as a request header (empty when the engine has none): only the gateway holds it.
     auth: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -94,6 +95,7 @@ class _Row:
     upstream_model: str
     created_at: datetime
     engine_key: str | None
+    revision: str | None
 
 
 @dataclass(frozen=True)
@@ -150,21 +152,21 @@ class Registry:
         with self.database.session() as session:
             rows = session.execute(
                 select(Replica.deployment_name, Replica.ordinal, Replica.worker_name, Replica.endpoint,
-                       Replica.spec, Replica.created_at, Replica.engine_key)
+                       Replica.spec, Replica.created_at, Replica.engine_key, Replica.revision)
                 .where(Replica.status == "ready", Replica.endpoint.is_not(None))
                 .order_by(Replica.deployment_name, Replica.ordinal)
             ).all()
             names = set(session.scalars(select(Deployment.served_name)).all())
         replicas = []
         known: dict[tuple[str, int], tuple[dict[str, Any], str, str]] = {}
-        for deployment, ordinal, worker, endpoint, stored, created_at, engine_key in rows:
+        for deployment, ordinal, worker, endpoint, stored, created_at, engine_key, revision in rows:
             spec = dict(stored or {})
             cached = self._names.get((deployment, ordinal))
             if cached is None or cached[0] != spec:
                 cached = (spec, *_model_names(deployment, spec))
             known[(deployment, ordinal)] = cached
             replicas.append(_Row(deployment, ordinal, worker, str(endpoint), cached[1], cached[2], created_at,
-                                 engine_key))
+                                 engine_key, revision))
         self._names = known
         return _Snapshot(replicas=replicas, served_names=names)
 
@@ -178,7 +180,7 @@ class Registry:
             load = loads[key] = self._loads.get(key) or ReplicaLoad()
             targets.setdefault(served, []).append(Target(
                 served_name=served, upstream_model=row.upstream_model, endpoint=key[2],
-                deployment=row.deployment, ordinal=row.ordinal, worker=row.worker, load=load,
+                deployment=row.deployment, ordinal=row.ordinal, worker=row.worker, load=load, revision=row.revision,
                 auth={"authorization": f"Bearer {row.engine_key}"} if row.engine_key else {}))
             stamp = int(row.created_at.timestamp())
             created[served] = min(created.get(served, stamp), stamp)
