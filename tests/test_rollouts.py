@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from test_apply import Fleet, _ids, _models
 from test_gateway import Gateway, add_key, start_gateway, wait_until_routed
 
 from lmstack.reconcile.apply import Applier, ApplyReport, Survey
+from lmstack.reconcile.backoff import hold_back
 from lmstack.reconcile.model import ActionKind, Plan
 from lmstack.reconcile.status import fleet_status
 from lmstack.state import Database, Deployment, Event
@@ -207,8 +209,11 @@ def test_a_version_that_never_becomes_ready_is_rolled_back_while_the_old_one_ser
     assert report.retry_at is not None
     _survey, second = fleet.apply()
     assert second is not None and [r.action.surge for r in second.failed] == [1]
-    _survey, third = fleet.apply()
+    held_survey, third = fleet.apply()
     assert third is not None and not third.ok and third.results == ()
+    # What `lmstack plan` shows as held back, from the database alone.
+    take, held = hold_back(fleet.database, held_survey.plan.changes, now=datetime.now(UTC))
+    assert take == [] and [(h.deployment, h.replica, h.attempt) for h in held] == [("solo", 0, 3)]
     assert [str(p).split(" until ")[0] for p in third.problems] == ["solo/0: backing off"], third.problems
     assert "(attempt 3)" in str(third.problems[0])
     assert list(_ids(fleet.containers())) == ["solo/0"]

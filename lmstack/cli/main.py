@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -33,6 +33,7 @@ from lmstack.gitsource.source import push_limits
 from lmstack.manifests import ManifestValidationError, json_schema
 from lmstack.nodes.docker import DockerSetupError as NodeSetupError
 from lmstack.reconcile.apply import Survey, apply_source, plan_source
+from lmstack.reconcile.backoff import hold_back
 from lmstack.reconcile.facts import FactsError, gather_facts
 from lmstack.reconcile.leader import Holder, lead
 from lmstack.reconcile.model import Action, ActionKind, Plan
@@ -154,7 +155,9 @@ def plan(
         database = open_database(settings)
         try:
             survey = plan_source(source, database, ssh_key=ssh.key if ssh else None,
-                                   known_hosts=ssh.known_hosts if ssh else None, ssh_config=ssh.config if ssh else None)
+                                 known_hosts=ssh.known_hosts if ssh else None, ssh_config=ssh.config if ssh else None)
+            # What apply would hold back now: replicas in crash-loop backoff (a failed rollout included).
+            _take, held = hold_back(database, survey.plan.changes, now=datetime.now(UTC))
         finally:
             database.close()
     except (DatabaseError, NodeSetupError) as exc:
@@ -179,12 +182,16 @@ def plan(
                          for x in live.lost],
                 "orphans": [{"worker": o.worker, "name": o.name, "reason": o.reason} for o in live.orphans],
             },
+            "heldBack": [{"replica": f"{h.deployment}/{h.replica}", "until": h.until.isoformat(),
+                          "attempt": h.attempt} for h in held],
         }
         sys.stdout.write(json.dumps(document, indent=2) + "\n")
     else:
         render_observation(out, survey)
         render_plan(out, result, header=f"Plan for {_describe(source)}", show_noop=show_unchanged, reach=reach)
         render_orphans(out, survey)
+        for item in held:
+            out.print(f"  [yellow]held back[/] {escape(item.deployment)}/{item.replica}: {item.reason}")
         if show_commands:
             _print_commands(result, source)
     raise typer.Exit(2 if result.has_changes or result.unplaceable or survey.live.orphans else 0)

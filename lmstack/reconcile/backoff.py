@@ -155,28 +155,8 @@ class CrashBackoff:
                              spec_hash=row.spec_hash)
 
     def hold_back(self, actions: Sequence[Action]) -> tuple[list[Action], tuple[Held, ...]]:
-        """The actions to take now, and those held back: any but a delete for a replica whose retry_after lies
-        ahead, for the spec that failed (a changed spec is tried at once), when the replica is not ready or the
-        action is a surge (a rollout whose replacement failed: the old replica keeps serving meanwhile)."""
-        now = self.clock()
-        with self.database.session() as session:
-            waiting = {(row.deployment_name, row.ordinal): (row.retry_after, row.crash_count, row.crash_spec_hash,
-                                                            row.status)
-                       for row in session.execute(
-                           select(Replica.deployment_name, Replica.ordinal, Replica.retry_after,
-                                  Replica.crash_count, Replica.crash_spec_hash, Replica.status)
-                           .where(Replica.retry_after > now, _waiting()))}
-        take, held = [], []
-        for action in actions:
-            found = waiting.get((action.deployment, action.replica))
-            if (action.kind is ActionKind.DELETE or found is None or found[2] != action.spec_hash
-                    or (found[3] == "ready" and action.surge is None)):
-                take.append(action)
-                continue
-            until, count, _, _ = found
-            assert until is not None  # selected so
-            held.append(Held(action.deployment, action.replica, until, count + 1))
-        return take, tuple(held)
+        """The actions to take now, and those held back (see `hold_back`)."""
+        return hold_back(self.database, actions, now=self.clock())
 
     def after(self, results: Iterable[Outcome]) -> None:
         """Count every create or recreate that failed for a permanent reason, with what its container left."""
@@ -222,6 +202,31 @@ class CrashBackoff:
         secrets = secret_values(deployment, self.specs.get(deployment), environ=self.environ, limits=self.limits,
                                 engine_key=row.engine_key)
         return read_log_tail(self.pool, worker, container.id, secrets=secrets)
+
+
+def hold_back(database: Database, actions: Sequence[Action], *, now: datetime) -> tuple[list[Action], tuple[Held, ...]]:
+    """The actions to take now, and those held back: any but a delete for a replica whose retry_after lies
+    ahead, for the spec that failed (a changed spec is tried at once), when the replica is not ready or the
+    action is a surge (a rollout whose replacement failed: the old replica keeps serving meanwhile). Reads
+    only the database: `lmstack plan` shows what apply would hold back."""
+    with database.session() as session:
+        waiting = {(row.deployment_name, row.ordinal): (row.retry_after, row.crash_count, row.crash_spec_hash,
+                                                        row.status)
+                   for row in session.execute(
+                       select(Replica.deployment_name, Replica.ordinal, Replica.retry_after,
+                              Replica.crash_count, Replica.crash_spec_hash, Replica.status)
+                       .where(Replica.retry_after > now, _waiting()))}
+    take, held = [], []
+    for action in actions:
+        found = waiting.get((action.deployment, action.replica))
+        if (action.kind is ActionKind.DELETE or found is None or found[2] != action.spec_hash
+                or (found[3] == "ready" and action.surge is None)):
+            take.append(action)
+            continue
+        until, count, _, _ = found
+        assert until is not None  # selected so
+        held.append(Held(action.deployment, action.replica, until, count + 1))
+    return take, tuple(held)
 
 
 def _waiting() -> ColumnElement[bool]:
