@@ -4,6 +4,7 @@ user. Shares the bed and the manifests repository of tests/test_apply.py."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -177,3 +178,35 @@ def test_apply_fails_when_a_replica_is_on_a_worker_that_is_down_or_cannot_be_pla
     unplaceable = _lmstack(fleet, database_url, "apply", "--yes")
     assert unplaceable.returncode == 1, unplaceable.stdout + unplaceable.stderr
     assert "big/0: unplaceable:" in unplaceable.stderr
+
+
+def test_a_container_replaced_by_hand_with_another_image_is_recreated(fleet: Fleet) -> None:
+    """Someone replaces a managed container by hand, keeping lmstack's labels (and so its name, replica and spec
+    hash) but running another image: the next pass sees the image differs from the replica's spec, records the
+    replica failed with why, and recreates it with the image the commit asks for."""
+    _, report = fleet.apply()
+    assert report is not None and report.ok
+    old = _ids(fleet.containers())["chat/0"]
+    inspect = fleet.bed.docker("node1", "inspect", "--format", "{{json .Config.Labels}} {{.Name}}", old).stdout
+    labels_json, name = inspect.rsplit(" ", 1)
+    labels = {k: v for k, v in json.loads(labels_json).items() if k.startswith("lmstack.")}
+    fleet.bed.docker("node1", "tag", fleet.image, "lmstack-standin:by-hand")
+    fleet.bed.docker("node1", "rm", "-f", old)
+    fleet.bed.docker("node1", "run", "-d", "--name", name.strip().lstrip("/"), "--network", "host",
+                     *[f"--label={k}={v}" for k, v in labels.items()], "lmstack-standin:by-hand", "sleep", "300")
+    seen: dict[str, Any] = {}
+
+    def look(survey: Survey) -> bool:
+        with fleet.database.session() as session:
+            seen["chat"] = {r.name: r for r in get_deployment(session=session, name="chat").replicas}
+        seen["plan"] = {a.replica_name: a.kind.value for a in survey.plan.changes}
+        return True
+
+    _, report = fleet.apply(confirm=look)
+    assert seen["chat"]["chat/0"].status == "failed"
+    assert "runs image lmstack-standin:by-hand" in (seen["chat"]["chat/0"].message or "")
+    assert seen["plan"] == {"chat/0": "recreate"}
+    assert report is not None and report.ok
+    now = _ids(fleet.containers())["chat/0"]
+    image = fleet.bed.docker("node1", "inspect", "--format", "{{.Config.Image}}", now).stdout.strip()
+    assert image == fleet.image and all(row.status == "ready" for row in fleet.replicas().values())

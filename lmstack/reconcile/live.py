@@ -1,7 +1,8 @@
 """The live half of observed state: what lmstack's containers on each worker really are.
 
 The database says which replica should run where; Docker says what runs. A replica whose container is
-gone is `missing`, one whose container stopped is `failed` (the planner recreates both). A container
+gone is `missing`, one whose container stopped, or runs another image than the replica's spec (replaced by
+hand), is `failed` (the planner recreates both). A container
 carrying lmstack's labels that no replica row owns is an orphan (e.g. left by a crash between creating
 it and recording it) and is removed, so a pass never leaves duplicates behind.
 
@@ -98,6 +99,13 @@ def observe_live(stored: Observed, pool: DockerPool, workers: Iterable[str], *, 
             continue
         claimed.add(match.id)
         current[(replica.deployment, replica.ordinal)] = match
+        expected = str(replica.spec.get("image") or "")
+        if expected and match.image != expected:
+            # Replaced by hand with lmstack's labels but another image: not what the commit asks for.
+            replicas.append(replace(replica, status="failed"))
+            lost.append(_lost(replica, "failed", f"container {match.name} on {replica.worker} runs image "
+                                                 f"{match.image}, not {expected} (changed by hand): it is recreated"))
+            continue
         # A running container keeps its recorded status: one recorded as failed (e.g. never became ready)
         # is recreated by the next pass, not taken for healthy because Docker restarted it.
         status = replica.status if match.state == "running" else "failed"
