@@ -4,6 +4,9 @@ workers, one stand-in replica; the first host has two fake GPUs, the only fake).
 
 Each view is saved as a full-page screenshot at 1280 and 390 px wide (light, and the overview dark too) under
 $LMSTACK_TEST_ARTIFACTS/dashboard (default build/test-artifacts/dashboard).
+
+The stand-in engine waits STARTUP_S before it answers, like an engine loading its model: a replica being
+replaced stays not ready for longer than the page's polling interval, so the page shows it.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import shutil
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +25,7 @@ from typing import Any
 
 import pytest
 from apiserver import ServeProcess
-from gitops import MODELS, Remote, wait_for
+from gitops import HOOK_SECRET, MODELS, Remote, wait_for
 
 from lmstack.api.security import hash_password, issue_token
 from lmstack.config import Settings
@@ -30,6 +34,8 @@ from lmstack.state import User, open_database
 CHROMIUM = "/usr/bin/chromium"
 SECRET = "dashboard-test-secret-0123456789abcdef"
 USER, PASSWORD = "ops", "correct horse battery"
+ADMIN, ADMIN_PASSWORD = "root", "staple battery horse"
+STARTUP_S = 6  # more than the page's 5 s polling interval
 # Two H100s; GPU 0 also holds someone else's 1 GiB process.
 GPUS = [
     {"index": 0, "name": "NVIDIA H100 80GB HBM3", "memory_total": 81559, "utilization": 37,
@@ -52,11 +58,24 @@ class Fleet:
     gpu_worker: str
     env: dict[str, str]
 
-    def get(self, path: str) -> Any:
-        token, _ = issue_token(SECRET, user=USER, role="viewer", ttl_s=600)
-        request = urllib.request.Request(self.server.url + path, headers={"Authorization": f"Bearer {token}"})
-        with urllib.request.urlopen(request, timeout=10) as response:
+    def get(self, path: str, *, admin: bool = False) -> Any:
+        return self.call("GET", path, admin=admin)
+
+    def call(self, method: str, path: str, body: Any = None, *, admin: bool = False, key: str | None = None) -> Any:
+        """The API as the viewer (or the admin, or with an API key): the answer's JSON."""
+        if key is None:
+            key, _ = issue_token(SECRET, user=ADMIN if admin else USER, role="admin" if admin else "viewer",
+                                 ttl_s=600)
+        request = urllib.request.Request(self.server.url + path, method=method,
+                                         data=None if body is None else json.dumps(body).encode(),
+                                         headers={"Authorization": f"Bearer {key}",
+                                                  "Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
             return json.load(response)
+
+    def poke(self) -> None:
+        """The Git host's push webhook: the controller runs a pass at once."""
+        self.call("POST", "/api/hooks/git", {}, key=HOOK_SECRET)
 
 
 def _settled(fleet: Fleet) -> bool:
@@ -81,15 +100,17 @@ def fleet(testbed: Any, standin_image: str, create_database: Callable[[], str],
     database = open_database(Settings(database_url=url))
     with database.session() as session:
         session.add(User(name=USER, password_hash=hash_password(PASSWORD), role="viewer"))
+        session.add(User(name=ADMIN, password_hash=hash_password(ADMIN_PASSWORD), role="admin"))
     database.close()
     root = tmp_path_factory.mktemp("dashboard")
     remote = Remote(root, testbed, standin_image)
-    remote.push("chat", replicas=1, message="chat: one replica")
+    remote.push("chat", replicas=1, message="chat: one replica", args=["--startup-delay", str(STARTUP_S)])
     testbed.install_fake_nvidia_smi(testbed.hosts[0], GPUS)
     env = {"LMSTACK_DATABASE_URL": url, "LMSTACK_HOME": str(root / "home"), "LMSTACK_REPO": remote.url,
            "LMSTACK_REF": "main", "LMSTACK_SSH_KEY": str(testbed.ssh_key),
            "LMSTACK_KNOWN_HOSTS": str(testbed.known_hosts), "LMSTACK_MOUNT_ROOTS": MODELS,
-           "LMSTACK_JWT_SECRET": SECRET, "LMSTACK_POLL_INTERVAL_S": "1", "LMSTACK_DRIFT_INTERVAL_S": "3600"}
+           "LMSTACK_JWT_SECRET": SECRET, "LMSTACK_POLL_INTERVAL_S": "1", "LMSTACK_DRIFT_INTERVAL_S": "3600",
+           "LMSTACK_WEBHOOK_SECRET": HOOK_SECRET}
     fleet = None
     try:
         fleet = Fleet(ServeProcess(env).__enter__(), remote, testbed.hosts[0].name, env)
@@ -132,9 +153,9 @@ def _page(browser: Any, size: dict[str, int], *, dark: bool = False) -> Any:
     return context.new_page()
 
 
-def _log_in(page: Any, url: str, password: str = PASSWORD) -> None:
+def _log_in(page: Any, url: str, password: str = PASSWORD, *, user: str = USER) -> None:
     page.goto(url + "/")
-    page.get_by_label("User name").fill(USER)
+    page.get_by_label("User name").fill(user)
     page.get_by_label("Password").fill(password)
     page.get_by_role("button", name="Log in").click()
 
@@ -243,6 +264,207 @@ def test_a_rejected_token_returns_to_the_login(fleet: Fleet, browser: Any) -> No
     page.get_by_role("heading", name="Log in to lmstack").wait_for()
     assert page.get_by_role("alert").inner_text() == "Your session has ended: log in again."
     assert page.evaluate("sessionStorage.getItem('lmstack.token')") is None
+    page.context.close()
+
+
+def _admin_page(browser: Any, fleet: Fleet, size: dict[str, int]) -> Any:
+    page = _page(browser, size)
+    _log_in(page, fleet.server.url, ADMIN_PASSWORD, user=ADMIN)
+    page.get_by_role("heading", name="Overview", exact=True).wait_for()
+    return page
+
+
+def test_a_deployments_detail_lists_its_replicas_and_streams_a_log_line_the_test_causes(
+        fleet: Fleet, browser: Any, shots: Path) -> None:
+    chat = fleet.get("/api/deployments/chat", admin=True)
+    replica = chat["replicas"][0]
+    page = _admin_page(browser, fleet, DESKTOP)
+    page.get_by_role("link", name="Deployments", exact=True).click()
+    page.get_by_role("heading", name="Deployments", exact=True, level=1).wait_for()
+    row = page.locator('tr[data-deployment="chat"]')
+    row.wait_for()
+    listed = row.inner_text()
+    assert "test/chat" in listed and "vllm" in listed and "1/1" in listed, listed
+    assert "spread · no GPU" in listed and replica["revision"][:12] in listed, listed
+    _shoot(page, shots, "deployments-1280")
+
+    row.get_by_role("link", name="chat").click()
+    page.get_by_role("heading", name="chat", exact=True, level=1).wait_for()
+    assert page.url.endswith("#/deployments/chat")
+    shown = page.locator('tr[data-replica="chat/0"]')
+    shown.wait_for()
+    cells = shown.inner_text()
+    assert replica["worker"] in cells and "ready" in cells and replica["revision"][:12] in cells, cells
+    assert replica["endpoint"] in cells  # an admin sees engine addresses
+    conditions = page.get_by_role("region", name="Summary").locator("[data-condition=Ready]")
+    assert "Ready ✓" in conditions.inner_text()
+    spec = json.loads(page.get_by_label("The spec as applied, as JSON").inner_text())
+    assert spec["model"] == "test/chat" and spec["args"] == ["--startup-delay", str(STARTUP_S)]
+    page.get_by_role("region", name="Recent events").locator("tr[data-event]").first.wait_for()
+
+    # Live logs: what the engine logs for a request the test sends arrives without a reload.
+    logs = page.get_by_role("region", name="Live logs")
+    assert logs.get_by_label("Replica").input_value() == "0"
+    logs.get_by_role("button", name="Stream logs").click()
+    logs.get_by_role("status").filter(has_text="Streaming chat/0").wait_for()
+    marker = uuid.uuid4().hex
+    output = logs.get_by_role("log")
+
+    def sent_and_shown() -> bool:
+        urllib.request.urlopen(f"{replica['endpoint']}/health?marker={marker}", timeout=10).close()  # no key needed
+        try:
+            output.filter(has_text=marker).wait_for(timeout=2_000)
+        except Exception:  # Playwright's TimeoutError: the stream may attach after the request
+            return False
+        return True
+
+    wait_for("the engine's log line for the test's request in the page", sent_and_shown, timeout_s=30)
+    assert f"GET /health?marker={marker}" in output.inner_text()
+    _shoot(page, shots, "deployment-1280")
+    logs.get_by_role("button", name="Stop").click()
+    logs.get_by_role("status").filter(has_text="Stopped.").wait_for()
+    page.context.close()
+
+
+def test_a_viewer_sees_the_detail_but_no_logs_and_the_deployments_at_phone_width(
+        fleet: Fleet, browser: Any, shots: Path) -> None:
+    page = _page(browser, PHONE)
+    sockets: list[str] = []
+    page.on("websocket", lambda ws: sockets.append(ws.url))
+    _log_in(page, fleet.server.url)
+    page.get_by_role("link", name="Deployments", exact=True).click()
+    page.locator('tr[data-deployment="chat"]').wait_for()
+    _shoot(page, shots, "deployments-390")
+    page.get_by_role("link", name="chat", exact=True).first.click()
+    page.locator('tr[data-replica="chat/0"]').wait_for()
+    logs = page.get_by_role("region", name="Live logs")
+    assert "needs an admin" in logs.inner_text()
+    assert logs.get_by_role("button").count() == 0 and sockets == []
+    page.get_by_role("region", name="Recent events").locator("tr[data-event]").first.wait_for()
+    assert "http://" not in page.locator("#deployment").inner_text()  # no engine addresses for a viewer
+    _shoot(page, shots, "deployment-390")
+    page.context.close()
+
+
+def test_sync_history_shows_each_runs_plan_and_result_and_events_are_listed(
+        fleet: Fleet, browser: Any, shots: Path) -> None:
+    runs = fleet.get("/api/sync?limit=25&plans=true")["runs"]
+    created = next(run for run in runs if run["summary"].get("create"))
+    events = fleet.get("/api/events?limit=200")["events"]
+    for size in (DESKTOP, PHONE):
+        _sync_and_events(fleet, browser, shots, size, created, events)
+
+
+def _sync_and_events(fleet: Fleet, browser: Any, shots: Path, size: dict[str, int], created: dict[str, Any],
+                     events: list[dict[str, Any]]) -> None:
+    width = size["width"]
+    page = _page(browser, size)
+    _log_in(page, fleet.server.url)
+    page.get_by_role("heading", name="Overview", exact=True).wait_for()
+    page.goto(fleet.server.url + "/#/sync")
+    page.get_by_role("heading", name="Sync history", level=1).wait_for()
+    run = page.locator(f'details[data-run="{created["id"]}"]')
+    run.wait_for()
+    assert "succeeded" in run.inner_text() and "1 create" in run.inner_text()
+    run.locator("summary").click()
+    action = run.get_by_role("row").filter(has_text="chat/0")
+    action.wait_for()
+    text = action.inner_text()
+    assert "create" in text and created["plan"]["actions"][0]["reason"] in text and "done" in text, text
+    if width == DESKTOP["width"]:  # the opened run stays open through the next update
+        updated = page.locator("#updated").inner_text()
+        wait_for("the page updated", lambda: page.locator("#updated").inner_text() != updated, timeout_s=15)
+        assert run.get_attribute("open") is not None
+    _shoot(page, shots, f"sync-{width}")
+
+    page.get_by_role("link", name="Events", exact=True).click()
+    page.get_by_role("heading", name="Events", exact=True, level=1).wait_for()
+    rows = page.locator("tr[data-event]")
+    rows.first.wait_for()
+    assert rows.count() >= len(events)  # (a later pass may have added some)
+    assert {e["reason"] for e in events} <= set(page.locator("tr[data-event] td strong").all_inner_texts())
+    _shoot(page, shots, f"events-{width}")
+    page.context.close()
+
+
+def test_usage_per_key_and_model_a_viewer_sees_only_their_own(fleet: Fleet, browser: Any, shots: Path) -> None:
+    mine = fleet.call("POST", "/api/keys", {"name": "ops-notebook"})["key"]
+    theirs = fleet.call("POST", "/api/keys", {"name": "root-batch"}, admin=True)["key"]
+    for key, n in ((mine, 2), (theirs, 1)):
+        for _ in range(n):
+            fleet.call("POST", "/v1/chat/completions", {"model": "chat", "messages": [
+                {"role": "user", "content": "hello there"}]}, key=key)
+    wait_for("the usage written", lambda: sum(r["requests"] for r in fleet.get("/api/usage", admin=True)["data"]) >= 3,
+             timeout_s=20)
+
+    page = _page(browser, DESKTOP)
+    _log_in(page, fleet.server.url)
+    page.get_by_role("link", name="Usage", exact=True).click()
+    table = page.get_by_role("region", name="Per key and model")
+    table.wait_for()
+    assert "Your own keys' usage only" in page.locator("#usage").inner_text()
+    rows = table.locator("tbody tr")
+    assert rows.count() == 1 and rows.first.get_attribute("data-key") == "ops-notebook"
+    cells = rows.first.inner_text()
+    assert "chat" in cells and "\t2\t" in f"\t{cells}\t".replace("\n", "\t"), cells
+    _shoot(page, shots, "usage-1280")
+    page.context.close()
+
+    phone = _page(browser, PHONE)
+    _log_in(phone, fleet.server.url, ADMIN_PASSWORD, user=ADMIN)
+    phone.get_by_role("link", name="Usage", exact=True).click()
+    table = phone.get_by_role("region", name="Per key and model")
+    table.wait_for()
+    assert sorted(table.locator("tbody tr").evaluate_all("rows => rows.map(r => r.dataset.key)")) == [
+        "ops-notebook", "root-batch"]
+    assert "3 requests" in phone.get_by_role("region", name="Per model").inner_text()
+    _shoot(phone, shots, "usage-390")
+    phone.context.close()
+
+
+def test_after_a_new_commit_is_synced_the_page_updates_without_reload(fleet: Fleet, browser: Any,
+                                                                        shots: Path) -> None:
+    page = _page(browser, DESKTOP)
+    _log_in(page, fleet.server.url)
+    before = fleet.remote.head
+    page.locator(f'code.sha[data-sha="{before}"]').first.wait_for()
+    page.evaluate("window.notReloaded = true")
+    after = fleet.remote.push("embed", replicas=1, message="embed: a second deployment")
+    fleet.poke()
+    sync = page.get_by_role("region", name="Sync")
+    sync.locator(f'code.sha[data-sha="{after}"]').first.wait_for(timeout=30_000)
+    page.get_by_role("region", name="Replicas").get_by_role("row", name="embed").wait_for(timeout=30_000)
+    wait_for("the page to say Synced at the new commit", lambda: sync.locator(".badge").first.inner_text() == "Synced"
+             and "embed: a second deployment" in sync.inner_text(), timeout_s=30)
+    assert page.evaluate("window.notReloaded") is True
+    _shoot(page, shots, "overview-after-commit-1280")
+    page.context.close()
+
+
+def test_a_replica_the_test_removes_shows_as_not_ready(fleet: Fleet, browser: Any, shots: Path) -> None:
+    page = _page(browser, DESKTOP)
+    _log_in(page, fleet.server.url)
+    page.goto(fleet.server.url + "/#/deployments/chat")
+    row = page.locator('tr[data-replica="chat/0"]')
+    row.filter(has=page.locator(".badge", has_text="ready")).wait_for()
+    page.evaluate("window.notReloaded = true")
+
+    removed = fleet.get("/api/deployments/chat")["replicas"][0]["containerId"]
+    fleet.remote.bed.docker(fleet.remote.containers()["chat/0"], "rm", "-f", removed)
+    fleet.poke()  # the pass that notices (drift passes are an hour apart here)
+    summary = page.get_by_role("region", name="Summary")
+    summary.locator(".badge", has_text="0/1 ready").wait_for(timeout=30_000)
+    state = row.locator(".badge").first.inner_text()
+    assert state in ("missing", "pending", "starting"), state
+    _shoot(page, shots, "deployment-not-ready-1280")
+    page.get_by_role("navigation", name="Views").get_by_role("link", name="Deployments").click()
+    assert "0/1" in page.locator('tr[data-deployment="chat"]').inner_text()
+
+    # Replaced: the new container comes up, and the page says so (the later tests want it back).
+    page.get_by_role("link", name="chat", exact=True).first.click()
+    summary.locator(".badge", has_text="1/1 ready").wait_for(timeout=30_000)
+    assert fleet.get("/api/deployments/chat")["replicas"][0]["containerId"] != removed
+    assert page.evaluate("window.notReloaded") is True
     page.context.close()
 
 

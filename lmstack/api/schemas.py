@@ -166,9 +166,51 @@ class DeploymentDetail(Deployment):
     image: str | None
     gpus_per_replica: int
     replicas: list[Replica]
+    spec: dict[str, Any] = Field(default_factory=dict, description=(
+        "the effective spec as last applied, defaults filled in (env values are references, never secrets; "
+        "addresses blanked for non-admins); empty when it cannot be read"))
 
 
 # -- sync -------------------------------------------------------------------------------------------------
+
+
+class SyncRunAction(ApiModel):
+    """A planned change as the run recorded it (what GET /api/plan shows for the pass that was applied)."""
+
+    kind: str = Field(description="create, recreate, update or delete")
+    deployment: str
+    replica: int
+    reason: str
+    placement: PlanPlacement | None = None
+    previous: PlanPlacement | None = None
+    changes: list[FieldChange] = Field(default_factory=list)
+
+
+class SyncRunPlan(ApiModel):
+    actions: list[SyncRunAction] = Field(description="the changes planned (replicas left as they were are only "
+                                                     "counted, in the run's summary)")
+    unplaceable: list[PlanUnplaceable]
+    notes: list[str]
+
+
+class SyncRunOutcome(ApiModel):
+    kind: str
+    replica: str = Field(description="deployment/ordinal")
+    ok: bool
+    message: str | None = None
+    seconds: float | None = None
+
+
+class SyncRunNotActedOn(ApiModel):
+    replica: str = Field(description="deployment/ordinal")
+    reason: str
+
+
+class SyncRunResult(ApiModel):
+    actions: list[SyncRunOutcome] = Field(description="each planned change, done or failed")
+    errors: list[str]
+    not_acted_on: list[SyncRunNotActedOn]
+    orphans_removed: int = 0
 
 
 class SyncRun(ApiModel):
@@ -182,6 +224,9 @@ class SyncRun(ApiModel):
     finished_at: datetime | None
     error: str | None
     summary: dict[str, int] = Field(description="the plan's action counts (create, recreate, ...)")
+    plan: SyncRunPlan | None = Field(default=None, description="with ?plans=true: what the run planned")
+    result: SyncRunResult | None = Field(default=None, description="with ?plans=true: what each change did "
+                                                                   "(None while it runs)")
 
 
 class RepoHead(ApiModel):

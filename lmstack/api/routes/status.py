@@ -49,9 +49,12 @@ def get_deployment(name: DeploymentName, principal: StatusPrincipal, session: Se
 @router.get("/sync", response_model=schemas.SyncStatus, responses=BAD_PARAMETER)
 def sync_status(principal: StatusPrincipal, state: StateDep,
                 limit: Annotated[int, Query(ge=1, le=100, description="how many runs to list")] = 10,
+                plans: Annotated[bool, Query(description="each run with its planned changes (actions, reasons) "
+                                                         "and their results")] = False,
                 ) -> schemas.SyncStatus:
     """The revision last applied, whether it is the repository's current commit, and the latest sync runs."""
-    return status.sync_status(database=state.database, repo=state.repo, limit=limit, view=principal.view)
+    return status.sync_status(database=state.database, repo=state.repo, limit=limit, view=principal.view,
+                              plans=plans)
 
 
 @router.get("/events", response_model=schemas.EventList, responses=BAD_PARAMETER)

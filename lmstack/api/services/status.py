@@ -151,7 +151,22 @@ def get_deployment(*, session: Session, name: str, view: View = EVERYTHING) -> s
             revision=replica.revision, updated_at=replica.updated_at, crash_count=replica.crash_count,
             retry_after=replica.retry_after, last_exit_code=replica.crash_exit_code,
             last_log=view.text(replica.crash_log)) for replica in replicas],
+        spec=_shown_spec(spec, view) if spec else {},
     )
+
+
+ENV_HIDDEN = "[value hidden]"
+
+
+def _shown_spec(spec: EffectiveSpec, view: View) -> dict[str, Any]:
+    """The applied spec for display: env values written in the manifest may be secrets, so only their names
+    are shown (a reference, fromEnv / fromFile, names where the value comes from and stays); addresses are
+    blanked unless the view may see them."""
+    shown = spec.to_json()
+    shown["env"] = {name: value if isinstance(value, Mapping) else ENV_HIDDEN
+                    for name, value in (shown.get("env") or {}).items()}
+    blanked: dict[str, Any] = _blank(shown, view)
+    return blanked
 
 
 def _ready_counts(session: Session) -> dict[str, int]:
@@ -181,13 +196,17 @@ def _is_condition(value: object) -> bool:
 # -- sync -------------------------------------------------------------------------------------------------------
 
 
-def sync_status(*, database: Database, repo: RepoView, limit: int, view: View = EVERYTHING) -> schemas.SyncStatus:
+def sync_status(*, database: Database, repo: RepoView, limit: int, view: View = EVERYTHING,
+                plans: bool = False) -> schemas.SyncStatus:
     """Runs from the database; Synced when the last succeeded run applied the repository's current commit.
+    `plans`: each run with its planned changes and their results too.
 
     Reading the commit fetches a remote repository, so it happens after the database session is closed.
     """
     with database.session() as session:
-        runs = [_run(row, view) for row in session.scalars(select(SyncRun).order_by(SyncRun.id.desc()).limit(limit))]
+        visible = visible_deployments(session, view) if plans else None
+        runs = [_run(row, view, with_plan=plans, visible=visible)
+                for row in session.scalars(select(SyncRun).order_by(SyncRun.id.desc()).limit(limit))]
         applied = session.scalars(select(SyncRun).where(SyncRun.status == "succeeded")
                                   .order_by(SyncRun.id.desc()).limit(1)).one_or_none()
     revision = applied.revision if applied is not None else None
@@ -223,12 +242,64 @@ def _compare(head: str, applied: str | None, latest: schemas.SyncRun | None) -> 
                              latest_error=latest.error if latest else None)
 
 
-def _run(row: SyncRun, view: View) -> schemas.SyncRun:
+def _run(row: SyncRun, view: View, *, with_plan: bool = False, visible: set[str] | None = None) -> schemas.SyncRun:
     summary = (row.plan or {}).get("summary") or {}
     return schemas.SyncRun(
         id=row.id, revision=row.revision, subject=row.subject, source=row.source, trigger=row.trigger,
         status=row.status, started_at=row.started_at, finished_at=row.finished_at, error=view.text(row.error),
-        summary={str(key): count for key, count in summary.items() if isinstance(count, int)})
+        summary={str(key): count for key, count in summary.items() if isinstance(count, int)},
+        plan=_run_plan(row.plan or {}, view, visible) if with_plan else None,
+        result=_run_result(row.result, view, visible) if with_plan and row.result is not None else None)
+
+
+def _run_plan(stored: Mapping[str, Any], view: View, visible: set[str] | None) -> schemas.SyncRunPlan:
+    """The recorded plan without its no-ops (the summary counts them), only the deployments the view sees;
+    notes name workers and other deployments, so a key limited to some models gets none."""
+    actions = [schemas.SyncRunAction.model_validate(_blank(action, view)) for action in _dicts(stored.get("actions"))
+               if action.get("kind") != "noop" and _sees(visible, action.get("deployment"))]
+    unplaceable = [schemas.PlanUnplaceable.model_validate(_blank(item, view))
+                   for item in _dicts(stored.get("unplaceable")) if _sees(visible, item.get("deployment"))]
+    notes = [view.text(note) or "" for note in stored.get("notes") or [] if isinstance(note, str)]
+    return schemas.SyncRunPlan(actions=actions, unplaceable=unplaceable, notes=notes if visible is None else [])
+
+
+def _run_result(stored: Mapping[str, Any], view: View, visible: set[str] | None) -> schemas.SyncRunResult:
+    """What each change did (engine endpoints left out: the replica's detail shows them to admins)."""
+    def mine(item: Mapping[str, Any]) -> bool:
+        return _sees(visible, str(item.get("replica") or "").partition("/")[0])
+
+    actions = [schemas.SyncRunOutcome(kind=str(item.get("kind") or ""), replica=str(item.get("replica") or ""),
+                                      ok=bool(item.get("ok")), message=view.text(_str(item.get("message"))),
+                                      seconds=item.get("seconds") if isinstance(item.get("seconds"), int | float)
+                                      else None)
+               for item in _dicts(stored.get("actions")) if mine(item)]
+    skipped = [schemas.SyncRunNotActedOn(replica=str(item.get("replica") or ""),
+                                         reason=view.text(str(item.get("reason") or "")) or "")
+               for item in _dicts(stored.get("notActedOn")) if mine(item)]
+    errors = [view.text(error) or "" for error in stored.get("errors") or [] if isinstance(error, str)]
+    return schemas.SyncRunResult(actions=actions, errors=errors if visible is None else [], not_acted_on=skipped,
+                                 orphans_removed=_int(stored.get("orphansRemoved")) or 0)
+
+
+def _sees(visible: set[str] | None, deployment: object) -> bool:
+    return visible is None or deployment in visible
+
+
+def _dicts(value: object) -> list[Mapping[str, Any]]:
+    return [item for item in value if isinstance(item, Mapping)] if isinstance(value, list) else []
+
+
+def _blank(value: Any, view: View) -> Any:
+    """`value` with the addresses in its strings blanked unless the view may see them."""
+    if view.addresses:
+        return value
+    if isinstance(value, str):
+        return view.text(value)
+    if isinstance(value, Mapping):
+        return {key: _blank(item, view) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_blank(item, view) for item in value]
+    return value
 
 
 # -- events -----------------------------------------------------------------------------------------------------
