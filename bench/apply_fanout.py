@@ -33,7 +33,6 @@ import functools
 import importlib
 import os
 import re
-import secrets
 import signal
 import statistics
 import sys
@@ -47,11 +46,9 @@ from pathlib import Path
 from typing import Any
 
 import docker.transport.sshconn  # type: ignore[import-untyped]
-import psycopg
 import requests
-from psycopg import sql
+from benchdb import throwaway_database
 from sqlalchemy import select
-from sqlalchemy.engine import make_url
 
 from lmstack.config import Settings
 from lmstack.gitsource import init_repository, load_source
@@ -63,7 +60,6 @@ from lmstack.reconcile.model import ActionKind
 from lmstack.state import Base, Database, Replica, open_database
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEPLOYMENT = "bench"
 REPLICAS_PER_HOST = 2
 DOCKER_CATEGORIES = ("connect", "list", "create", "remove", "inspect", "ports")
@@ -391,21 +387,6 @@ def print_tables(results: list[Result], *, parallel: int, poll_s: float) -> None
 
 def _on_sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def throwaway_database() -> Iterator[str]:
-    admin = make_url(os.environ.get("LMSTACK_TEST_POSTGRES", DEFAULT_ADMIN_URL))
-    admin_dsn = admin.set(drivername="postgresql").render_as_string(hide_password=False)
-    name = f"lmstack_bench_{secrets.token_hex(4)}"
-    with psycopg.connect(admin_dsn, autocommit=True, connect_timeout=5) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        yield admin.set(drivername="postgresql", database=name).render_as_string(hide_password=False)
-    finally:
-        with psycopg.connect(admin_dsn, autocommit=True, connect_timeout=5) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-        print(f"dropped database {name}", file=sys.stderr)
 
 
 def main() -> int:

@@ -28,8 +28,6 @@ import argparse
 import contextlib
 import importlib
 import json
-import os
-import secrets
 import statistics
 import sys
 import tempfile
@@ -40,10 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg
-from psycopg import sql
+from benchdb import throwaway_database
 from sqlalchemy import select
-from sqlalchemy.engine import make_url
 
 from lmstack.api.app import create_app
 from lmstack.config import Settings, SshFiles
@@ -53,21 +49,6 @@ from lmstack.state import Database, Event, Replica, SyncRun, open_database
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("webhook", "poll", "no-change", "drift", "scale")
-DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
-
-
-@contextlib.contextmanager
-def throwaway_database() -> Iterator[str]:
-    admin = make_url(os.environ.get("LMSTACK_TEST_POSTGRES", DEFAULT_ADMIN_URL))
-    admin_dsn = admin.set(drivername="postgresql").render_as_string(hide_password=False)
-    name = f"lmstack_bench_{secrets.token_hex(4)}"
-    with psycopg.connect(admin_dsn, autocommit=True, connect_timeout=5) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        yield admin.set(drivername="postgresql", database=name).render_as_string(hide_password=False)
-    finally:
-        with psycopg.connect(admin_dsn, autocommit=True, connect_timeout=5) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 @contextlib.contextmanager
