@@ -735,3 +735,14 @@ def test_status_and_live_logs_of_a_replica_applied_on_the_test_bed(tmp_path: Pat
             time.sleep(0.1)
         assert _our_ssh_connections(node2) == 0
         api.close()
+
+
+def test_addresses_are_blanked_but_the_sentence_around_them_is_kept() -> None:
+    from lmstack.api.services.status import HIDDEN, View
+
+    hidden = View(addresses=False)
+    said = hidden.text("replica 0 ready at http://10.0.0.5:8000: new replica")
+    assert said == f"replica 0 ready at {HIDDEN}: new replica"
+    assert hidden.text("no answer from 10.0.0.5:8000.") == f"no answer from {HIDDEN}."
+    assert hidden.text("see ssh://root@gpu-a:22/x, then retry") == f"see {HIDDEN}, then retry"
+    assert View().text("at http://10.0.0.5:8000: ok") == "at http://10.0.0.5:8000: ok"

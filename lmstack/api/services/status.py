@@ -34,7 +34,8 @@ NO_REPO = ("the server has no repository configured: set LMSTACK_REPO (and LMSTA
 
 
 # URLs and IPv4 addresses (with a port) inside messages: an engine's or a worker's address.
-_ADDRESS = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s,;'\"()<>]+|\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b")
+# A URL (not its trailing ':' or '.', which belong to the sentence) or an IPv4 address with its port.
+_ADDRESS = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s,;'\"()<>]*[^\s,;'\"()<>:.]|\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b")
 HIDDEN = "[address hidden]"
 
 
