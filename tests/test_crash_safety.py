@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 from test_apply import Fleet, _ids, _models
 
 from lmstack.api.services.status import get_deployment
 from lmstack.reconcile.apply import Survey
-from lmstack.state import Database, Replica
+from lmstack.state import Database, Replica, Worker
 
 
 @pytest.fixture
@@ -147,6 +147,21 @@ def test_a_removed_or_stopped_container_is_recorded_before_it_is_repaired(fleet:
     assert seen["plan"] == {"chat/0": "recreate", "embed/0": "recreate"}
     assert report is not None and report.ok
     assert all(row.status == "ready" for row in fleet.replicas().values())
+    # The workers' conditions, as that pass saw them: what was lost where.
+    lost = _worker_conditions(fleet)
+    assert lost["node1"]["Ready"][:2] == ("True", "FactsGathered")
+    assert lost["node1"]["Degraded"][:2] == ("True", "ReplicasLost") and "chat/0" in lost["node1"]["Degraded"][2]
+    assert lost["node3"]["Degraded"][:2] == ("True", "ReplicasLost") and "exit code 137" in lost["node3"]["Degraded"][2]
+    assert lost["node2"]["Degraded"][:2] == ("False", "AsExpected")
+    fleet.apply()  # repaired: the next pass sees nothing lost
+    assert {name: c["Degraded"][:2] for name, c in _worker_conditions(fleet).items()} == {
+        name: ("False", "AsExpected") for name in ("node1", "node2", "node3")}
+
+
+def _worker_conditions(fleet: Fleet) -> dict[str, dict[str, tuple[str, str, str]]]:
+    with fleet.database.session() as session:
+        return {w.name: {c["type"]: (c["status"], c["reason"], c["message"]) for c in w.conditions}
+                for w in session.scalars(select(Worker))}
 
 
 def test_plan_observes_the_containers_unless_offline(fleet: Fleet, database_url: str) -> None:
@@ -171,6 +186,7 @@ def test_apply_fails_when_a_replica_is_on_a_worker_that_is_down_or_cannot_be_pla
     down = _lmstack(fleet, database_url, "apply", "--yes")
     assert down.returncode == 1, down.stdout + down.stderr
     assert "chat/1: not checked or changed: worker node2 is not Ready" in down.stderr
+    assert _worker_conditions(fleet)["node2"]["Ready"][:2] == ("False", "FactsFailed")
     fleet.bed.start_sshd("node2")
 
     fleet.write("big", replicas=1, gpus=1)  # no GPU anywhere on the bed

@@ -116,6 +116,9 @@ class Worker(ApiModel):
                                                                 "when a later gathering failed)")
     facts_at: datetime | None = None
     replicas: list[str] = Field(description="replicas placed on this worker, as deployment/ordinal")
+    conditions: list[Condition] = Field(default_factory=list, description="Ready (facts) and Degraded (containers "
+                                                                          "not listed, replicas lost), as the last "
+                                                                          "pass saw them")
 
 
 class WorkerList(ApiModel):

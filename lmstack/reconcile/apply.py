@@ -37,6 +37,7 @@ from lmstack.reconcile.records import (
     finish_sync_run,
     record_deployments,
     record_lost,
+    record_worker_conditions,
     start_sync_run,
 )
 from lmstack.state import Database
@@ -151,10 +152,18 @@ class Applier:
         live = observe_live(stored, self.pool, sorted(w for w in workers if w in ready
                                                       or w not in self.source.desired.workers),
                             parallel=self.parallel)
+        not_ready = _not_ready(stored, self.source.desired.workers)
         if record:
             self._record_lost(live.lost)
-        return Survey(facts, live, make_plan(self.source.desired, live.observed), self.workers,
-                        _not_ready(stored, self.source.desired.workers))
+            self._record_workers(not_ready, live)
+        return Survey(facts, live, make_plan(self.source.desired, live.observed), self.workers, not_ready)
+
+    def _record_workers(self, not_ready: Mapping[str, str], live: LiveView) -> None:
+        lost: dict[str, list[str]] = defaultdict(list)
+        for item in live.lost:
+            lost[item.worker].append(f"{item.deployment}/{item.ordinal}: {item.message}")
+        with self.database.session() as session:
+            record_worker_conditions(session, not_ready=not_ready, unlisted=live.unreachable, lost=lost)
 
     def _record_lost(self, lost: tuple[Lost, ...]) -> None:
         with self.database.session() as session:

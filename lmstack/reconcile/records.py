@@ -6,6 +6,10 @@ A deployment's conditions, written at the end of every pass that applies:
 - Degraded: a replica keeps failing and is backed off (CrashLoopBackOff: the exit code, when it is backed
   off until, the last log lines), or an action of the pass failed or a replica could not be acted on
   (ActionFailed); otherwise AsExpected.
+A worker's conditions, written by every pass's observe phase (`record_worker_conditions`):
+- Ready: its last facts gathering succeeded (FactsGathered), else FactsFailed / NoFacts with why;
+- Degraded: its containers could not be listed (ContainersNotListed), or a replica on it was found gone or
+  stopped (ReplicasLost); otherwise AsExpected.
 A condition's lastTransitionTime changes only when its status does.
 """
 
@@ -20,7 +24,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from lmstack.backends import EffectiveSpec, spec_hash
-from lmstack.state.models import Deployment, Event, EventType, Replica, ReplicaStatus, SyncRun
+from lmstack.state.models import Deployment, Event, EventType, Replica, ReplicaStatus, SyncRun, Worker
 
 
 def now() -> datetime:
@@ -181,6 +185,30 @@ def _conditions(spec: EffectiveSpec, replicas: Sequence[Replica], problem: str |
                   f"{ready}/{wanted} replicas ready" + (f", {len(changing)} changing" if changing else "")),
         degraded,
     ]
+
+
+def record_worker_conditions(session: Session, *, not_ready: Mapping[str, str], unlisted: Mapping[str, str],
+                             lost: Mapping[str, Sequence[str]]) -> None:
+    """Ready and Degraded for every worker row: `not_ready` (worker -> why its facts do not make it Ready),
+    `unlisted` (worker -> why its containers could not be listed), `lost` (worker -> what was found gone or
+    stopped on it this pass)."""
+    for row in session.scalars(select(Worker)):
+        why_not = not_ready.get(row.name)
+        if row.facts_error:
+            ready = condition("Ready", False, "FactsFailed", row.facts_error)
+        elif row.facts is None or why_not is not None:
+            ready = condition("Ready", False, "NoFacts", why_not or "facts not gathered yet")
+        else:
+            ready = condition("Ready", True, "FactsGathered", "")
+        if row.name in unlisted:
+            degraded = condition("Degraded", True, "ContainersNotListed", unlisted[row.name])
+        elif lost.get(row.name):
+            degraded = condition("Degraded", True, "ReplicasLost", "; ".join(lost[row.name]))
+        else:
+            degraded = condition("Degraded", False, "AsExpected", "")
+        conditions = _keep_transitions([ready, degraded], row.conditions or [])
+        if conditions != row.conditions:
+            row.conditions = conditions
 
 
 def _keep_transitions(conditions: list[dict[str, Any]], previous: Sequence[Any]) -> list[dict[str, Any]]:

@@ -99,7 +99,8 @@ def _worker(row: Worker, replicas: list[str], view: View) -> schemas.Worker:
     return schemas.Worker(
         name=row.name, host=row.host, labels=dict(row.labels or {}),
         status="NotReady" if reason else "Ready", reason=view.text(reason),
-        facts=_facts(row.facts, view) if row.facts is not None else None, facts_at=row.facts_at, replicas=replicas)
+        facts=_facts(row.facts, view) if row.facts is not None else None, facts_at=row.facts_at, replicas=replicas,
+        conditions=[_condition(c, view) for c in row.conditions or [] if _is_condition(c)])
 
 
 def _facts(facts: Mapping[str, Any], view: View) -> schemas.WorkerFacts:
@@ -127,8 +128,8 @@ def _facts(facts: Mapping[str, Any], view: View) -> schemas.WorkerFacts:
 def list_deployments(*, session: Session, view: View = EVERYTHING) -> schemas.DeploymentList:
     ready = _ready_counts(session)
     rows = session.scalars(select(Deployment).order_by(Deployment.name))
-    return schemas.DeploymentList(deployments=[_deployment(row, _spec(row), ready.get(row.name, 0)) for row in rows
-                                               if view.sees(row.served_name)])
+    return schemas.DeploymentList(deployments=[_deployment(row, _spec(row), ready.get(row.name, 0), view)
+                                               for row in rows if view.sees(row.served_name)])
 
 
 def get_deployment(*, session: Session, name: str, view: View = EVERYTHING) -> schemas.DeploymentDetail | None:
@@ -139,7 +140,7 @@ def get_deployment(*, session: Session, name: str, view: View = EVERYTHING) -> s
     replicas = session.scalars(select(Replica).where(Replica.deployment_name == name)
                                .order_by(Replica.ordinal)).all()
     spec = _spec(row)
-    summary = _deployment(row, spec, sum(1 for replica in replicas if replica.status == "ready"))
+    summary = _deployment(row, spec, sum(1 for replica in replicas if replica.status == "ready"), view)
     return schemas.DeploymentDetail(
         **summary.model_dump(),
         image=spec.image if spec else None,
@@ -181,13 +182,18 @@ def _spec(row: Deployment) -> EffectiveSpec | None:
     return normalize_applied(row.name, row.spec or {})
 
 
-def _deployment(row: Deployment, spec: EffectiveSpec | None, ready: int) -> schemas.Deployment:
+def _deployment(row: Deployment, spec: EffectiveSpec | None, ready: int, view: View) -> schemas.Deployment:
     return schemas.Deployment(
         name=row.name, served_name=row.served_name, backend=spec.backend if spec else "",
         model=spec.model if spec else "", replicas_wanted=spec.replicas if spec else 0, replicas_ready=ready,
-        conditions=[schemas.Condition.model_validate(c) for c in row.conditions or [] if _is_condition(c)],
+        conditions=[_condition(c, view) for c in row.conditions or [] if _is_condition(c)],
         revision=row.revision, last_attempted_revision=row.last_attempted_revision, spec_hash=row.spec_hash,
         updated_at=row.updated_at)
+
+
+def _condition(value: Mapping[str, Any], view: View) -> schemas.Condition:
+    condition = schemas.Condition.model_validate(value)
+    return condition.model_copy(update={"message": view.text(condition.message) or ""})
 
 
 def _is_condition(value: object) -> bool:
