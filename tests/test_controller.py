@@ -90,6 +90,26 @@ def test_a_failing_pass_is_retried_with_growing_delays_and_a_push_retries_at_onc
         assert controller.stop(grace_s=10)
 
 
+def test_while_backing_off_the_poll_keeps_its_interval_but_drift_passes_wait() -> None:
+    """A pass that keeps failing (a worker down) backs off up to minutes; a new commit must not wait that long,
+    so the poll still runs at its interval. Drift passes (more frequent) wait for the backoff."""
+    calls: list[tuple[float, str]] = []
+
+    def run_pass(trigger: str) -> PassResult:
+        calls.append((time.monotonic(), trigger))
+        return PassResult(trigger, "failed", "a" * 40, f"{trigger}: a worker is down", observed=True)
+
+    controller = Controller(run_pass, poll_interval_s=0.5, drift_interval_s=0.1, retry_first_s=3600)
+    controller.start()
+    try:
+        assert controller.wait_idle(passes=4, timeout_s=10)
+    finally:
+        assert controller.stop(grace_s=10)
+    assert [trigger for _, trigger in calls[:4]] == ["poll"] * 4  # no drift pass while backing off
+    gaps = [later[0] - earlier[0] for earlier, later in itertools.pairwise(calls[:4])]
+    assert all(0.45 <= gap < 1.5 for gap in gaps), gaps  # the poll interval, not the hour of backoff
+
+
 def test_stop_waits_for_the_pass_in_flight_and_abandons_it_after_the_grace_period() -> None:
     in_pass, release = threading.Event(), threading.Event()
 

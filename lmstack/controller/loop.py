@@ -124,15 +124,19 @@ class Controller:
                         trigger = min(self._pending, key=lambda t: _PRIORITY.index(t) if t in _PRIORITY else 99)
                         self._pending.clear()
                     elif retry_at is not None:
+                        # Backing off: no drift passes, but the poll still comes at its interval (a pass reads
+                        # the ref anyway), so a worker that stays down does not delay new commits by minutes.
                         if now >= retry_at:
                             trigger = retry_trigger
+                        elif now >= next_poll:
+                            trigger = "poll"
                     elif now >= next_poll:
                         trigger = "poll"
                     elif now >= next_drift:
                         trigger = "drift"
                     if trigger is not None:
                         break
-                    wake = retry_at if retry_at is not None else min(next_poll, next_drift)
+                    wake = min(retry_at, next_poll) if retry_at is not None else min(next_poll, next_drift)
                     self._cond.wait(max(0.0, wake - now))
             result = self._one(trigger)
             now = self._clock()
