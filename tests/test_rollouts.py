@@ -204,18 +204,20 @@ def test_a_version_that_never_becomes_ready_is_rolled_back_while_the_old_one_ser
         assert "RolloutFailed" in reasons
 
     # The failed version is not tried on every pass (each try costs its startupTimeout): like a crash loop it
-    # waits 2 s, then 6 s, ..., while the old replica keeps serving. The second try (2 s later) fails too;
-    # a pass right after it holds the rollout back.
+    # waits 2 s, then 6 s, ..., while the old replica keeps serving. A pass before its time holds it back;
+    # one after it tries once more (and fails again, waiting longer). Within a few passes one is held back.
     assert report.retry_at is not None
-    _survey, second = fleet.apply()
-    assert second is not None and [r.action.surge for r in second.failed] == [1]
-    held_survey, third = fleet.apply()
-    assert third is not None and not third.ok and third.results == ()
+    for _ in range(4):
+        held_survey, again = fleet.apply()
+        assert again is not None and not again.ok
+        if not again.results:
+            break
+        assert [r.action.surge for r in again.failed] == [1]  # tried again, after its retry time
+    assert again.results == (), "no pass held the failed rollout back"
+    assert [str(p).split(" until ")[0] for p in again.problems] == ["solo/0: backing off"], again.problems
     # What `lmstack plan` shows as held back, from the database alone.
     take, held = hold_back(fleet.database, held_survey.plan.changes, now=datetime.now(UTC))
-    assert take == [] and [(h.deployment, h.replica, h.attempt) for h in held] == [("solo", 0, 3)]
-    assert [str(p).split(" until ")[0] for p in third.problems] == ["solo/0: backing off"], third.problems
-    assert "(attempt 3)" in str(third.problems[0])
+    assert take == [] and [(h.deployment, h.replica) for h in held] == [("solo", 0)]
     assert list(_ids(fleet.containers())) == ["solo/0"]
 
     _only(fleet, "solo", "revert", **good)

@@ -175,7 +175,9 @@ class CrashBackoff:
                 up_s = (crashed_at - row.crashed_at).total_seconds() \
                     if row.retry_after is None and row.crashed_at is not None else None
                 count = next_count(row.crash_count, same_spec=row.crash_spec_hash == action.spec_hash, ran_s=up_s)
-                exit_code = container.exit_code if container is not None and not container.running else None
+                # A container Docker has restarted (restart policy) runs again, but keeps the crash's exit code.
+                crashed = container is not None and (not container.running or container.restart_count > 0)
+                exit_code = container.exit_code if crashed and container is not None else None
                 log = self._tail(action.deployment, row, worker, container) if container is not None else ""
                 record_crash(session, deployment=action.deployment, ordinal=action.replica, count=count,
                              crashed_at=crashed_at, retry_after=crashed_at + timedelta(seconds=delay_s(count)),
