@@ -107,7 +107,7 @@ def test_while_backing_off_the_poll_keeps_its_interval_but_drift_passes_wait() -
         assert controller.stop(grace_s=10)
     assert [trigger for _, trigger in calls[:4]] == ["poll"] * 4  # no drift pass while backing off
     gaps = [later[0] - earlier[0] for earlier, later in itertools.pairwise(calls[:4])]
-    assert all(0.45 <= gap < 1.5 for gap in gaps), gaps  # the poll interval, not the hour of backoff
+    assert all(0.45 <= gap < 10 for gap in gaps), gaps  # the poll interval (0.5 s), not the hour of backoff
 
 
 def test_stop_waits_for_the_pass_in_flight_and_abandons_it_after_the_grace_period() -> None:

@@ -484,7 +484,8 @@ def test_an_unreachable_host_fails_alone(clean_testbed: Any, standin_image: str,
     assert "Connection refused" in lost["problems"][0] or "timed out" in lost["problems"][0]
     assert not Path(_cache(tmp_path, down.name)).exists()
     for h in (bed.hosts[0], bed.hosts[2]):
-        assert report[f"w-{h.name}"]["status"] == "ok" and report[f"w-{h.name}"]["modelCache"]["created"]
+        assert report[f"w-{h.name}"]["status"] == "ok" and report[f"w-{h.name}"]["modelCache"]["created"], \
+            report[f"w-{h.name}"]
 
     table, _ = _prepare(bed, repo)
     print(table.stdout)
