@@ -21,8 +21,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
-from sqlalchemy import select
-
 from lmstack.config import Settings, SshFiles
 from lmstack.gitsource import parse_snapshot, read_commit
 from lmstack.gitsource.source import push_limits
@@ -30,8 +28,8 @@ from lmstack.manifests import ManifestValidationError
 from lmstack.reconcile.apply import Applier, ApplyReport
 from lmstack.reconcile.leader import current_holder, try_lead
 from lmstack.reconcile.model import ActionKind
-from lmstack.reconcile.records import finish_sync_run, start_sync_run
-from lmstack.state import Database, SyncRun
+from lmstack.reconcile.records import finish_sync_run, last_applied_run, start_sync_run
+from lmstack.state import Database
 
 log = logging.getLogger("lmstack.controller")
 
@@ -122,8 +120,8 @@ class PassRunner:
     def _last_applied(self) -> str | None:
         """The revision of the newest succeeded sync run: what the fleet was last made to match."""
         with self.database.session() as session:
-            return session.scalar(select(SyncRun.revision).where(SyncRun.status == "succeeded")
-                                  .order_by(SyncRun.id.desc()).limit(1))
+            run = last_applied_run(session)
+            return run.revision if run is not None else None
 
     def _invalid_commit(self, trigger: str, origin: str, sha: str | None,
                         error: ManifestValidationError) -> PassResult:

@@ -27,6 +27,12 @@ from lmstack.backends import EffectiveSpec, spec_hash
 from lmstack.state.models import Deployment, Event, EventType, Replica, ReplicaStatus, SyncRun, Worker
 
 
+def last_applied_run(session: Session) -> SyncRun | None:
+    """The newest succeeded sync run: what the fleet was last made to match."""
+    return session.scalars(select(SyncRun).where(SyncRun.status == "succeeded")
+                           .order_by(SyncRun.id.desc()).limit(1)).one_or_none()
+
+
 def now() -> datetime:
     return datetime.now(UTC)
 

@@ -25,6 +25,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from lmstack.backends import normalize_applied
+from lmstack.reconcile.records import last_applied_run
 from lmstack.state.models import Deployment, Replica, SyncRun
 
 SyncState = Literal["Synced", "OutOfSync", "Unknown"]
@@ -104,8 +105,7 @@ def fleet_status(session: Session, *, head: str | None = None,
     """Every recorded deployment (and, with `desired`, the commit's deployments never applied), by name.
     `head`: the branch's commit, when known; without it the sync state is Unknown. `desired`: the commit's
     deployments and the hash of each one's effective spec (`backends.spec_hash`)."""
-    applied_run = session.scalars(select(SyncRun).where(SyncRun.status == "succeeded")
-                                  .order_by(SyncRun.id.desc()).limit(1)).one_or_none()
+    applied_run = last_applied_run(session)
     latest = session.scalars(select(SyncRun).order_by(SyncRun.id.desc()).limit(1)).one_or_none()
     applied = applied_run.revision if applied_run is not None else None
     sync: SyncState

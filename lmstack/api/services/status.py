@@ -25,6 +25,7 @@ from lmstack.backends import EffectiveSpec, normalize_applied
 from lmstack.gitsource import SourceError
 from lmstack.reconcile.observe import load_observed
 from lmstack.reconcile.planner import plan as make_plan
+from lmstack.reconcile.records import last_applied_run
 from lmstack.reconcile.status import SyncState, compare_revisions
 from lmstack.state import Database
 from lmstack.state.models import Deployment, Event, Replica, SyncRun, Worker
@@ -214,8 +215,7 @@ def sync_status(*, database: Database, repo: RepoView, limit: int, view: View = 
         visible = visible_deployments(session, view) if plans else None
         runs = [_run(row, view, with_plan=plans, visible=visible)
                 for row in session.scalars(select(SyncRun).order_by(SyncRun.id.desc()).limit(limit))]
-        applied = session.scalars(select(SyncRun).where(SyncRun.status == "succeeded")
-                                  .order_by(SyncRun.id.desc()).limit(1)).one_or_none()
+        applied = last_applied_run(session)
     revision = applied.revision if applied is not None else None
     synced_at = applied.finished_at if applied is not None else None
     head, problem = _head(repo)
