@@ -100,6 +100,8 @@ def _shown(action: Any, expected: dict[str, Any]) -> dict[str, Any]:
     if action.placement is not None and action.kind.value != "delete":
         shown["worker"] = action.placement.worker
         shown["gpus"] = list(action.placement.gpus)
+    if action.surge is not None:  # always shown: a case never hides whether a replica is replaced by surge
+        shown["surge"] = f"{action.deployment}/{action.surge}"
     if "from" in expected:
         shown["from"] = action.previous.worker if action.previous else None
     if "reason" in expected:

@@ -178,6 +178,32 @@ def test_an_args_change_of_a_one_replica_deployment_surges_with_no_failed_reques
     assert not report.results  # converged: ordinal 1 is simply the replica now
 
 
+def test_a_replica_that_moves_to_another_worker_serves_until_its_replacement_is_ready(
+        fleet: Fleet, load: Callable[[str, int], Load]) -> None:
+    """A placement change moves the replica: the new one starts on node2 while the old one serves on node1,
+    which is then drained and removed."""
+    _only(fleet, "solo", "on node1", replicas=1, args=["--token-delay", TOKEN_DELAY], placement="{workers: [node1]}")
+    _apply_ok(fleet)
+    traffic = load("solo", 1)
+
+    _only(fleet, "solo", "on node2", replicas=1, args=["--token-delay", TOKEN_DELAY], placement="{workers: [node2]}")
+    before = len(traffic.ok)
+    survey, report = _apply_ok(fleet)
+    [action] = survey.plan.changes
+    assert action.placement is not None and action.previous is not None
+    assert (action.surge, action.previous.worker, action.placement.worker) == (1, "node1", "node2")
+    assert [r.message.split(",")[0] for r in report.results] == ["replaced by solo/1"]
+    traffic.wait_for_answers(before + 8)  # answered on node2 too
+    traffic.__exit__()
+
+    assert traffic.failed == []
+    assert traffic.slowest() < 3, traffic.slowest()
+    assert list(_ready(fleet)) == ["solo/1"] and fleet.replicas()["solo/1"].worker_name == "node2"
+    running = {f"{c['deployment']}/{c['replica']}": host for host, cs in fleet.containers().items() for c in cs
+               if c["deployment"]}
+    assert running == {"solo/1": "node2"}  # the old container is gone from node1
+
+
 def test_a_version_that_never_becomes_ready_is_rolled_back_while_the_old_one_serves(
         fleet: Fleet, load: Callable[[str, int], Load]) -> None:
     good = {"replicas": 1, "args": ["--token-delay", TOKEN_DELAY], "placement": "{workers: [node1]}"}

@@ -37,6 +37,8 @@ from lmstack.reconcile.records import (
     finish_sync_run,
     record_deployments,
     record_lost,
+    record_progress_ended,
+    record_progress_started,
     record_worker_conditions,
     start_sync_run,
 )
@@ -204,6 +206,11 @@ class Applier:
                 errors.append(error)
         results: list[ActionResult] = []
         changes, held = backoff.hold_back([action for action in plan.actions if action.kind is not ActionKind.NOOP])
+        touched = _touched_workers(changes)
+        if changes:
+            with self.database.session() as session:
+                record_progress_started(session, deployments=_rollouts(changes, revision.sha if revision else None),
+                                        workers=touched)
         deletes = [action for action in changes if action.kind is ActionKind.DELETE]
         others = [action for action in changes if action.kind is not ActionKind.DELETE]
         with ThreadPoolExecutor(max_workers=max(1, self.parallel)) as threads:
@@ -225,6 +232,7 @@ class Applier:
                 session,
                 specs=specs,
                 failed=failed_by_deployment, revision=revision.sha if revision else None)
+            record_progress_ended(session, list(touched))
             failures = [f"{r.action.replica_name}: {r.message}" for r in report.failed]
             finish_sync_run(session, run_id, ok=report.ok, result=_result_json(results, removed, errors, problems),
                             error=None if report.ok else "; ".join(failures + errors + [str(p) for p in problems]))
@@ -258,6 +266,24 @@ def _chains(actions: list[Action], specs: Mapping[str, EffectiveSpec]) -> list[l
             lanes[index % len(lanes)].append(action)
         chains += [lane for lane in lanes if lane]
     return chains
+
+
+def _rollouts(changes: list[Action], revision: str | None) -> dict[str, str]:
+    """Deployment -> what the pass does to it ("applying 3f2a9c1e0b7d: recreate chat/0, create chat/1")."""
+    done: dict[str, list[str]] = defaultdict(list)
+    for action in changes:
+        done[action.deployment].append(f"{action.kind.value} {action.replica_name}")
+    applying = f"applying {revision[:12]}" if revision else "applying"
+    return {name: f"{applying}: {', '.join(items)}" for name, items in done.items()}
+
+
+def _touched_workers(changes: list[Action]) -> dict[str, list[str]]:
+    """Worker -> the replicas the pass creates, replaces or removes on it."""
+    touched: dict[str, list[str]] = defaultdict(list)
+    for action in changes:
+        for place in {p.worker for p in (action.placement, action.previous) if p is not None}:
+            touched[place].append(action.replica_name)
+    return dict(touched)
 
 
 def _not_ready(stored: Observed, desired: Mapping[str, object]) -> dict[str, str]:

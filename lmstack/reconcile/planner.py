@@ -4,7 +4,9 @@ Phase 1 reviews every replica that exists: it goes (deployment removed, duplicat
 (noop / update / recreate in place) or must be re-placed (its worker left the manifests or its
 placement, it no longer fits its GPUs). Every replica kept reserves its GPUs, healthy ones first (they
 win a GPU two replicas claim), so phase 2 places moving replicas, then new ones (biggest first), only
-on what is really free. The GPUs of replicas being deleted are free for phase 2.
+on what is really free. The GPUs of replicas being deleted are free for phase 2. A serving replica that
+moves (to another worker, or to GPUs of its own worker it does not hold) is replaced by surge: it serves
+until its replacement is Ready, then it is drained and removed.
 
 Ordinals name replicas; they are not positions. A deployment of `replicas: N` keeps N of its replicas
 (serving and up to date first, then the lowest ordinals) and a new replica takes the lowest ordinal its
@@ -106,11 +108,17 @@ def plan(desired: DesiredState, observed: Observed) -> Plan:
     actions, to_place, kept, rolling = _review_existing(observed.replicas, wanted, scheduler)
     to_place += _missing(wanted, kept, observed.replicas)
     unplaceable: list[Unplaceable] = []
+    moves: list[Action] = []
     for item in sorted(to_place, key=_ToPlace.order):
         action = _place(item, scheduler, unplaceable)
-        if action is not None:
+        if action is None:
+            continue
+        if _serving_move(item, action, scheduler):
+            moves.append(action)
+        else:
             actions.append(action)
-    used = _used_ordinals(observed.replicas, actions)
+    used = _used_ordinals(observed.replicas, [*actions, *moves])
+    actions += [_surge_move(action, used[action.deployment]) for action in moves]
     rolled = [_roll(action, wanted[action.deployment], scheduler, used[action.deployment], unplaceable)
               for action in sorted(rolling, key=lambda a: (a.deployment, a.replica))]
     actions += rolled
@@ -350,6 +358,26 @@ def _place(item: _ToPlace, scheduler: Scheduler, unplaceable: list[Unplaceable])
     if previous is not None and previous.worker != result.worker:
         reason = f"{reason}; moving from {previous.worker}"
     return Action(kind, name, item.ordinal, reason, result, previous, item.changes, item.desired.hash)
+
+
+def _serving_move(item: _ToPlace, action: Action, scheduler: Scheduler) -> bool:
+    """A serving replica re-placed where it can run beside itself (another worker, or other GPUs of its own):
+    it keeps serving until its replacement is Ready, then is drained (a move is a surge). On a worker that is
+    not Ready there is nothing to drain, and its replacement takes its place at once."""
+    current, placed = item.current, action.placement
+    if current is None or placed is None or action.kind is not ActionKind.RECREATE or current.status != "ready":
+        return False
+    if not scheduler.is_ready(current.worker):
+        return False
+    return placed.worker != current.worker or not set(placed.gpus) & set(current.gpus)
+
+
+def _surge_move(action: Action, used: set[int]) -> Action:
+    ordinal = _lowest_free(used)
+    used.add(ordinal)
+    return replace(action, surge=ordinal,
+                   reason=f"{action.reason}; surge: {action.deployment}/{ordinal} starts on {action.placement} "
+                          f"first, then {action.replica_name} is drained and removed")
 
 
 # -- phase 3: rolling out restarts ----------------------------------------------------------------

@@ -2,12 +2,16 @@
 
 A deployment's conditions, written at the end of every pass that applies:
 - Ready: every replica its spec asks for is ready (ReplicasReady / ReplicasNotReady, "2/3 replicas ready");
-- Progressing: replicas are still coming up or going (ReplicasChanging), none failed; otherwise ReplicasSettled;
+- Progressing: replicas are still coming up or going (ReplicasChanging), none failed; otherwise ReplicasSettled.
+  When a pass starts acting on a deployment it sets this one at once (RolloutInProgress: the revision and
+  the actions), so status shows the rollout while it runs;
 - Degraded: a replica keeps failing and is backed off (CrashLoopBackOff: the exit code, when it is backed
   off until, the last log lines), or an action of the pass failed or a replica could not be acted on
   (ActionFailed); otherwise AsExpected.
 A worker's conditions, written by every pass's observe phase (`record_worker_conditions`):
 - Ready: its last facts gathering succeeded (FactsGathered), else FactsFailed / NoFacts with why;
+- Progressing: a pass is creating, replacing or removing replicas on it (ReplicasChanging: which), set when
+  the pass starts acting and cleared when it ends (ReplicasSettled);
 - Degraded: its containers could not be listed (ContainersNotListed), or a replica on it was found gone or
   stopped (ReplicasLost); otherwise AsExpected.
 A condition's lastTransitionTime changes only when its status does.
@@ -212,9 +216,38 @@ def record_worker_conditions(session: Session, *, not_ready: Mapping[str, str], 
             degraded = condition("Degraded", True, "ReplicasLost", "; ".join(lost[row.name]))
         else:
             degraded = condition("Degraded", False, "AsExpected", "")
-        conditions = _keep_transitions([ready, degraded], row.conditions or [])
+        # No pass acts while this one (the leader) observes: whatever a killed pass left Progressing is settled.
+        progressing = condition("Progressing", False, "ReplicasSettled", "")
+        conditions = _keep_transitions([ready, progressing, degraded], row.conditions or [])
         if conditions != row.conditions:
             row.conditions = conditions
+
+
+def record_progress_started(session: Session, *, deployments: Mapping[str, str],
+                            workers: Mapping[str, Sequence[str]]) -> None:
+    """A pass starts acting: Progressing on each deployment it changes (deployment -> what it does; one not
+    recorded yet has no row until the pass ends) and on each worker it acts on (worker -> the replicas)."""
+    for row in session.scalars(select(Deployment).where(Deployment.name.in_(list(deployments)))):
+        row.conditions = _with(row.conditions, condition("Progressing", True, "RolloutInProgress",
+                                                         deployments[row.name]))
+    for worker in session.scalars(select(Worker).where(Worker.name.in_(list(workers)))):
+        worker.conditions = _with(worker.conditions, condition("Progressing", True, "ReplicasChanging",
+                                                               ", ".join(workers[worker.name])))
+
+
+def record_progress_ended(session: Session, workers: Sequence[str]) -> None:
+    """The pass is done with these workers (deployments' conditions are recomputed by record_deployments)."""
+    for worker in session.scalars(select(Worker).where(Worker.name.in_(list(workers)))):
+        worker.conditions = _with(worker.conditions, condition("Progressing", False, "ReplicasSettled", ""))
+
+
+def _with(conditions: Sequence[Any] | None, new: dict[str, Any]) -> list[dict[str, Any]]:
+    """`conditions` with `new` in place of the one of its type (appended when there is none)."""
+    kept = [dict(c) for c in conditions or [] if isinstance(c, Mapping)]
+    replaced = [new if c.get("type") == new["type"] else c for c in kept]
+    if not any(c.get("type") == new["type"] for c in kept):
+        replaced.append(new)
+    return _keep_transitions(replaced, kept)
 
 
 def _keep_transitions(conditions: list[dict[str, Any]], previous: Sequence[Any]) -> list[dict[str, Any]]:

@@ -5,7 +5,8 @@ Shared by `lmstack status` and the status API (/api/sync), so both say the same.
 - Degraded: the last pass failed on it (its Degraded condition, whose reason leads: CrashLoopBackOff with the
   exit code, until when it backs off and the last log lines, or ActionFailed) or a replica is recorded failed
   or missing;
-- Progressing: a replica is pending, starting or being deleted, or fewer are ready than its spec asks for;
+- Progressing: a pass is applying a change to it (its RolloutInProgress condition), a replica is pending,
+  starting, draining or being deleted, or fewer are ready than its spec asks for;
 - OutOfSync: the commit's spec of it differs from the one last applied (without the commit's specs: the
   commit is not the one it was last applied from), it is in the commit but was never applied, or it was
   removed from the commit and is still running;
@@ -149,6 +150,10 @@ def _state(name: str, row: Deployment | None, replicas: list[Replica], ready: in
     if broken:
         first = broken[0]
         return "Degraded", f"replica {first.ordinal} on {first.worker_name} is {first.status}: {first.message or ''}"
+    progressing = _condition(row.conditions if row else [], "Progressing")
+    if progressing is not None and progressing.get("reason") == "RolloutInProgress" \
+            and progressing.get("status") == "True":
+        return "Progressing", str(progressing.get("message") or "a pass is applying a change to it")
     unsettled = [r for r in replicas if r.status in _UNSETTLED]
     if unsettled:
         first = unsettled[0]
