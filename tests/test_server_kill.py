@@ -1,13 +1,18 @@
 """SIGKILL of `lmstack serve` at several points of the controller's apply, on the real test bed: while it
-creates, while it waits for readiness, and in the middle of a surge rollout (the replacement starting beside
-the old replica). After a restart, exactly the planned containers run, every replica is Ready, no sync run is
-left `running`, and nothing is duplicated or orphaned.
+creates, while it waits for readiness, in the middle of a surge rollout (the replacement starting beside
+the old replica), and between the stop and the create of a restart in place. After a restart, exactly the
+planned containers run, every replica is Ready, no sync run is left `running`, and nothing is duplicated or
+orphaned.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -75,3 +80,67 @@ def test_a_server_killed_while_creating_waiting_or_surging_converges_after_a_res
         wait_for("the rollout to converge", lambda: _converged(remote, db, sha, changed))
     runs = sync_runs(db)
     assert all(status != "running" for _t, status, _r in runs), json.dumps(runs)
+
+
+# The planner stops a replica first only when no GPU is free for a surge; the bed's containers cannot have GPUs,
+# so this apply takes the surge out of the plan, as the planner does on a full machine (test_rollouts does the
+# same in process). It runs the real Applier and executor in a process of its own, to be killed.
+_STOP_FIRST_APPLY = """
+from dataclasses import replace
+from lmstack.config import Settings
+from lmstack.gitsource.source import load_source
+from lmstack.reconcile.apply import Applier
+from lmstack.reconcile.model import Plan
+from lmstack.state import open_database
+settings = Settings()
+source = load_source(repo=settings.repo, ref=settings.ref, directory=None, settings=settings)
+with Applier(source, open_database(settings), ssh_key=settings.ssh_key, known_hosts=settings.known_hosts) as applier:
+    survey = applier.survey()
+    [action] = survey.plan.changes
+    in_place = replace(action, surge=None, placement=action.previous)
+    applier.execute(replace(survey, plan=Plan((in_place,))))
+"""
+
+
+def test_killed_between_the_stop_and_the_create_of_a_restart_in_place_converges_after_a_restart(
+        remote: Remote, db: Database, database_url: str) -> None:
+    env = _env(remote, database_url)
+    sha = remote.push("solo", replicas=1, args=["--token-delay", "0.01"])
+    with ServeProcess(env):
+        wait_for("the first commit", lambda: _solo_converged(remote, db, sha, ["--token-delay", "0.01"]))
+    [host] = set(remote.containers().values())
+    changed = ["--token-delay", "0.02"]
+    sha = remote.push("solo", replicas=1, args=changed)
+
+    # Docker tells the moment the old container is destroyed; the apply is killed then, before its create.
+    socket = remote.bed.host(host).docker_host
+    events = subprocess.Popen(["docker", "-H", socket, "events", "--filter", "event=destroy", "--filter",
+                               "label=lmstack.deployment=solo", "--format", "{{.Actor.ID}}"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)  # the events stream is open
+        apply = subprocess.Popen([sys.executable, "-c", _STOP_FIRST_APPLY], env={**os.environ, **env}, cwd="/",
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        assert events.stdout is not None
+        destroyed = events.stdout.readline().strip()
+        apply.send_signal(signal.SIGKILL)
+        _, stderr = apply.communicate(timeout=10)
+    finally:
+        events.kill()
+        events.wait(10)
+    assert destroyed, stderr
+    left = remote.bed.docker(host, "ps", "-aq", "--filter", "label=lmstack.deployment=solo").stdout.split()
+    assert left == [], "killed too late: the new container was already created"  # between stop and create
+    assert replica_status(db) == {"solo/0": "draining"}  # what the killed pass left behind
+
+    with ServeProcess(env):
+        wait_for("the restart in place to converge", lambda: _solo_converged(remote, db, sha, changed))
+    runs = sync_runs(db)
+    assert all(status != "running" for _t, status, _r in runs), json.dumps(runs)
+
+
+def _solo_converged(remote: Remote, db: Database, sha: str, args: list[str]) -> bool:
+    statuses = replica_status(db)
+    return (len(statuses) == 1 and set(statuses.values()) == {"ready"} and set(remote.containers()) == set(statuses)
+            and all(a == args for a in _args(db).values())
+            and any(run == ("succeeded", sha) for run in [(s, r) for _t, s, r in sync_runs(db)]))
