@@ -425,7 +425,7 @@ def leftovers(config: BedConfig) -> list[str]:
     if config.state_dir.exists():
         found.append(f"directory {config.state_dir}")
         found += [f"mount {m}" for m in _mounts_under(config.state_dir)]
-    marker = str(config.state_dir)
+    marker = f"{config.state_dir}/"  # not a prefix of another bed's folder (/var/tmp/lmstack-testbed-b)
     for entry in os.listdir("/proc"):
         if entry.isdigit() and _pid_alive(int(entry)) and marker in _cmdline(int(entry)):
             found.append(f"process {entry}: {_cmdline(int(entry))[:120]}")
