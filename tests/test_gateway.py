@@ -673,6 +673,26 @@ def test_an_engine_that_closes_a_new_connection_without_answering_is_a_502(db, s
     assert replica["failures"] == 1 and replica["suspect"]
 
 
+def test_a_5xx_that_repeats_on_a_second_replica_is_relayed_and_marks_neither(db, start_gateway, broken):
+    """The request, not the replicas, is at fault when two replicas fail it alike (an image sent to a text-only
+    model): the client gets the engine's status and message, and both replicas keep taking requests."""
+    spec = add_deployment(db, "m")
+    servers = []
+    for ordinal in range(2):
+        url, server = broken("500")
+        add_replica(db, "m", ordinal, url, spec)
+        servers.append(server)
+    key, _ = add_key(db)
+    gateway = start_gateway()
+
+    with pytest.raises(openai.InternalServerError) as failed:
+        chat(gateway.sdk(key))
+    assert failed.value.status_code == 500 and "CUDA out of memory" in failed.value.message
+    assert "on another replica" in failed.value.message
+    assert [server.hits for server in servers] == [1, 1]  # each asked once
+    assert [(r["failures"], r["suspect"]) for r in gateway.state.registry.snapshot()] == [(0, False), (0, False)]
+
+
 def test_every_replica_failing_is_a_502_and_a_silent_one_a_504(db, start_gateway, broken):
     failing, _ = broken("500")
     hanging, _ = broken("hang")

@@ -7,6 +7,12 @@ error (502, or 504 for a timeout) in OpenAI's shape. After the first chunk the s
 event as it arrives; if the engine fails then, the client gets an SSE error event (OpenAI's error shape)
 and the end of the stream, never a hang.
 
+Whose failure it is: a 4xx is the client's and is relayed as it is. A 5xx is the replica's only when another
+replica answers the same request: then the first is suspect (avoided for a few seconds). When the second
+answers 5xx too, the request itself is the cause (an image sent to a text-only model): the engine's status
+and message are relayed and neither replica is marked. Connection failures and timeouts always mark the
+replica.
+
 Non-streaming answers are read whole (they are JSON, and reading them lets a failure mid-body still be
 retried), then sent. Streams are relayed without buffering beyond the current SSE event, and the upstream
 response is closed as soon as the client goes away, which cancels the generation in the engine.
@@ -101,10 +107,11 @@ class ClientGone(Exception):
 class _Failure(Exception):
     """A replica failed before answering: the request may still go to another one."""
 
-    def __init__(self, kind: str, error: ApiError) -> None:
+    def __init__(self, kind: str, error: ApiError, engine_error: ApiError | None = None) -> None:
         super().__init__(error.message)
         self.kind = kind  # connect | timeout | status | stream (counted by kind)
         self.error = error
+        self.engine_error = engine_error  # kind "status": the engine's own status and message, to relay
 
 
 @dataclass
@@ -136,6 +143,9 @@ async def forward(call: Call, *, client: UpstreamClient, registry: Registry, usa
     tried: set[ReplicaKey] = set()
     failure: _Failure | None = None
     failed_on: str | None = None  # the last replica that failed
+    # A replica that answered 5xx is judged by what the next one answers: the same request failing there too is
+    # the request's fault (an image sent to a text-only model), relayed without marking either replica.
+    unconfirmed: Target | None = None
     for attempt in range(2):
         target = registry.pick(call.model, tried)
         if target is None:
@@ -150,7 +160,15 @@ async def forward(call: Call, *, client: UpstreamClient, registry: Registry, usa
             answer = await _unless_gone(_ask(client, target, call, registry.counters), receive)
         except _Failure as exc:
             load.outstanding -= 1
-            registry.failed(target, exc.kind)
+            if exc.kind == "status" and unconfirmed is not None and exc.engine_error is not None:
+                usage.record(key_id=call.key_id, model=call.model, replica=target.name,
+                             status=exc.engine_error.status, latency_ms=call.elapsed_ms(), at=call.at,
+                             revision=target.revision)
+                raise exc.engine_error from None
+            if exc.kind == "status" and attempt == 0:
+                unconfirmed = target
+            else:
+                registry.failed(target, exc.kind)
             failure, failed_on = exc, target.name
             continue
         except ClientGone:
@@ -163,12 +181,16 @@ async def forward(call: Call, *, client: UpstreamClient, registry: Registry, usa
             load.outstanding -= 1
             raise
         registry.succeeded(target)
+        if unconfirmed is not None:
+            registry.failed(unconfirmed, "status")  # another replica answered: the error was the replica's own
         if answer.rest is not None:
             relay = _Relay(call=call, target=target, answer=answer, registry=registry, usage=usage)
             return RelayResponse(relay)
         load.outstanding -= 1
         return _whole(call, target, answer, usage)
 
+    if unconfirmed is not None and failed_on == unconfirmed.name:
+        registry.failed(unconfirmed, "status")  # no other replica to ask
     if failure is None:
         error = ApiError(503, f"no Ready replica of model {call.model!r} right now; try again shortly",
                          code="model_unavailable")
@@ -203,7 +225,9 @@ async def _ask(client: UpstreamClient, target: Target, call: Call, counters: Gat
             detail = _error_message(await response.read())
             raise _Failure("status", ApiError(
                 502, f"{where} answered {response.status}" + (f": {detail}" if detail else ""),
-                code="upstream_error"))
+                code="upstream_error"), engine_error=ApiError(
+                response.status, f"the engine answered {response.status} on {where} and on another replica"
+                + (f": {detail}" if detail else ""), code="engine_error"))
         content_type = response.headers.get("content-type", "")
         if call.stream and response.status == 200 and content_type.startswith("text/event-stream"):
             rest = response.chunks()
