@@ -43,7 +43,16 @@ class Settings(BaseSettings):
                                             "(revocation takes effect within this time on every server)")
     login_attempts: int = Field(default=5, ge=1, description="failed logins allowed per user and IP a minute")
     upstream_connect_timeout_s: float = Field(default=3.0, gt=0)
-    upstream_read_timeout_s: float = Field(default=600.0, gt=0, description="longest silence from an engine")
+    upstream_read_timeout_s: float = Field(
+        default=600.0, gt=0, description="longest wait for a whole (not streamed) answer from an engine")
+    upstream_first_byte_timeout_s: float = Field(
+        default=120.0, gt=0, description="longest wait for a streamed answer's first event (queue and prefill "
+                                         "included); past it, the request goes to another replica")
+    upstream_idle_timeout_s: float = Field(
+        default=60.0, gt=0, description="longest silence in the middle of a streamed answer")
+    upstream_dead_host_s: float = Field(
+        default=6.0, ge=1, description="how long an engine's host may not answer TCP before its connections "
+                                       "are dropped (keepalive probes, TCP_USER_TIMEOUT)")
     max_request_mb: float = Field(default=32.0, gt=0, description="largest request body the gateway accepts "
                                                                   "(MiB; larger ones get 413)")
     registry_refresh_s: float = Field(default=1.0, gt=0, description="how often Ready replicas are re-read")

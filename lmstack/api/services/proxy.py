@@ -130,7 +130,10 @@ def open_upstream_client(settings: Settings) -> UpstreamClient:
     # Idle connections are dropped before the engines drop them (5 s in uvicorn, which vLLM and SGLang use,
     # and in llama.cpp's server): one the engine has closed may still look open here for a moment.
     return UpstreamClient(connect_timeout_s=settings.upstream_connect_timeout_s,
-                          read_timeout_s=settings.upstream_read_timeout_s, keepalive_s=KEEPALIVE_S)
+                          read_timeout_s=settings.upstream_read_timeout_s,
+                          first_byte_timeout_s=settings.upstream_first_byte_timeout_s,
+                          idle_timeout_s=settings.upstream_idle_timeout_s,
+                          dead_host_s=settings.upstream_dead_host_s, keepalive_s=KEEPALIVE_S)
 
 
 async def forward(call: Call, *, client: UpstreamClient, registry: Registry, usage: UsageRecorder,
@@ -213,14 +216,14 @@ async def _ask(client: UpstreamClient, target: Target, call: Call, counters: Gat
         if target.auth:
             headers = {**headers, **target.auth}
         try:
-            response = await client.post(target.endpoint, call.path, data, headers)
+            response = await client.post(target.endpoint, call.path, data, headers, stream=call.stream)
         except Dropped as exc:
             if not exc.reused:
                 raise
             # A kept-alive connection the engine closed as the request went out (its idle timeout): the
             # request was not read. Once more, on a new connection, before counting it as the replica's failure.
             counters.reconnects += 1
-            response = await client.post(target.endpoint, call.path, data, headers)
+            response = await client.post(target.endpoint, call.path, data, headers, stream=call.stream)
         if response.status >= 500:
             detail = _error_message(await response.read())
             raise _Failure("status", ApiError(

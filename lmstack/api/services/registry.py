@@ -11,7 +11,9 @@ kept across refreshes for as long as the replica stays Ready at the same endpoin
 Choosing a replica is "power of two choices": two Ready replicas at random, the one with fewer requests in
 flight wins. It spreads load nearly as well as least-loaded without every server herding onto the same
 replica, and costs O(1). A replica that just failed (connect error, timeout, 5xx) is suspect for
-`suspect_s` seconds: it is skipped while any other replica of the model is not.
+`suspect_s` seconds: it is skipped while any other replica of the model is not. So is a replica on a worker
+the controller's last pass could not reach (its facts failed, or its containers could not be listed), until
+a pass reaches it again.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from lmstack.api.services.metrics import Metrics
 from lmstack.backends import backend_for, normalize_applied
-from lmstack.state import Database, Deployment, Replica
+from lmstack.state import Database, Deployment, Replica, Worker
 
 log = logging.getLogger("lmstack.api.registry")
 
@@ -62,6 +64,7 @@ class Target:
     revision: str | None = None  # the commit the replica was created from: what usage records say served it
     # The engine's API key as a request header (empty when the engine has none): only the gateway holds it.
     auth: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+    worker_down: bool = False  # the last pass could not reach its worker
 
     @property
     def key(self) -> ReplicaKey:
@@ -96,6 +99,7 @@ class _Row:
     created_at: datetime
     engine_key: str | None
     revision: str | None
+    worker_down: bool
 
 
 @dataclass(frozen=True)
@@ -157,6 +161,8 @@ class Registry:
                 .order_by(Replica.deployment_name, Replica.ordinal)
             ).all()
             names = set(session.scalars(select(Deployment.served_name)).all())
+            down = {name for name, conditions in session.execute(select(Worker.name, Worker.conditions))
+                    if _unreachable(conditions)}
         replicas = []
         known: dict[tuple[str, int], tuple[dict[str, Any], str, str]] = {}
         for deployment, ordinal, worker, endpoint, stored, created_at, engine_key, revision in rows:
@@ -166,7 +172,7 @@ class Registry:
                 cached = (spec, *_model_names(deployment, spec))
             known[(deployment, ordinal)] = cached
             replicas.append(_Row(deployment, ordinal, worker, str(endpoint), cached[1], cached[2], created_at,
-                                 engine_key, revision))
+                                 engine_key, revision, worker in down))
         self._names = known
         return _Snapshot(replicas=replicas, served_names=names)
 
@@ -181,7 +187,8 @@ class Registry:
             targets.setdefault(served, []).append(Target(
                 served_name=served, upstream_model=row.upstream_model, endpoint=key[2],
                 deployment=row.deployment, ordinal=row.ordinal, worker=row.worker, load=load, revision=row.revision,
-                auth={"authorization": f"Bearer {row.engine_key}"} if row.engine_key else {}))
+                auth={"authorization": f"Bearer {row.engine_key}"} if row.engine_key else {},
+                worker_down=row.worker_down))
             stamp = int(row.created_at.timestamp())
             created[served] = min(created.get(served, stamp), stamp)
         # Requests in flight on a replica that just left keep their (now unreferenced) load object.
@@ -206,11 +213,12 @@ class Registry:
     def pick(self, model: str, exclude: Set[ReplicaKey] = frozenset()) -> Target | None:
         """A Ready replica for `model` by power of two choices on requests in flight; None if there is none.
 
-        Replicas in `exclude` (already tried for this request) are never chosen; suspect ones only when
-        nothing else is left.
+        Replicas in `exclude` (already tried for this request) are never chosen; suspect ones, and those on a
+        worker the last pass could not reach, only when nothing else is left.
         """
         candidates = [t for t in self._targets.get(model, ()) if t.key not in exclude]
         if len(candidates) > 1:
+            candidates = [t for t in candidates if not t.worker_down] or candidates
             now = self._clock()
             healthy = [t for t in candidates if t.load.suspect_until <= now]
             candidates = healthy or candidates
@@ -242,7 +250,7 @@ class Registry:
         now = self._clock()
         return [{"model": t.served_name, "replica": t.name, "worker": t.worker, "endpoint": t.endpoint,
                  "outstanding": t.load.outstanding, "requests": t.load.requests, "failures": t.load.failures,
-                 "suspect": t.load.suspect_until > now}
+                 "suspect": t.load.suspect_until > now, "worker_down": t.worker_down}
                 for found in self._targets.values() for t in found]
 
 
@@ -253,3 +261,13 @@ def _model_names(deployment: str, stored: dict[str, Any]) -> tuple[str, str]:
         return deployment, deployment
     return spec.served_name, backend_for(spec.backend).upstream_model(spec)
 
+
+
+# Conditions (reconcile.records) that say the last pass could not reach a worker: its facts could not be
+# gathered (Ready False: FactsFailed), or its containers could not be listed (Degraded: ContainersNotListed).
+_DOWN = {("Ready", "False", "FactsFailed"), ("Degraded", "True", "ContainersNotListed")}
+
+
+def _unreachable(conditions: object) -> bool:
+    return isinstance(conditions, list) and any(
+        isinstance(c, dict) and (c.get("type"), c.get("status"), c.get("reason")) in _DOWN for c in conditions)

@@ -13,12 +13,18 @@ Failures: `ConnectError` (the engine could not be reached: nothing was sent), `D
 before the answer's status line; `reused` says whether it had served a request before, when the engine may
 simply have closed it for being idle), `Broken` (it broke in the middle of the answer), `BadAnswer` (not
 HTTP), and `TimeoutError` (connecting, or waiting for the next bytes of the answer).
+
+Waiting: a streamed answer must start (status line and first event) within `first_byte_timeout_s` and then
+never fall silent for `idle_timeout_s`; a whole answer must start within `read_timeout_s` (it is sent when
+the generation ends). A host that goes away is noticed by TCP itself within `dead_host_s` (keepalive probes
+while the engine is silent, and TCP_USER_TIMEOUT on data it does not acknowledge), whatever those are.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -117,11 +123,17 @@ class _Connection(asyncio.Protocol):
         self._error: UpstreamError | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._first_by: float | None = None  # a stream: when its first event must have come (loop time)
+        self._gap_s = client.read_timeout_s  # the longest silence allowed between parts of the answer
+        self._waiting_s = 0.0  # what the running timer allows (for its message)
 
     # -- asyncio ---------------------------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio.Transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            _notice_dead_host(sock, self._client.dead_host_s)
 
     def data_received(self, data: bytes) -> None:
         if self._head is None:  # bytes while idle (a 408 before an idle close, say): not a connection to reuse
@@ -140,8 +152,12 @@ class _Connection(asyncio.Protocol):
             self.on_message_complete()  # such a body ends with the connection
             return
         reason = f": {exc}" if exc else ""
+        if isinstance(exc, TimeoutError):  # keepalive or TCP_USER_TIMEOUT: the host stopped answering
+            reason = f": its host stopped answering for {self._client.dead_host_s:g}s"
         if self._head is not None and not self._head.done():
-            self._fail(Dropped(f"the engine closed the connection before answering{reason}", reused=self.served > 0))
+            # An idle connection the engine closed ends quietly or with a reset; a dead host is no such race.
+            reused = self.served > 0 and not isinstance(exc, TimeoutError)
+            self._fail(Dropped(f"the engine closed the connection before answering{reason}", reused=reused))
         elif self._head is not None and not self._complete:
             self._fail(Broken(f"the engine closed the connection in the middle of the answer{reason}"))
 
@@ -177,9 +193,14 @@ class _Connection(asyncio.Protocol):
 
     # -- one request at a time ------------------------------------------------------------------------------
 
-    async def request(self, data: bytes) -> UpstreamResponse:
-        """Send `data` (a whole request) and wait for the answer's status line and headers."""
+    async def request(self, data: bytes, *, stream: bool) -> UpstreamResponse:
+        """Send `data` (a whole request) and wait for the answer's status line and headers. `stream`: the answer
+        is streamed (its first event is awaited within first_byte_timeout_s, then no silence of idle_timeout_s)."""
         assert self.transport is not None
+        client = self._client
+        head_s = client.first_byte_timeout_s if stream else client.read_timeout_s
+        self._first_by = self._loop.time() + head_s if stream else None
+        self._gap_s = client.idle_timeout_s if stream else client.read_timeout_s
         self._headers, self._body, self._buffered = {}, collections.deque(), 0
         self._complete = self._until_close = False
         self._error = None
@@ -187,7 +208,7 @@ class _Connection(asyncio.Protocol):
         if self.closed or self.transport.is_closing():
             raise Dropped("the connection was closed before the request went out", reused=self.served > 0)
         self.transport.write(data)
-        self._timer = self._loop.call_later(self._client.read_timeout_s, self._timed_out)
+        self._start_timer(head_s)
         try:
             status, headers = await head
         except BaseException:
@@ -203,7 +224,7 @@ class _Connection(asyncio.Protocol):
             if self._complete:
                 return None
             self._waiter = self._loop.create_future()
-            self._timer = self._loop.call_later(self._client.read_timeout_s, self._timed_out)
+            self._start_timer(self._gap_s if self._first_by is None else max(0.0, self._first_by - self._loop.time()))
             try:
                 await self._waiter
             finally:
@@ -211,6 +232,7 @@ class _Connection(asyncio.Protocol):
                 self._cancel_timer()
         chunk = self._body.popleft()
         self._buffered -= len(chunk)
+        self._first_by = None  # the first part came: from now on only the silence between parts counts
         if self._paused and self._buffered <= _HIGH_WATER // 4 and self.transport is not None:
             self._paused = False
             self.transport.resume_reading()
@@ -243,10 +265,14 @@ class _Connection(asyncio.Protocol):
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_exception(error)
 
+    def _start_timer(self, seconds: float) -> None:
+        self._waiting_s = seconds
+        self._timer = self._loop.call_later(seconds, self._timed_out)
+
     def _timed_out(self) -> None:
         self._timer = None
         what = "answer" if self._head is not None and not self._head.done() else "next part of the answer"
-        self._fail(TimeoutError(f"no {what} within {self._client.read_timeout_s:g}s"))
+        self._fail(TimeoutError(f"no {what} within {self._waiting_s:g}s"))
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -264,9 +290,13 @@ class UpstreamClient:
     """Pooled connections to the engines, for the whole process (make it on the loop that uses it)."""
 
     def __init__(self, *, connect_timeout_s: float, read_timeout_s: float, keepalive_s: float,
-                 limit: int = 2000) -> None:
+                 first_byte_timeout_s: float | None = None, idle_timeout_s: float | None = None,
+                 dead_host_s: float = 6.0, limit: int = 2000) -> None:
         self.connect_timeout_s = connect_timeout_s
         self.read_timeout_s = read_timeout_s
+        self.first_byte_timeout_s = first_byte_timeout_s or read_timeout_s
+        self.idle_timeout_s = idle_timeout_s or read_timeout_s
+        self.dead_host_s = dead_host_s
         self.keepalive_s = keepalive_s
         self.limit = limit  # open connections at most, across engines
         self._idle: dict[_Origin, list[_Connection]] = {}
@@ -275,20 +305,21 @@ class UpstreamClient:
         self._freed = asyncio.Event()
         self._closed = False
 
-    async def post(self, endpoint: str, path: str, body: bytes, headers: dict[str, str]) -> UpstreamResponse:
+    async def post(self, endpoint: str, path: str, body: bytes, headers: dict[str, str], *,
+                   stream: bool = False) -> UpstreamResponse:
         """POST `body` to `path` at `endpoint` (http://host:port, perhaps with a path prefix) and return once
-        the answer's status line and headers are in."""
-        return await self.request("POST", endpoint, path, body, headers)
+        the answer's status line and headers are in. `stream`: the answer is streamed (see the timeouts)."""
+        return await self.request("POST", endpoint, path, body, headers, stream=stream)
 
-    async def request(self, method: str, endpoint: str, path: str, body: bytes, headers: dict[str, str],
-                      ) -> UpstreamResponse:
+    async def request(self, method: str, endpoint: str, path: str, body: bytes, headers: dict[str, str], *,
+                      stream: bool = False) -> UpstreamResponse:
         origin = self._origin(endpoint)
         lines = [f"{method} {origin.prefix}{path} HTTP/1.1", f"Content-Length: {len(body)}"]
         lines += [f"{name}: {value}" for name, value in headers.items()]
         data = b"".join((b"\r\n".join(line.encode("latin-1") for line in lines), b"\r\nHost: ", origin.authority,
                          b"\r\n\r\n", body))
         connection = await self._connection(origin)
-        return await connection.request(data)
+        return await connection.request(data, stream=stream)
 
     async def close(self) -> None:
         self._closed = True
@@ -357,3 +388,17 @@ class UpstreamClient:
             origin = self._origins[endpoint] = _Origin(parts.hostname, port, f"{host}:{port}".encode(),
                                                        parts.path.rstrip("/"))
         return origin
+
+
+def _notice_dead_host(sock: socket.socket, dead_after_s: float) -> None:
+    """Make the kernel drop the connection when the engine's host stops answering for about `dead_after_s`:
+    keepalive probes while nothing is sent (half the time idle, then 3 probes), and TCP_USER_TIMEOUT for data
+    sent and not acknowledged. Without them a request to a host that went off the network waits for the read
+    timeout (minutes)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if hasattr(socket, "TCP_KEEPIDLE"):  # Linux; other systems keep their defaults
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, round(dead_after_s / 2)))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, round(dead_after_s / 6)))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+    if hasattr(socket, "TCP_USER_TIMEOUT"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, max(1000, round(dead_after_s * 1000)))
