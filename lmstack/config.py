@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     key_cache_s: float = Field(
         default=1.0, gt=0, le=5, description="how long a verified API key is trusted without the database "
                                             "(revocation takes effect within this time on every server)")
+    key_outage_grace_s: float = Field(
+        default=600.0, ge=0, description="while the database does not answer, API keys and logins checked less "
+                                         "than this long before keep working (new ones get 503)")
     login_attempts: int = Field(default=5, ge=1, description="failed logins allowed per user and IP a minute")
     upstream_connect_timeout_s: float = Field(default=3.0, gt=0)
     upstream_read_timeout_s: float = Field(

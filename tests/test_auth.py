@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ import jwt
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from sqlalchemy import event, select, update
+from sqlalchemy import create_engine, event, select, update
 from typer.testing import CliRunner, Result
 
 from lmstack.api import security
@@ -271,11 +272,13 @@ def test_a_good_login_resets_the_pairs_count_and_the_window_passes(db: Database)
             assert await attempt(PASSWORD) == 200  # would be 429 had the count not been reset
             assert [await attempt("wrong password") for _ in range(ATTEMPTS)] == [401] * ATTEMPTS
             assert await attempt(PASSWORD) == 429
-            # Once the failures leave the window, logins work again (a short window to keep the test quick).
-            app.state.lmstack.logins = LoginLimiter(attempts=1, window_s=0.3)
+            # Once the failures leave the window, logins work again (the limiter's clock is the test's: a slow
+            # password check on a loaded machine must not end the window early).
+            now = [1000.0]
+            app.state.lmstack.logins = LoginLimiter(attempts=1, window_s=60, clock=lambda: now[0])
             assert await attempt("wrong password") == 401
             assert await attempt(PASSWORD) == 429
-            await asyncio.sleep(0.35)
+            now[0] += 61
             assert await attempt(PASSWORD) == 200
 
     asyncio.run(scenario())
@@ -552,6 +555,52 @@ def test_a_key_expiring_while_cached_is_refused(db: Database) -> None:
         assert statements == []
 
     asyncio.run(scenario())
+
+
+def test_while_the_database_is_down_keys_checked_before_keep_working_for_the_grace_time(db: Database) -> None:
+    """A key and a login checked while the database answered stay valid through an outage (up to the grace
+    time after their last read), a key never seen gets CredentialsUnavailable (503), the database is tried at
+    most once a second meanwhile, and a key revoked during the outage is refused once it answers again."""
+    add_user(db, "alice")
+    token = add_key(db, "alice")
+    unseen = add_key(db, "alice")
+    now = [1000.0]
+    cache = KeyCache(db, ttl_s=1, clock=lambda: now[0], outage_grace_s=60)
+    down = Database(create_engine(f"postgresql+psycopg://postgres@127.0.0.1:{_closed_port()}/postgres",
+                                  connect_args={"connect_timeout": 2}))
+
+    async def scenario() -> None:
+        info = await cache.verify(token)
+        assert info is not None and await cache.user_role("alice") == "viewer"
+        cache.database = down
+        now[0] += 5  # the cached answers expired: each needs the database, which is down
+        assert await cache.verify(token) == info and await cache.user_role("alice") == "viewer"
+        lookups = cache.lookups
+        for _ in range(100):  # within the second after a failed try: the database is not tried again
+            assert await cache.verify(token) == info
+        with pytest.raises(keys_service.CredentialsUnavailable):
+            await cache.verify(unseen)
+        assert cache.lookups == lookups and cache.outage_since == 1005.0
+        now[0] += 50  # 55 s after the last read: still within the grace time (60 s)
+        assert await cache.verify(token) == info
+        now[0] += 10  # past it: no longer trusted
+        with pytest.raises(keys_service.CredentialsUnavailable):
+            await cache.verify(token)
+
+        with db.session() as session:  # revoked meanwhile (from another server, or by hand)
+            session.execute(update(ApiKey).where(ApiKey.id == info.id).values(revoked_at=datetime.now(UTC)))
+        cache.database = db
+        now[0] += 1.5
+        assert await cache.verify(token) is None and cache.outage_since is None
+        assert await cache.verify(unseen) is not None
+
+    asyncio.run(scenario())
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def test_revoked_keys_are_refused_after_the_cache_time(db: Database) -> None:

@@ -211,11 +211,11 @@ def start_gateway(db: Database, database_url: str) -> Iterator[Callable[..., Gat
     """Starts the app (uvicorn, real HTTP on 127.0.0.1) on the test database; stopped at the end."""
     running: list[Gateway] = []
 
-    def start(**overrides: Any) -> Gateway:
+    def start(*, database: Database = db, **overrides: Any) -> Gateway:
         options: dict[str, Any] = {"database_url": database_url, "jwt_secret": JWT_SECRET,
                                    "registry_refresh_s": 0.1, "usage_flush_s": 0.1, "key_cache_s": 1.0,
                                    **overrides}
-        app = create_app(Settings(**options), database=db)
+        app = create_app(Settings(**options), database=database)
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))  # bound here, handed to uvicorn: no race for a free port
         port = sock.getsockname()[1]

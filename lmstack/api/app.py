@@ -63,7 +63,7 @@ def create_app(settings: Settings, *, database: Database | None = None,
         upstream = open_upstream_client(settings)
         state = AppState(
             settings=settings, database=db, jwt_secret=secret,
-            keys=KeyCache(db, ttl_s=settings.key_cache_s),
+            keys=KeyCache(db, ttl_s=settings.key_cache_s, outage_grace_s=settings.key_outage_grace_s),
             logins=LoginLimiter(attempts=settings.login_attempts, concurrency=settings.login_concurrency),
             registry=Registry(db, refresh_s=settings.registry_refresh_s, metrics=metrics_),
             repo=RepoView(settings, max_age_s=settings.repo_refresh_s),

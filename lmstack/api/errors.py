@@ -13,6 +13,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("lmstack.api")
@@ -69,6 +71,17 @@ def install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
         return error_response(ApiError(exc.status_code, message, headers=getattr(exc, "headers", None)))
+
+    # What needs the database (login, keys, status) while it does not answer: 503, not a 500. Serving goes on
+    # (keys checked before the outage are trusted for a while: services/keys.py).
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    @app.exception_handler(PoolTimeoutError)
+    async def database_down(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("%s %s: the database does not answer: %s", request.method, request.url.path,
+                    " ".join(str(exc).split())[:300])
+        return error_response(ApiError(503, "the database does not answer; try again shortly",
+                                       code="database_unavailable", headers={"Retry-After": "2"}))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

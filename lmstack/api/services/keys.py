@@ -14,6 +14,11 @@ re-reads all of them in one query and renews their entries from the time that re
 use never waits on the database, not even for its first request after a pause, and a revocation still
 lands within `ttl_s` (an entry is never trusted longer than `ttl_s` after the read it came from).
 
+While the database does not answer, the last answer read for a key or user is used for up to `outage_grace_s`
+(default 10 minutes) after that read: keys and logins verified before the outage keep working, a key never
+seen gets 503. The database is tried again at most once a second meanwhile (not once per request), and the
+first read that succeeds ends it: a key revoked during the outage is refused as soon as the database answers.
+
 A key is for the gateway (/v1) and its own usage. Anything more is a scope, set when it is created:
 "status" (the read-only /api), "metrics" (/metrics) and "logs" (live logs; its user must be an admin). A key
 with a model allowlist sees only those models wherever it reaches (deps.Principal.sees).
@@ -232,9 +237,12 @@ class KeyCache:
     """Verified keys (and users' current roles), each trusted for `ttl_s`. See the module docstring."""
 
     def __init__(self, database: Database, *, ttl_s: float, clock: Clock = time.monotonic,
-                 rate_window_s: float = 60.0) -> None:
+                 rate_window_s: float = 60.0, outage_grace_s: float = 600.0) -> None:
         self.database = database
         self.ttl_s = ttl_s
+        self.outage_grace_s = outage_grace_s
+        self.outage_since: float | None = None  # monotonic: when the database stopped answering (None: it does)
+        self._retry_at = 0.0  # during an outage: the database is not tried again before then
         self.rates = KeyRateLimiter(window_s=rate_window_s, clock=clock)
         self.lookups = 0  # database lookups made: a figure for metrics and tests
         self.rechecks = 0  # background re-checks made (each one query for every key in use)
@@ -271,22 +279,54 @@ class KeyCache:
 
     async def _get(self, key: tuple[str, str], load: Callable[[], Awaitable[object]]) -> object:
         entry = self._entries.get(key)
+        now = self._clock()
         if entry is not None:
-            now = self._clock()
             if entry.until > now:
                 entry.used = now
                 return entry.value
+            if self.outage_since is not None and now < self._retry_at and self._within_grace(entry, now):
+                entry.used = now  # the database is down and was tried less than a second ago
+                return entry.value
+        if self.outage_since is not None and now < self._retry_at:
+            raise CredentialsUnavailable("cannot check credentials now: the database does not answer")
         task = self._loading.get(key)
         if task is None:
             task = asyncio.create_task(self._load(key, load))
             self._loading[key] = task
             task.add_done_callback(lambda done: self._loaded(key, done))
-        # Shielded: a caller that goes away (client disconnect) does not cancel the others' lookup.
-        return await asyncio.shield(task)
+        try:
+            # Shielded: a caller that goes away (client disconnect) does not cancel the others' lookup.
+            return await asyncio.shield(task)
+        except CredentialsUnavailable:
+            now = self._clock()
+            self._database_down(now)
+            if entry is not None and self._within_grace(entry, now):
+                entry.used = now
+                return entry.value
+            raise
+
+    def _within_grace(self, entry: _Entry, now: float) -> bool:
+        """Whether an expired entry may stand in while the database does not answer: read (ttl_s before it
+        expired) less than outage_grace_s ago."""
+        return entry.until - self.ttl_s + self.outage_grace_s > now
+
+    def _database_down(self, now: float) -> None:
+        if self.outage_since is None:
+            self.outage_since = now
+            log.warning("the database does not answer: API keys and logins checked in the last %.0f s are "
+                        "trusted meanwhile; new ones get 503", self.outage_grace_s)
+        self._retry_at = now + 1.0
+
+    def _database_up(self) -> None:
+        if self.outage_since is not None:
+            log.warning("the database answers again after %.0f s: credentials are checked again",
+                        self._clock() - self.outage_since)
+            self.outage_since = None
 
     async def _load(self, key: tuple[str, str], load: Callable[[], Awaitable[object]]) -> object:
         started = self._clock()  # trusted from before the read: never longer than ttl_s after it
         value = await load()
+        self._database_up()
         self._store(key, value, until=started + self.ttl_s)
         return value
 
@@ -300,7 +340,10 @@ class KeyCache:
         now = self._clock()
         if now >= self._next_purge:  # drop stale entries (unknown keys included) about once per ttl
             self._next_purge = now + self.ttl_s
-            for stale in [k for k, e in self._entries.items() if e.until <= now]:
+            # Valid keys and users in use are kept for the outage grace: they stand in if the database stops
+            # answering. Refusals are not (a flood of made-up keys must not fill memory).
+            for stale in [k for k, e in self._entries.items() if e.until <= now and (
+                    e.value is None or e.used < now - WARM_FOR_S or not self._within_grace(e, now))]:
                 del self._entries[stale]
         self._entries[key] = _Entry(value, until, used=now)
 
@@ -330,7 +373,7 @@ class KeyCache:
         users: dict[str, tuple[str, str]] = {}
         used_lately: set[int] = set()  # keys asked for since the last re-check: their last_used_at may be due
         for cache_key, entry in self._entries.items():
-            if entry.used < now - WARM_FOR_S or entry.until <= now:
+            if entry.used < now - WARM_FOR_S or (entry.until <= now and self.outage_since is None):
                 continue  # not in use, or expired (the next request reads it again itself)
             if isinstance(entry.value, KeyInfo):
                 keys[entry.value.id] = cache_key
@@ -341,7 +384,12 @@ class KeyCache:
         if not keys and not users:
             return
         self._last_refresh = started = self._clock()
-        infos, roles = await run_in_threadpool(self._recheck, list(keys), list(users), used_lately)
+        try:
+            infos, roles = await run_in_threadpool(self._recheck, list(keys), list(users), used_lately)
+        except CredentialsUnavailable:
+            self._database_down(self._clock())
+            raise
+        self._database_up()
         until = started + self.ttl_s
         for key_id, cache_key in keys.items():
             self._renew(cache_key, infos.get(key_id), until)
