@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -59,6 +59,10 @@ class Settings(BaseSettings):
     max_request_mb: float = Field(default=32.0, gt=0, description="largest request body the gateway accepts "
                                                                   "(MiB; larger ones get 413)")
     registry_refresh_s: float = Field(default=1.0, gt=0, description="how often Ready replicas are re-read")
+    routing: Literal["prefix", "p2c"] = Field(
+        default="prefix", description="prefix: a request with a long prompt goes to the replica that served its "
+                                      "beginning lately (its prompt cache), within a bounded share of the load; "
+                                      "p2c: power of two choices on requests in flight only")
     usage_buffer: int = Field(
         default=100_000, ge=100, description="usage records held in memory while the database is unreachable; "
                                              "beyond this the oldest are dropped (and counted)")

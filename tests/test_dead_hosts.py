@@ -52,7 +52,8 @@ def test_a_worker_that_drops_off_the_network_fails_its_streams_fast_and_gets_no_
         fleet: Fleet, start_gateway: Callable[..., Gateway]) -> None:
     fleet.remove("chat")
     fleet.remove("embed")
-    fleet.write("pair", replicas=2, placement="{workers: [node1, node2], strategy: spread}", args=["--token-delay", "0.5"])
+    fleet.write("pair", replicas=2, placement="{workers: [node1, node2], strategy: spread}",
+                args=["--token-delay", "0.5"])
     fleet.commit("pair on node1 and node2")
     _, report = fleet.apply()
     assert report is not None and report.ok

@@ -37,6 +37,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Message, Receive, Scope, Send
 
 from lmstack.api.errors import ApiError, error_body
+from lmstack.api.services.affinity import prompt_keys
 from lmstack.api.services.registry import GatewayCounters, Registry, ReplicaKey, Target
 from lmstack.api.services.upstream import Dropped, UpstreamClient, UpstreamError, UpstreamResponse
 from lmstack.api.services.usage import UsageRecorder
@@ -149,8 +150,9 @@ async def forward(call: Call, *, client: UpstreamClient, registry: Registry, usa
     # A replica that answered 5xx is judged by what the next one answers: the same request failing there too is
     # the request's fault (an image sent to a text-only model), relayed without marking either replica.
     unconfirmed: Target | None = None
+    prefix = prompt_keys(call.model, call.path, call.body) if registry.prefixes is not None else ()
     for attempt in range(2):
-        target = registry.pick(call.model, tried)
+        target = registry.pick(call.model, tried, prefix)
         if target is None:
             break
         if attempt:

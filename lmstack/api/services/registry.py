@@ -8,22 +8,24 @@ and stops it, so no new request is sent to a replica about to stop.
 What the gateway learns while serving — requests in flight, failures — lives in a `ReplicaLoad` per replica,
 kept across refreshes for as long as the replica stays Ready at the same endpoint.
 
-Choosing a replica is "power of two choices": two Ready replicas at random, the one with fewer requests in
-flight wins. It spreads load nearly as well as least-loaded without every server herding onto the same
-replica, and costs O(1). A replica that just failed (connect error, timeout, 5xx) is suspect for
-`suspect_s` seconds: it is skipped while any other replica of the model is not. So is a replica on a worker
-the controller's last pass could not reach (its facts failed, or its containers could not be listed), until
-a pass reaches it again.
+Choosing a replica: a request with a long prompt goes to the replica that served its beginning lately, within
+a bounded share of the load (services/affinity.py). Otherwise "power of two choices": two Ready replicas at
+random, the one with fewer requests in flight wins. It spreads load nearly as well as least-loaded without
+every server herding onto the same replica, and costs O(1). A replica that just failed (connect error,
+timeout, 5xx) is suspect for `suspect_s` seconds: it is skipped while any other replica of the model is not.
+So is a replica on a worker the controller's last pass could not reach (its facts failed, or its containers
+could not be listed), until a pass reaches it again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Set
+from collections.abc import Callable, Sequence, Set
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -31,6 +33,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
+from lmstack.api.services.affinity import PrefixTable
 from lmstack.api.services.metrics import Metrics
 from lmstack.backends import backend_for, normalize_applied
 from lmstack.state import Database, Deployment, Replica, Worker
@@ -38,6 +41,9 @@ from lmstack.state import Database, Deployment, Replica, Worker
 log = logging.getLogger("lmstack.api.registry")
 
 ReplicaKey = tuple[str, int, str]  # deployment, ordinal, endpoint: a replica moved elsewhere starts afresh
+# A replica that served a prompt's beginning takes the request while it holds at most this times its share of
+# the requests in flight (bounded-load consistent hashing's 1 + epsilon; 1.25 is the usual choice).
+BOUND = 1.25
 
 
 @dataclass
@@ -110,8 +116,10 @@ class _Snapshot:
 
 class Registry:
     def __init__(self, database: Database, *, refresh_s: float, metrics: Metrics, suspect_s: float = 5.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, prefix_routing: bool = True) -> None:
         self.database = database
+        # Requests with a long prompt go where its beginning was served lately (services/affinity.py).
+        self.prefixes: PrefixTable | None = PrefixTable() if prefix_routing else None
         self.refresh_s = refresh_s
         self.metrics = metrics
         self.suspect_s = suspect_s
@@ -210,11 +218,13 @@ class Registry:
         """(served name, created) for every model with at least one Ready replica, sorted by name."""
         return sorted((name, self._created.get(name, 0)) for name, found in self._targets.items() if found)
 
-    def pick(self, model: str, exclude: Set[ReplicaKey] = frozenset()) -> Target | None:
-        """A Ready replica for `model` by power of two choices on requests in flight; None if there is none.
+    def pick(self, model: str, exclude: Set[ReplicaKey] = frozenset(), prefix: Sequence[int] = ()) -> Target | None:
+        """A Ready replica for `model`; None if there is none. `prefix`: the prompt's keys (affinity.prompt_keys).
 
         Replicas in `exclude` (already tried for this request) are never chosen; suspect ones, and those on a
-        worker the last pass could not reach, only when nothing else is left.
+        worker the last pass could not reach, only when nothing else is left. Of the others: the one that served
+        the prompt's beginning lately, unless it holds more than its share of the requests in flight; else
+        power of two choices on requests in flight.
         """
         candidates = [t for t in self._targets.get(model, ()) if t.key not in exclude]
         if len(candidates) > 1:
@@ -224,10 +234,27 @@ class Registry:
             candidates = healthy or candidates
         if not candidates:
             return None
-        if len(candidates) == 1:
-            return candidates[0]
-        first, second = random.sample(candidates, 2)
-        return second if second.load.outstanding < first.load.outstanding else first
+        chosen = candidates[0] if len(candidates) == 1 else (
+            self._affine(candidates, prefix) or _two_choices(candidates))
+        if prefix and self.prefixes is not None:
+            self.prefixes.remember(prefix, chosen.key)
+        return chosen
+
+    def _affine(self, candidates: list[Target], prefix: Sequence[int]) -> Target | None:
+        """The candidate that served the prompt's beginning lately, if it is within its bounded load: at most
+        ceil(BOUND × (requests in flight + 1) / candidates) in flight with this one."""
+        if not prefix or self.prefixes is None:
+            return None
+        served = self.prefixes.lookup(prefix)
+        if served is None:
+            return None
+        for target in candidates:
+            if target.key == served:
+                in_flight = sum(t.load.outstanding for t in candidates) + 1
+                if target.load.outstanding + 1 <= math.ceil(BOUND * in_flight / len(candidates)):
+                    return target
+                return None
+        return None
 
     def failed(self, target: Target, kind: str) -> None:
         """`target` failed a request (before or during its answer): counted by `kind` (connect, timeout, status,
@@ -266,6 +293,11 @@ def _model_names(deployment: str, stored: dict[str, Any]) -> tuple[str, str]:
 # Conditions (reconcile.records) that say the last pass could not reach a worker: its facts could not be
 # gathered (Ready False: FactsFailed), or its containers could not be listed (Degraded: ContainersNotListed).
 _DOWN = {("Ready", "False", "FactsFailed"), ("Degraded", "True", "ContainersNotListed")}
+
+
+def _two_choices(candidates: list[Target]) -> Target:
+    first, second = random.sample(candidates, 2)
+    return second if second.load.outstanding < first.load.outstanding else first
 
 
 def _unreachable(conditions: object) -> bool:
