@@ -2,8 +2,12 @@
 `lmstack serve` that syncs a fleet repository onto the multi-host test bed (its own database, the bed's
 workers, one stand-in replica; the first host has two fake GPUs, the only fake).
 
-Each view is saved as a full-page screenshot at 1280 and 390 px wide (light, and the overview dark too) under
+Each view is saved as a full-page screenshot at 1280 and 390 px wide, light and dark, under
 $LMSTACK_TEST_ARTIFACTS/dashboard (default build/test-artifacts/dashboard).
+
+With LMSTACK_TEST_WHEEL_VENV (set by .ci/run: the wheel installed alone, not editable, in a fresh virtual
+environment) the server runs from that environment, so the page and its vendored chart library come from the
+installed package; without it, from this checkout.
 
 The stand-in engine waits STARTUP_S before it answers, like an engine loading its model: a replica being
 replaced stays not ready for longer than the page's polling interval, so the page shows it.
@@ -13,7 +17,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -25,7 +32,7 @@ from typing import Any
 
 import pytest
 from apiserver import ServeProcess
-from gitops import HOOK_SECRET, MODELS, Remote, wait_for
+from gitops import HOOK_SECRET, MODELS, Remote, git, wait_for
 
 from lmstack.api.security import hash_password, issue_token
 from lmstack.config import Settings
@@ -45,10 +52,68 @@ GPUS = [
 DESKTOP, PHONE = {"width": 1280, "height": 800}, {"width": 390, "height": 844}
 ARTIFACTS = Path(os.environ.get("LMSTACK_TEST_ARTIFACTS") or Path(__file__).parents[1] / "build" / "test-artifacts"
                  ) / "dashboard"
+# The engine of tests/test_backoff.py: the stand-in image with an entrypoint that logs a last line and exits 3.
+CRASH_IMAGE = "lmstack-crash:test"
+CRASH_SCRIPT = "print('fatal: stand-in engine crashed', flush=True); raise SystemExit(3)"
+EXIT_CODE = re.compile(r"exit code \d+")
+VENDORED = ("/ui/vendor/uplot/uPlot.min.css", "/ui/vendor/uplot/uPlot.iife.min.js")
 
 
 def _in_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+class WheelServe(ServeProcess):
+    """ServeProcess, run by another environment's Python (the installed wheel's): cwd "/" and that environment's
+    bin first on PATH, so neither the checkout nor this environment's lmstack is found."""
+
+    def __init__(self, env: dict[str, str], venv: Path) -> None:
+        self.venv = venv
+        super().__init__({**env, "PATH": os.pathsep.join([str(venv / "bin"), str(Path(sys.executable).parent),
+                                                          os.environ.get("PATH", "")])})
+
+    def __enter__(self) -> WheelServe:
+        python = str(self.venv / "bin" / "python")
+        self.process = subprocess.Popen([python, "-m", "lmstack", "serve"], env=self.env, cwd="/",
+                                        preexec_fn=self._limit, stdout=subprocess.DEVNULL, stderr=self.log)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"lmstack serve exited: {self.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/healthz", timeout=1):
+                    return self
+            except OSError:
+                time.sleep(0.1)
+        self.__exit__(None, None, None)
+        raise RuntimeError("lmstack serve did not answer /healthz within 30 s")
+
+
+def _wheel_venv() -> Path | None:
+    given = os.environ.get("LMSTACK_TEST_WHEEL_VENV")
+    return Path(given) if given else None
+
+
+def _serve_process(env: dict[str, str], port: int | None = None) -> ServeProcess:
+    """A server from the wheel's environment when CI made one (LMSTACK_TEST_WHEEL_VENV), else from the checkout;
+    on `port` when given (a restart at the address the page was loaded from)."""
+    venv = _wheel_venv()
+    server = WheelServe(env, venv) if venv is not None else ServeProcess(env)
+    if port is not None:
+        server.port = port
+        server.env["LMSTACK_PORT"] = str(port)
+    return server
+
+
+def _ui_dir() -> Path:
+    """The ui/ folder the server serves: the installed package's, or the checkout's."""
+    venv = _wheel_venv()
+    if venv is None:
+        return Path(__file__).parents[1] / "ui"
+    probe = "from lmstack.api.routes.ui import UI_DIR; print(UI_DIR)"
+    done = subprocess.run([str(venv / "bin" / "python"), "-c", probe], cwd="/", capture_output=True, text=True,
+                          check=True, timeout=60, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    return Path(done.stdout.strip())
 
 
 @dataclass
@@ -57,6 +122,7 @@ class Fleet:
     remote: Remote
     gpu_worker: str
     env: dict[str, str]
+    ui_dir: Path
 
     def get(self, path: str, *, admin: bool = False) -> Any:
         return self.call("GET", path, admin=admin)
@@ -113,7 +179,7 @@ def fleet(testbed: Any, standin_image: str, create_database: Callable[[], str],
            "LMSTACK_WEBHOOK_SECRET": HOOK_SECRET}
     fleet = None
     try:
-        fleet = Fleet(ServeProcess(env).__enter__(), remote, testbed.hosts[0].name, env)
+        fleet = Fleet(_serve_process(env).__enter__(), remote, testbed.hosts[0].name, env, _ui_dir())
         wait_for("the commit applied with a ready replica and the GPU facts in", lambda: _settled(fleet),
                  timeout_s=90, interval_s=0.5)
         yield fleet
@@ -173,7 +239,9 @@ def test_nothing_is_fetched_before_login_and_a_wrong_password_shows_an_error(
     page.get_by_role("heading", name="Log in to lmstack").wait_for()
     assert page.get_by_role("navigation").count() == 0  # no views without a login
     page.wait_for_load_state("networkidle")
-    assert requests == [("GET", "/"), ("GET", "/ui/app.css"), ("GET", "/ui/app.js")]
+    # The page's own files and the vendored chart library, all from this server; no data.
+    assert requests[0] == ("GET", "/")
+    assert sorted(requests[1:]) == sorted(("GET", path) for path in ("/ui/app.css", "/ui/app.js", *VENDORED))
     _shoot(page, shots, "login-1280")
 
     requests.clear()
@@ -187,11 +255,27 @@ def test_nothing_is_fetched_before_login_and_a_wrong_password_shows_an_error(
     _shoot(page, shots, "login-error-1280")
     page.context.close()
 
-    phone = _page(browser, PHONE)
-    phone.goto(fleet.server.url + "/")
-    phone.get_by_role("heading", name="Log in to lmstack").wait_for()
-    _shoot(phone, shots, "login-390")
-    phone.context.close()
+    for size, dark in ((PHONE, False), (DESKTOP, True), (PHONE, True)):
+        other = _page(browser, size, dark=dark)
+        other.goto(fleet.server.url + "/")
+        other.get_by_role("heading", name="Log in to lmstack").wait_for()
+        _shoot(other, shots, f"login{'-dark' if dark else ''}-{size['width']}")
+        other.context.close()
+
+
+def test_the_page_and_its_chart_library_come_from_the_package_the_server_runs(fleet: Fleet) -> None:
+    """In CI the installed wheel's files (LMSTACK_TEST_WHEEL_VENV), else the checkout's."""
+    venv = _wheel_venv()
+    if venv is not None:
+        assert fleet.ui_dir.is_relative_to(venv.resolve()) or fleet.ui_dir.is_relative_to(venv), fleet.ui_dir
+        assert fleet.server.process is not None
+        argv = Path(f"/proc/{fleet.server.process.pid}/cmdline").read_bytes().split(b"\0")
+        assert argv[0].decode() == str(venv / "bin" / "python"), argv
+    for path, name in (("/", "index.html"), ("/ui/app.js", "app.js"), *((p, p.removeprefix("/ui/")) for p in VENDORED)):
+        with urllib.request.urlopen(fleet.server.url + path, timeout=10) as response:
+            assert response.read() == (fleet.ui_dir / name).read_bytes(), path
+    with urllib.request.urlopen(fleet.server.url + "/ui/vendor/uplot/uPlot.iife.min.js", timeout=10) as response:
+        assert b"uPlot (v1.6.32)" in response.read(200)
 
 
 @pytest.mark.parametrize("size", [DESKTOP, PHONE], ids=["1280", "390"])
@@ -240,19 +324,6 @@ def test_after_login_the_overview_shows_the_commit_and_the_workers_their_gpus(
     placed = page.locator("article[data-worker]", has=page.locator(".replicas li", has_text="chat/0"))
     assert placed.count() == 1 and "ready" in placed.locator(".replicas").inner_text()
     _shoot(page, shots, f"workers-{width}")
-    page.context.close()
-
-
-def test_the_overview_in_dark_mode(fleet: Fleet, browser: Any, shots: Path) -> None:
-    page = _page(browser, DESKTOP, dark=True)
-    _log_in(page, fleet.server.url)
-    page.locator(f'code.sha[data-sha="{fleet.remote.head}"]').first.wait_for()
-    background = page.evaluate("getComputedStyle(document.body).backgroundColor")
-    assert background == "rgb(17, 20, 24)", background  # the dark palette, not white
-    _shoot(page, shots, "overview-dark-1280")
-    page.get_by_role("link", name="Workers", exact=True).click()
-    page.locator(f'article[data-worker="{fleet.gpu_worker}"]').wait_for()
-    _shoot(page, shots, "workers-dark-1280")
     page.context.close()
 
 
@@ -422,6 +493,95 @@ def test_usage_per_key_and_model_a_viewer_sees_only_their_own(fleet: Fleet, brow
     phone.context.close()
 
 
+def _chart_peak(page: Any, chart: str, model: str) -> float:
+    """The highest value a chart shows for `model` (its text alternative says it: "... chat up to 0.3/s")."""
+    label = page.locator(f'figure[data-chart="{chart}"] .chart-plot').get_attribute("aria-label") or ""
+    found = re.search(rf"(?:: |, ){re.escape(model)} up to ([0-9.]+)k?", label)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_the_overview_charts_the_requests_sent_through_the_gateway(fleet: Fleet, browser: Any, shots: Path) -> None:
+    import openai
+
+    key = fleet.call("POST", "/api/keys", {"name": "charts"})["key"]
+    client = openai.OpenAI(base_url=fleet.server.url + "/v1", api_key=key, max_retries=0, timeout=30)
+    messages: Any = [{"role": "user", "content": "how busy is the gateway?"}]
+    for _ in range(4):
+        answer = client.chat.completions.create(model="chat", messages=messages, max_tokens=8)
+        assert answer.choices[0].message.content
+    for _ in range(3):
+        chunks = list(client.chat.completions.create(model="chat", messages=messages, max_tokens=8, stream=True,
+                                                     stream_options={"include_usage": True}))
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    # An error the gateway counts: the second request of a key limited to one a minute (429).
+    limited = fleet.call("POST", "/api/keys", {"name": "one a minute", "rpm_limit": 1})["key"]
+    slow = openai.OpenAI(base_url=fleet.server.url + "/v1", api_key=limited, max_retries=0, timeout=30)
+    slow.chat.completions.create(model="chat", messages=messages, max_tokens=4)
+    with pytest.raises(openai.RateLimitError):
+        slow.chat.completions.create(model="chat", messages=messages, max_tokens=4)
+
+    traffic = fleet.get("/api/traffic")
+    [chat] = [m for m in traffic["models"] if m["model"] == "chat"]
+    assert sum(chat["requests"]) >= 9 and sum(chat["errors"]) >= 1 and sum(chat["completionTokens"]) > 0
+    assert any(t is not None and t > 0 for t in chat["ttftMs"])
+
+    for size in (DESKTOP, PHONE):
+        _charts_show_the_requests(fleet, browser, shots, size)
+
+
+def _charts_show_the_requests(fleet: Fleet, browser: Any, shots: Path, size: dict[str, int]) -> None:
+    page = _page(browser, size)
+    _log_in(page, fleet.server.url)
+    panel = page.get_by_role("region", name="Traffic")
+    row = panel.locator('tr[data-model="chat"]')
+    row.wait_for()
+    wait_for("the totals to count the test's requests",
+             lambda: int(row.locator("td").first.inner_text().replace(",", "")) >= 9, timeout_s=15)
+    assert int(row.locator("td").nth(1).inner_text()) >= 1  # the 429
+    for chart in ("requests", "tokens", "errors", "ttft"):
+        figure = panel.locator(f'figure[data-chart="{chart}"]')
+        assert figure.locator("canvas").count() >= 1
+        assert "chat" in figure.locator(".u-legend").inner_text()
+    # The charts leave out the 10 seconds still filling: the requests show within a bucket and a poll.
+    wait_for("the charts to show the requests", lambda: all(
+        _chart_peak(page, chart, "chat") > 0 for chart in ("requests", "tokens", "errors", "ttft")), timeout_s=30)
+    # The plot fills its box and the box stays inside the page (no sideways scrolling at phone width).
+    box = panel.locator('figure[data-chart="requests"] canvas').first.bounding_box()
+    frame = panel.locator('figure[data-chart="requests"] .chart-plot').bounding_box()
+    assert box is not None and frame is not None and abs(box["width"] - frame["width"]) <= 2, (box, frame)
+    assert page.evaluate("document.documentElement.scrollWidth") <= size["width"]
+    _shoot(page, shots, f"overview-traffic-{size['width']}")
+    page.context.close()
+
+
+@pytest.mark.parametrize("size", [DESKTOP, PHONE], ids=["1280", "390"])
+def test_every_view_in_dark_mode(fleet: Fleet, browser: Any, shots: Path, size: dict[str, int]) -> None:
+    width = size["width"]
+    page = _page(browser, size, dark=True)
+    _log_in(page, fleet.server.url, ADMIN_PASSWORD, user=ADMIN)
+    page.locator(f'code.sha[data-sha="{fleet.remote.head}"]').first.wait_for()
+    background = page.evaluate("getComputedStyle(document.body).backgroundColor")
+    assert background == "rgb(17, 20, 24)", background  # the dark palette, not white
+    page.locator('figure[data-chart="requests"] canvas').first.wait_for()
+    wait_for("the charts drawn with data", lambda: _chart_peak(page, "requests", "chat") > 0, timeout_s=15)
+    _shoot(page, shots, f"overview-dark-{width}")
+    views = (("workers", f'article[data-worker="{fleet.gpu_worker}"]'),
+             ("deployments", 'tr[data-deployment="chat"]'),
+             ("deployments/chat", 'section[aria-labelledby="deployment-events"] tr[data-event]'),
+             ("sync", "#sync details[data-run]"),
+             ("events", "#events tr[data-event]"),
+             ("usage", "#usage table"))
+    for route, shown in views:
+        page.evaluate(f"location.hash = '#/{route}'")
+        page.locator(shown).first.wait_for()
+        assert page.evaluate("document.documentElement.scrollWidth") <= width, route  # nothing sticks out
+        if route == "sync":
+            page.locator("details[data-run] > summary").first.click()
+        name = "deployment" if route == "deployments/chat" else route
+        _shoot(page, shots, f"{name}-dark-{width}")
+    page.context.close()
+
+
 def test_after_a_new_commit_is_synced_the_page_updates_without_reload(fleet: Fleet, browser: Any,
                                                                         shots: Path) -> None:
     page = _page(browser, DESKTOP)
@@ -468,6 +628,96 @@ def test_a_replica_the_test_removes_shows_as_not_ready(fleet: Fleet, browser: An
     page.context.close()
 
 
+def _crash_image(fleet: Fleet) -> None:
+    """The crashing image on the first host, made from the stand-in (no registry): a container committed with
+    another entrypoint."""
+    bed, node = fleet.remote.bed, fleet.gpu_worker
+    if bed.docker(node, "image", "inspect", CRASH_IMAGE, check=False).returncode == 0:
+        return
+    base = f"lmstack-crash-base-{uuid.uuid4().hex[:8]}"
+    bed.docker(node, "create", "--name", base, fleet.remote.image)
+    bed.docker(node, "commit", "--change", f"ENTRYPOINT {json.dumps(['/usr/bin/python3', '-c', CRASH_SCRIPT])}",
+               base, CRASH_IMAGE)
+    bed.docker(node, "rm", base)
+
+
+def _crash_looping(fleet: Fleet) -> bool:
+    try:
+        detail = fleet.get("/api/deployments/crashy")
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            return False
+        raise
+    degraded = next((c for c in detail["conditions"] if c["type"] == "Degraded"), None)
+    return bool(degraded and degraded["status"] == "True" and degraded["reason"] == "CrashLoopBackOff"
+                and detail["replicas"] and detail["replicas"][0]["lastExitCode"] == 3)
+
+
+def test_a_crash_looping_deployment_shows_degraded_with_its_exit_code_and_log_tail(
+        fleet: Fleet, browser: Any, shots: Path) -> None:
+    _crash_image(fleet)
+    remote = fleet.remote
+    manifest = remote.work / "manifests" / "crashy.yaml"
+    manifest.write_text(
+        "apiVersion: lmstack.dev/v1\nkind: Deployment\nmetadata: {name: crashy}\nspec:\n"
+        f"  backend: vllm\n  model: test/crashy\n  image: {CRASH_IMAGE}\n  replicas: 1\n  resources: {{gpus: 0}}\n"
+        f"  placement: {{workers: [{fleet.gpu_worker}]}}\n  health: {{startupTimeout: 60s}}\n")
+    git("add", "-A", cwd=remote.work)
+    git("commit", "-qm", "crashy: an engine that exits 3", cwd=remote.work)
+    git("push", "-q", "origin", "main", cwd=remote.work)
+    fleet.poke()
+    try:
+        wait_for("crashy Degraded with CrashLoopBackOff and exit code 3", lambda: _crash_looping(fleet),
+                 timeout_s=90, interval_s=0.5)
+        page = _admin_page(browser, fleet, DESKTOP)
+        # The overview's deployments: the reason leads.
+        overview_row = page.get_by_role("region", name="Replicas").get_by_role("row", name="crashy")
+        overview_row.wait_for()
+        assert "CrashLoopBackOff" in overview_row.inner_text()
+
+        page.evaluate("location.hash = '#/deployments'")
+        row = page.locator('tr[data-deployment="crashy"]')
+        row.wait_for()
+        listed = row.inner_text()
+        assert "0/1" in listed and "Degraded" in listed and "CrashLoopBackOff" in listed, listed
+        # (The exit code is the API's, checked above; a later retry may have recorded another attempt.)
+        assert EXIT_CODE.search(listed) and "fatal: stand-in engine crashed" in listed, listed
+        assert row.locator(".badge.bad").count() >= 1
+        _shoot(page, shots, "deployments-crashloop-1280")
+
+        row.get_by_role("link", name="crashy").click()
+        replica = page.locator('tr[data-replica="crashy/0"]')
+        replica.wait_for()
+        degraded = page.get_by_role("region", name="Summary").locator("[data-condition=Degraded]")
+        assert "CrashLoopBackOff" in degraded.inner_text() and EXIT_CODE.search(degraded.inner_text())
+        assert replica.locator(".badge").first.inner_text() == "failed"
+        crash = replica.locator(".crash")
+        assert "CrashLoopBackOff" in crash.inner_text() and EXIT_CODE.search(crash.inner_text()), crash.inner_text()
+        assert "fatal: stand-in engine crashed" in crash.locator("pre.log-tail").inner_text()
+        page.get_by_role("region", name="Recent events").locator("tr[data-event]").first.wait_for()
+        _shoot(page, shots, "deployment-crashloop-1280")
+        page.context.close()
+
+        for dark in (False, True):
+            phone = _page(browser, PHONE, dark=dark)
+            _log_in(phone, fleet.server.url)
+            phone.evaluate("location.hash = '#/deployments/crashy'")
+            phone.locator('tr[data-replica="crashy/0"] .crash pre.log-tail').wait_for()
+            phone.get_by_role("region", name="Recent events").locator("tr[data-event]").first.wait_for()
+            assert phone.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+            _shoot(phone, shots, f"deployment-crashloop{'-dark' if dark else ''}-390")
+            phone.context.close()
+    finally:  # the later tests want the fleet as it was
+        manifest.unlink()
+        git("add", "-A", cwd=remote.work)
+        git("commit", "-qm", "crashy: removed", cwd=remote.work)
+        git("push", "-q", "origin", "main", cwd=remote.work)
+        fleet.poke()
+        wait_for("crashy pruned", lambda: all(d["name"] != "crashy"
+                                              for d in fleet.get("/api/deployments")["deployments"]),
+                 timeout_s=60, interval_s=0.5)
+
+
 def test_the_page_keeps_its_data_through_a_server_restart_and_updates_again(
         fleet: Fleet, browser: Any, shots: Path) -> None:
     page = _page(browser, DESKTOP)
@@ -484,20 +734,14 @@ def test_the_page_keeps_its_data_through_a_server_restart_and_updates_again(
     assert card.is_visible() and card.locator(".gpu").count() == 2  # the last data stays on screen
     _shoot(page, shots, "workers-server-down-1280")
 
-    restarted = ServeProcess(fleet.env)
-    restarted.port = port  # the same address: the page retries where it was loaded from
-    restarted.env["LMSTACK_PORT"] = str(port)
     deadline = time.monotonic() + 30
     while True:
-        try:
-            fleet.server = restarted.__enter__()
+        try:  # the same address: the page retries where it was loaded from
+            fleet.server = _serve_process(fleet.env, port).__enter__()
             break
         except RuntimeError:  # the old socket may linger a moment
             if time.monotonic() > deadline:
                 raise
-            restarted = ServeProcess(fleet.env)
-            restarted.port = port
-            restarted.env["LMSTACK_PORT"] = str(port)
             time.sleep(0.5)
     banner.wait_for(state="hidden", timeout=20_000)
     wait_for("the page updated again", lambda: page.locator("#updated").inner_text() != updated, timeout_s=20)

@@ -103,6 +103,10 @@ def test_the_installed_package_holds_every_module_its_playbooks_and_its_dashboar
     assert not missing, f"modules not in the wheel (add their package to pyproject.toml): {sorted(missing)}"
     assert files(ROOT / "playbooks") <= files(playbooks)
     assert files(ROOT / "ui") <= files(ui) and "index.html" in files(ui)
+    # The vendored chart library and its licence (ui/vendor/README.md): package data in a folder below ui/.
+    assert {"vendor/uplot/uPlot.iife.min.js", "vendor/uplot/uPlot.min.css", "vendor/uplot/LICENSE"} <= files(ui)
+    assert (ui / "vendor" / "uplot" / "uPlot.iife.min.js").read_bytes() == (
+        ROOT / "ui" / "vendor" / "uplot" / "uPlot.iife.min.js").read_bytes()
 
 
 @contextmanager
@@ -164,6 +168,9 @@ def test_facts_and_the_dashboard_from_the_installed_wheel(venv: Path, testbed: A
             assert (status, kind) == (200, "text/html; charset=utf-8")
             assert b'<script type="module" src="/ui/app.js">' in page
             assert _get(url + "/ui/app.js")[2] == (ROOT / "ui" / "app.js").read_bytes()
+            status, kind, library = _get(url + "/ui/vendor/uplot/uPlot.iife.min.js")
+            assert status == 200 and "javascript" in kind
+            assert library == (ROOT / "ui" / "vendor" / "uplot" / "uPlot.iife.min.js").read_bytes()
             assert _get(url + "/ui/installed-copy.txt")[2] == b"from the wheel\n"
     finally:
         marker.unlink()

@@ -94,6 +94,7 @@ async function extras(route) {
     return { events: (await api(`/api/events?object=${object}&limit=25`)).events };
   }
   if (route.view === "events") return { events: (await api("/api/events?limit=200")).events };
+  if (route.view === "overview") return { traffic: await api("/api/traffic") };
   if (route.view === "usage") {
     const since = new Date(Date.now() - USAGE_WINDOWS[usageWindow()] * 3600 * 1000);
     since.setUTCMinutes(0, 0, 0); // rows cover whole hours
@@ -208,6 +209,7 @@ function logOut(message) {
   data = null;
   sessionStorage.removeItem(TOKEN_KEY);
   closeLogs();
+  closeTraffic();
   openRuns.clear();
   for (const id of ["overview", "workers", "deployments", "deployment-body", "sync", "events", "usage"]) {
     $(id).replaceChildren();
@@ -266,7 +268,10 @@ function render() {
   if (route.name) $("deployment-title").textContent = route.name;
   if (!data) return;
   const ready = data.extra.key === extrasKey(route); // else: fetched for another view; the next poll brings it
-  if (view === "overview") $("overview").replaceChildren(...overview(data));
+  if (view === "overview") {
+    $("overview").replaceChildren(...overview(data));
+    traffic(data, ready);
+  }
   else if (view === "workers") $("workers").replaceChildren(workers(data));
   else if (view === "deployments" && route.name) deploymentView(data, route.name, ready);
   else if (view === "deployments") $("deployments").replaceChildren(deploymentList(data));
@@ -367,6 +372,203 @@ function deploymentTable(deployments) {
           h("td", {}, badge(`${dep.replicasReady}/${dep.replicasWanted}`, tone)),
           h("td", {}, shown ? [shown.reason || shown.type, shown.message ? h("div", { class: "muted small", text: shown.message }) : null] : "—"));
       }))));
+}
+
+// -- traffic: the gateway's last 15 minutes per model (GET /api/traffic), drawn with uPlot (ui/vendor) -------
+//
+// The series lives in the memory of the server process that answered (it starts empty at a restart). The
+// charts are made once and get new data at each update; they are made again only when the models or the
+// colour scheme change. The bucket still filling is left out of the charts (it would read as a dip) and
+// counted in the totals.
+
+const CHARTS = [
+  { key: "requests", title: "Requests/s", unit: "/s", rate: true, pick: (s, i) => s.requests[i] },
+  { key: "tokens", title: "Tokens/s", note: "prompt + completion", unit: "/s", rate: true,
+    pick: (s, i) => s.promptTokens[i] + s.completionTokens[i] },
+  { key: "errors", title: "Errors/s", note: "status 400 or more", unit: "/s", rate: true, pick: (s, i) => s.errors[i] },
+  { key: "ttft", title: "Time to first token", note: "mean", unit: " ms", rate: false, pick: (s, i) => s.ttftMs[i] },
+];
+const SERIES_COLORS = 8; // --series-0 … --series-7 in app.css, one set for light and one for dark
+const DARK = window.matchMedia("(prefers-color-scheme: dark)");
+let charts = null; // {panel, plots: Map(key -> {chart, host, plot}), table, note, shape, observer}
+
+function traffic(d, ready) {
+  if (!charts) {
+    charts = makeTrafficPanel();
+    $("overview-traffic").replaceChildren(charts.panel);
+  }
+  if (!ready || !d.extra.traffic) return; // fetched for another view: the next poll brings it
+  const t = d.extra.traffic;
+  const byName = new Map(t.models.map((s) => [s.model, s]));
+  // Every deployment's model, with traffic or not, and any other model that had some (one since removed).
+  const names = [...new Set([...d.deployments.map((dep) => dep.servedName), ...byName.keys()])].sort();
+  charts.note.textContent = `Last ${Math.round(t.windowSeconds / 60)} minutes in ${t.bucketSeconds}-second steps, ` +
+    "as this server process counted them (it starts again from zero when the server restarts).";
+  if (!names.length) {
+    dropPlots();
+    charts.grid.replaceChildren(h("p", { class: "muted", text: "No models deployed, and no requests." }));
+    charts.table.replaceChildren();
+    return;
+  }
+  const done = t.times.length - 1; // the last bucket is still filling
+  const xs = t.times.slice(0, done);
+  const shape = `${DARK.matches ? "dark" : "light"}\u0000${names.join("\u0000")}`;
+  if (shape !== charts.shape) {
+    dropPlots();
+    const figures = CHARTS.map((c) => chartFigure(c));
+    charts.grid.replaceChildren(...figures.map((f) => f.figure)); // in the page first: the plots take its width
+    for (const f of figures) makePlot(f, names);
+    charts.shape = shape;
+  }
+  for (const c of CHARTS) {
+    const ys = names.map((name) => {
+      const s = byName.get(name);
+      return xs.map((_, i) => {
+        if (!s) return c.rate ? 0 : null;
+        const v = c.pick(s, i);
+        return v === null || v === undefined ? null : c.rate ? v / t.bucketSeconds : v;
+      });
+    });
+    const entry = charts.plots.get(c.key);
+    entry.plot.setData([xs, ...ys]);
+    entry.plot.setLegend(); // the legend's values again (the latest, unless the pointer is over the plot)
+    entry.host.setAttribute("aria-label", `${c.title} over the last ${Math.round(t.windowSeconds / 60)} minutes: ` +
+      names.map((name, i) => `${name} up to ${fmt(Math.max(0, ...ys[i].filter((v) => v !== null)))}${c.unit}`).join(", "));
+  }
+  charts.table.replaceChildren(trafficTotals(names, byName));
+}
+
+function makeTrafficPanel() {
+  const grid = h("div", { class: "charts" });
+  const note = h("p", { class: "muted small" });
+  const table = h("div", {});
+  const panel = h("section", { class: "panel traffic", "aria-labelledby": "traffic-title" },
+    h("div", { class: "panel-head" }, h("h2", { id: "traffic-title", text: "Traffic" }),
+      h("a", { href: "#/usage", text: "Usage by key" })),
+    note, grid, table);
+  // Each plot follows its box's width (the page's layout decides it; uPlot draws at a fixed size).
+  const observer = new ResizeObserver((entries) => {
+    for (const e of entries) {
+      const found = [...charts.plots.values()].find((p) => p.host === e.target);
+      const width = Math.floor(e.contentRect.width);
+      if (found && width > 0 && width !== found.plot.width) found.plot.setSize({ width, height: chartHeight() });
+    }
+  });
+  return { panel, grid, note, table, plots: new Map(), shape: null, observer };
+}
+
+function chartHeight() {
+  return window.matchMedia("(max-width: 720px)").matches ? 150 : 180;
+}
+
+function chartFigure(c) {
+  const id = `chart-${c.key}`;
+  const host = h("div", { class: "chart-plot", role: "img", "aria-label": c.title });
+  const figure = h("figure", { class: "chart", "data-chart": c.key, "aria-labelledby": id },
+    h("figcaption", { id }, h("strong", { text: c.title }), c.note ? h("span", { class: "muted small", text: ` ${c.note}` }) : null),
+    host);
+  return { chart: c, figure, host };
+}
+
+function makePlot({ chart: c, host }, names) {
+  const css = getComputedStyle(document.documentElement);
+  const color = (name) => css.getPropertyValue(name).trim();
+  const axis = {
+    stroke: color("--muted"),
+    font: "12px system-ui, sans-serif",
+    grid: { stroke: color("--line"), width: 1 },
+    ticks: { stroke: color("--line"), width: 1, size: 4 },
+  };
+  const colors = [null, ...names.map((_, i) => color(`--series-${i % SERIES_COLORS}`))];
+  // The legend shows the values under the pointer, and the latest bucket's while the pointer is elsewhere.
+  const shown = (u, v, si, idx) => (idx === null || idx === undefined ? u.data[si][u.data[si].length - 1] : v);
+  const plot = new uPlot({
+    width: Math.max(200, host.clientWidth || 300),
+    height: chartHeight(),
+    legend: { show: true, live: true, markers: { width: 0, fill: (u, si) => colors[si] } },
+    cursor: { y: false, points: { size: 6 } },
+    scales: { x: { time: true }, y: { range: (u, min, max) => [0, niceCeil(max)] } },
+    axes: [
+      { ...axis, space: 60, size: 30, values: (u, values) => values.map((v) => hhmm(v)) },
+      { ...axis, size: 44, values: (u, values) => values.map((v) => fmt(v)) },
+    ],
+    series: [
+      { label: "At", value: (u, v, si, idx) => { const t = shown(u, v, si, idx); return t ? hhmm(t, true) : "—"; } },
+      ...names.map((name, i) => ({
+        label: name,
+        stroke: colors[i + 1],
+        width: 2,
+        // Time to first token has gaps (buckets without a generation): dots, so a lone bucket still shows.
+        points: c.rate ? { show: false } : { show: true, size: 5, fill: colors[i + 1] },
+        spanGaps: false,
+        value: (u, v, si, idx) => {
+          const value = shown(u, v, si, idx);
+          return value === null || value === undefined ? "—" : `${fmt(value)}${c.unit}`;
+        },
+      })),
+    ],
+  }, [[], ...names.map(() => [])], host);
+  charts.plots.set(c.key, { chart: c, host, plot });
+  charts.observer.observe(host);
+}
+
+function trafficTotals(names, byName) {
+  const sum = (list) => list.reduce((a, b) => a + b, 0);
+  return h("div", { class: "table-wrap" }, h("table", { class: "traffic-totals" },
+    h("caption", { class: "small muted", text: "Totals over the window" }),
+    h("thead", {}, h("tr", {},
+      h("th", { scope: "col", text: "Model" }),
+      h("th", { scope: "col", class: "num", text: "Requests" }),
+      h("th", { scope: "col", class: "num", text: "Errors" }),
+      h("th", { scope: "col", class: "num", text: "Tokens in / out" }))),
+    h("tbody", {}, names.map((name, i) => {
+      const s = byName.get(name);
+      const errors = s ? sum(s.errors) : 0;
+      return h("tr", { "data-model": name },
+        h("th", { scope: "row" }, h("span", { class: `key series-${i % SERIES_COLORS}` }), name),
+        h("td", { class: "num", text: count(s ? sum(s.requests) : 0) }),
+        h("td", { class: `num${errors ? " error-text" : ""}`, text: count(errors) }),
+        h("td", { class: "num", text: s ? `${count(sum(s.promptTokens))} / ${count(sum(s.completionTokens))}` : "0 / 0" }));
+    }))));
+}
+
+function dropPlots() {
+  if (!charts) return;
+  for (const { host, plot } of charts.plots.values()) {
+    charts.observer.unobserve(host);
+    plot.destroy();
+  }
+  charts.plots.clear();
+  charts.shape = null;
+}
+
+function closeTraffic() {
+  if (!charts) return;
+  dropPlots();
+  charts.observer.disconnect();
+  charts = null;
+  $("overview-traffic").replaceChildren();
+}
+
+// The axis's top: 1, 2 or 5 times a power of ten, at or above `max` (1 when there is nothing).
+function niceCeil(max) {
+  if (!(max > 0)) return 1;
+  const power = 10 ** Math.floor(Math.log10(max));
+  for (const step of [1, 2, 5, 10]) if (step * power >= max) return step * power;
+  return 10 * power;
+}
+
+// Unix seconds as the local time of day, "14:05" (or "14:05:30").
+function hhmm(seconds, withSeconds) {
+  return new Date(seconds * 1000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", hourCycle: "h23",
+    second: withSeconds ? "2-digit" : undefined });
+}
+
+function fmt(v) {
+  if (v >= 10000) return `${Math.round(v / 1000)}k`;
+  if (v >= 1000) return `${(v / 1000).toFixed(1).replace(/\.0$/, "")}k`;
+  if (v >= 10 || Number.isInteger(v)) return String(Math.round(v));
+  return String(Number(v.toPrecision(v >= 1 ? 3 : 2))); // 2.5, 1.25, 0.075, 0.33
 }
 
 // -- workers ----------------------------------------------------------------------------------------------
@@ -516,7 +718,9 @@ function deploymentList(d) {
         h("th", { scope: "col", class: "wide-only", text: "Replicas run" }))),
       h("tbody", {}, d.deployments.map((dep) => {
         const detail = details.get(dep.name);
-        const problems = dep.conditions.filter((c) => conditionTone(c) === "bad" || conditionTone(c) === "warn");
+        // What is wrong first: Degraded (bad) before not Ready (warn).
+        const problems = dep.conditions.filter((c) => conditionTone(c) === "bad" || conditionTone(c) === "warn")
+          .sort((a, b) => (conditionTone(a) === "bad" ? 0 : 1) - (conditionTone(b) === "bad" ? 0 : 1));
         return h("tr", { "data-deployment": dep.name },
           h("th", { scope: "row" }, deploymentLink(dep.name),
             h("div", { class: "muted small" }, `${dep.model}`, dep.servedName !== dep.model ? ` · served as ${dep.servedName}` : null)),
@@ -561,7 +765,10 @@ function deploymentView(d, name, ready) {
     detail.replicas.length ? h("div", { class: "table-wrap" }, h("table", { class: "replica-table" },
       h("caption", { class: "visually-hidden", text: `Replicas of ${name}` }),
       h("thead", {}, h("tr", {},
-        ["Replica", "Worker", "Status", "Revision"].map((c) => h("th", { scope: "col", text: c })),
+        h("th", { scope: "col", text: "Replica" }),
+        h("th", { scope: "col", class: "wide-only", text: "Worker" }),
+        h("th", { scope: "col", text: "Status" }),
+        h("th", { scope: "col", class: "wide-only", text: "Revision" }),
         h("th", { scope: "col", class: "wide-only", text: "Updated" }),
         admin ? h("th", { scope: "col", class: "wide-only", text: "Endpoint" }) : null)),
       h("tbody", {}, detail.replicas.map((r) => replicaRow(detail, r, admin))))) : h("p", { class: "muted", text: "No replicas recorded." }));
@@ -602,11 +809,14 @@ function replicaRow(detail, r, admin) {
     r.retryAfter && new Date(r.retryAfter) > new Date() ? [", next try ", timeAgo(r.retryAfter, true)] : null,
     r.lastLog ? h("pre", { class: "log-tail", text: r.lastLog }) : null) : null;
   return h("tr", { "data-replica": r.name },
-    h("th", { scope: "row" }, r.name, r.gpus.length ? h("div", { class: "muted small", text: `GPU ${r.gpus.join(", ")}` }) : null),
-    h("td", { text: r.worker }),
+    h("th", { scope: "row" }, r.name, r.gpus.length ? h("div", { class: "muted small", text: `GPU ${r.gpus.join(", ")}` }) : null,
+      // At phone width the worker and revision columns fold in here.
+      h("div", { class: "phone-only muted small" }, `on ${r.worker}`, h("br"), r.revision ? sha(r.revision) : "no revision",
+        stale ? h("div", { class: "warn-text", text: "older spec" }) : null)),
+    h("td", { class: "wide-only", text: r.worker }),
     h("td", {}, badge(r.status, TONE[r.status] || "none"),
       r.message ? h("div", { class: "muted small message-text", text: r.message }) : null, crash),
-    h("td", {}, r.revision ? sha(r.revision) : "—", stale ? h("div", { class: "small warn-text", text: "older spec" }) : null),
+    h("td", { class: "wide-only" }, r.revision ? sha(r.revision) : "—", stale ? h("div", { class: "small warn-text", text: "older spec" }) : null),
     h("td", { class: "wide-only small" }, timeAgo(r.updatedAt)),
     admin ? h("td", { class: "wide-only small" }, r.endpoint ? h("code", { text: r.endpoint }) : "—") : null);
 }
@@ -761,7 +971,7 @@ function runBody(run) {
             h("li", {}, h("code", { text: c.path }), `: ${brief(c.old)} → ${brief(c.new)}`))) : null),
         h("td", {}, done ? [badge(done.ok ? "done" : "failed", done.ok ? "ok" : "bad"),
           done.seconds !== null && done.seconds !== undefined ? h("span", { class: "muted small", text: ` ${done.seconds} s` }) : null,
-          done.message ? h("div", { class: "small", text: done.message }) : null]
+          done.message ? h("div", { class: "small message-text", text: done.message }) : null]
           : h("span", { class: "muted", text: result ? "not done" : "pending" })));
     })))) : h("p", { class: "muted small", text: "Nothing to change: every replica was as the commit asks." }));
   if (plan.unplaceable.length) {
@@ -834,7 +1044,7 @@ function usage(rows) {
     h("h2", { id: "usage-models", text: "Per model" }),
     h("ul", { class: "model-usage" }, models.map((m) => h("li", { "data-model": m.model },
       h("div", { class: "model-usage-head" }, h("strong", { text: m.model }),
-        h("span", { class: "muted small", text: `${m.requests} requests · ${m.errors} errors · ${count(m.total)} tokens` })),
+        h("span", { class: "muted small", text: `${plural(m.requests, "request")} · ${plural(m.errors, "error")} · ${plural(m.total, "token")}` })),
       h("div", { class: "bar", role: "img", "aria-label": `${m.model}: ${count(m.total)} tokens` }, segment("ours", m.total, most))))));
   const keys = [...byKey.values()].sort((a, b) => a.key.localeCompare(b.key) || a.model.localeCompare(b.model));
   const perKey = h("section", { class: "panel", "aria-labelledby": "usage-keys" },
@@ -874,6 +1084,10 @@ function add(totals, row) {
 
 function count(n) {
   return n.toLocaleString("en");
+}
+
+function plural(n, noun) {
+  return `${count(n)} ${noun}${n === 1 ? "" : "s"}`;
 }
 
 // -- small pieces -----------------------------------------------------------------------------------------
@@ -961,6 +1175,10 @@ window.addEventListener("hashchange", () => {
   if (data && data.extra.key !== extrasKey(currentRoute())) refreshSoon();
 });
 $("events-type").addEventListener("change", render);
+DARK.addEventListener("change", () => {
+  if (charts) charts.shape = null; // drawn again in the other scheme's colours
+  render();
+});
 $("usage-window").addEventListener("change", () => {
   render();
   refreshSoon();

@@ -22,7 +22,7 @@ from lmstack import __version__
 from lmstack.api.deps import authenticate
 from lmstack.api.errors import install_error_handlers
 from lmstack.api.inputs import checked
-from lmstack.api.routes import auth, gateway, health, hooks, keys, logs, metrics, status, ui
+from lmstack.api.routes import auth, gateway, health, hooks, keys, logs, metrics, status, traffic, ui
 from lmstack.api.security import load_or_create_secret
 from lmstack.api.services.keys import KeyCache
 from lmstack.api.services.metrics import Metrics
@@ -103,7 +103,7 @@ def create_app(settings: Settings, *, database: Database | None = None,
     )
     app.state.controller = controller
     install_error_handlers(app)
-    for module in (health, auth, keys, gateway, status, metrics, logs, hooks):
+    for module in (health, auth, keys, gateway, status, traffic, metrics, logs, hooks):
         app.include_router(module.router)
     app.router.routes.append(ui.dashboard_route())  # the dashboard's static files at / (no login: no data)
     if settings.api_docs:

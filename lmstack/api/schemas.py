@@ -325,3 +325,30 @@ class Health(ApiModel):
 class Readiness(ApiModel):
     status: Literal["ready"] = "ready"
     database: Literal["ok"] = "ok"
+
+
+# -- traffic (the last minutes, in memory) ----------------------------------------------------------------------
+
+
+class TrafficSeries(ApiModel):
+    """One model's buckets, in the order of `Traffic.times`."""
+
+    model: str = Field(description="the served name")
+    requests: list[int] = Field(description="requests answered in each bucket")
+    errors: list[int] = Field(description="of those, answered with a status of 400 or more")
+    prompt_tokens: list[int]
+    completion_tokens: list[int]
+    ttft_ms: list[float | None] = Field(description="mean time to first token of the bucket's generations, in "
+                                                    "milliseconds; null where none")
+
+
+class Traffic(ApiModel):
+    """The gateway's traffic over the last minutes, per model, counted by the server process that answers
+    (each process counts the requests it answered; the counts start again when it restarts)."""
+
+    bucket_seconds: int
+    window_seconds: int
+    times: list[int] = Field(description="each bucket's start (unix seconds), oldest first; the last one is "
+                                         "still filling")
+    now: float = Field(description="the server's clock (unix seconds) when it answered")
+    models: list[TrafficSeries] = Field(description="the models with requests in the window, by name")

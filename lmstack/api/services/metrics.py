@@ -6,12 +6,20 @@ gateway calls `observe_request`, `add_tokens`, `upstream_failed` and (through th
 `usage_dropped`; every method is cheap and thread-safe. `exposition()` renders the text format; it
 queries the database, so it is called off the event loop. With a `View` limited to some models (an API key's
 allowlist) only the series of those models and their deployments are shown.
+
+Beside the Prometheus series, `Metrics.traffic` keeps the last 15 minutes per model in 10-second buckets
+(requests, errors, tokens, time to first token) for the dashboard's charts (GET /api/traffic): usage in the
+database is rolled up per hour, too coarse for "what is happening now". It lives in memory, per server
+process: it starts empty when the process starts, and each process counts only the requests it answered.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import get_args
 
@@ -21,6 +29,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_late
 from sqlalchemy.exc import SQLAlchemyError
 
 from lmstack import __version__
+from lmstack.api import schemas
 from lmstack.api.services.status import EVERYTHING, View, fleet_counts, visible_deployments
 from lmstack.state import Database
 from lmstack.state.models import ReplicaStatus
@@ -64,6 +73,7 @@ class Metrics:
             "lmstack_log_streams", "Live log streams opened over the WebSocket.", registry=self.registry)
         self._requests_by_status: dict[tuple[str, int | str], Counter] = {}
         self._by_model: dict[str, _ModelSeries] = {}
+        self.traffic = Traffic()
 
     # -- for the gateway ---------------------------------------------------------------------------------------
 
@@ -78,6 +88,8 @@ class Metrics:
         series.latency.observe(max(seconds, 0.0))
         if ttft_s is not None:
             series.ttft.observe(max(ttft_s, 0.0))
+        # Failed as the usage rows count it (UsageRecord.failed): any answer of 400 and above.
+        self.traffic.request(model, failed=not isinstance(status, int) or status >= 400, ttft_s=ttft_s)
 
     def add_tokens(self, model: str, prompt: int, completion: int) -> None:
         series = self._model_series(model)
@@ -85,6 +97,7 @@ class Metrics:
             series.prompt.inc(prompt)
         if completion > 0:
             series.completion.inc(completion)
+        self.traffic.tokens(model, prompt, completion)
 
     def _model_series(self, model: str) -> _ModelSeries:
         series = self._by_model.get(model)
@@ -191,3 +204,113 @@ class _Scrape:
         for deployment, count in sorted(counts.wanted.items()):
             wanted.add_metric([deployment], count)
         yield wanted
+
+
+# -- the last minutes, for the dashboard ------------------------------------------------------------------------
+
+BUCKET_S = 10
+WINDOW_S = 15 * 60
+MAX_MODELS = 1000  # models are served names the registry knows; this only bounds a fleet that keeps renaming
+
+# A bucket: [its number (unix time // bucket_s), requests, errors, prompt tokens, completion tokens,
+# TTFT sum in seconds, requests with a TTFT]. A plain list: the cheapest thing to find and bump per request.
+_NUMBER, _REQUESTS, _ERRORS, _PROMPT, _COMPLETION, _TTFT_SUM, _TTFT_COUNT = range(7)
+
+
+class Traffic:
+    """Requests, errors, tokens and time to first token per model over the last `window_s` seconds, in buckets
+    of `bucket_s` seconds. Per server process (nothing is shared between processes or kept across restarts).
+
+    Each model has a ring of window_s / bucket_s buckets, made on its first request; a bucket is reused (zeroed)
+    when its time comes round again, so memory stays bounded: at most `max_models` rings of 90 small lists.
+    A model with no request for a whole window is forgotten when the series is read or when a new model needs
+    the room. One lock around a few list operations per call: cheap beside the request it counts, and safe
+    from any thread. `clock`: unix time (tests pass their own).
+    """
+
+    def __init__(self, *, bucket_s: int = BUCKET_S, window_s: int = WINDOW_S, max_models: int = MAX_MODELS,
+                 clock: Callable[[], float] = time.time) -> None:
+        if bucket_s <= 0 or window_s < bucket_s:
+            raise ValueError("bucket_s must be positive and window_s at least one bucket")
+        self.bucket_s = bucket_s
+        self.size = window_s // bucket_s
+        self.max_models = max_models
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._rings: dict[str, list[list[float] | None]] = {}
+
+    def request(self, model: str, *, failed: bool, ttft_s: float | None = None) -> None:
+        """One answered request (counted in the bucket of the moment it was answered)."""
+        with self._lock:
+            bucket = self._bucket(model)
+            if bucket is None:
+                return
+            bucket[_REQUESTS] += 1
+            if failed:
+                bucket[_ERRORS] += 1
+            if ttft_s is not None:
+                bucket[_TTFT_SUM] += max(ttft_s, 0.0)
+                bucket[_TTFT_COUNT] += 1
+
+    def tokens(self, model: str, prompt: int, completion: int) -> None:
+        if prompt <= 0 and completion <= 0:
+            return
+        with self._lock:
+            bucket = self._bucket(model)
+            if bucket is None:
+                return
+            bucket[_PROMPT] += max(prompt, 0)
+            bucket[_COMPLETION] += max(completion, 0)
+
+    def _bucket(self, model: str) -> list[float] | None:
+        """The current bucket of `model` (zeroed if it held an older one); None when there is no room for
+        another model. Called with the lock held."""
+        number = int(self.clock() // self.bucket_s)
+        ring = self._rings.get(model)
+        if ring is None:
+            if len(self._rings) >= self.max_models:
+                self._forget_idle(number)
+                if len(self._rings) >= self.max_models:
+                    return None
+            ring = self._rings[model] = [None] * self.size
+        slot = number % self.size
+        bucket = ring[slot]
+        if bucket is None:
+            bucket = ring[slot] = [number, 0, 0, 0, 0, 0.0, 0]
+        elif bucket[_NUMBER] != number:
+            bucket[:] = (number, 0, 0, 0, 0, 0.0, 0)
+        return bucket
+
+    def _forget_idle(self, number: int) -> None:
+        """Drop the models with no bucket inside the window that ends at bucket `number` (lock held)."""
+        oldest = number - self.size + 1
+        for model in [m for m, ring in self._rings.items()
+                      if all(b is None or b[_NUMBER] < oldest for b in ring)]:
+            del self._rings[model]
+
+    def snapshot(self, view: View = EVERYTHING) -> schemas.Traffic:
+        """The window as columns, oldest bucket first, for the models `view` sees that had requests in it (by
+        name). The last bucket is the current one, still filling (`now` says how far it is)."""
+        now = self.clock()
+        number = int(now // self.bucket_s)
+        oldest = number - self.size + 1
+        with self._lock:
+            self._forget_idle(number)
+            copied = {model: [list(b) for b in ring if b is not None and b[_NUMBER] >= oldest]
+                      for model, ring in self._rings.items() if view.sees(model)}
+        models = []
+        for model in sorted(copied):
+            columns: list[list[int]] = [[0] * self.size for _ in range(4)]
+            ttft: list[float | None] = [None] * self.size
+            for b in copied[model]:
+                at = int(b[_NUMBER]) - oldest
+                for column, field in zip(columns, (_REQUESTS, _ERRORS, _PROMPT, _COMPLETION), strict=True):
+                    column[at] = int(b[field])
+                if b[_TTFT_COUNT]:
+                    ttft[at] = round(1000 * b[_TTFT_SUM] / b[_TTFT_COUNT], 1)
+            requests, errors, prompt, completion = columns
+            models.append(schemas.TrafficSeries(model=model, requests=requests, errors=errors, prompt_tokens=prompt,
+                                                completion_tokens=completion, ttft_ms=ttft))
+        return schemas.Traffic(bucket_seconds=self.bucket_s, window_seconds=self.size * self.bucket_s,
+                               times=[(oldest + i) * self.bucket_s for i in range(self.size)],
+                               now=math.floor(now * 1000) / 1000, models=models)
