@@ -3,7 +3,8 @@ polling `lmstack status` or /api/deployments could have seen, however short it l
 
     with ReplicaHistory(db) as history:
         ...
-        history.rows("chat", 0)   # [Change(at, status, container_id, crash_count, crashed_at, retry_after), ...]
+        history.rows("chat", 0)   # [Change(at, status, container_id, crash_count, crashed_at, retry_after,
+                                  #         crash_exit_code), ...]
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ from lmstack.state import Database
 _SETUP = (
     "CREATE TABLE IF NOT EXISTS test_replica_history (id bigserial PRIMARY KEY, "
     "at timestamptz NOT NULL DEFAULT clock_timestamp(), deployment text, ordinal int, status text, "
-    "container_id text, crash_count int, crashed_at timestamptz, retry_after timestamptz)",
+    "container_id text, crash_count int, crashed_at timestamptz, retry_after timestamptz, crash_exit_code int)",
     "TRUNCATE test_replica_history",
     "CREATE OR REPLACE FUNCTION test_replica_history() RETURNS trigger AS $$ BEGIN "
     "INSERT INTO test_replica_history (deployment, ordinal, status, container_id, crash_count, crashed_at, "
-    "retry_after) VALUES (NEW.deployment_name, NEW.ordinal, NEW.status, NEW.container_id, NEW.crash_count, "
-    "NEW.crashed_at, NEW.retry_after); RETURN NEW; END $$ LANGUAGE plpgsql",
+    "retry_after, crash_exit_code) VALUES (NEW.deployment_name, NEW.ordinal, NEW.status, NEW.container_id, "
+    "NEW.crash_count, NEW.crashed_at, NEW.retry_after, NEW.crash_exit_code); RETURN NEW; END $$ LANGUAGE plpgsql",
     "CREATE OR REPLACE TRIGGER test_replica_history AFTER INSERT OR UPDATE ON replicas "
     "FOR EACH ROW EXECUTE FUNCTION test_replica_history()",
 )
@@ -41,6 +42,7 @@ class Change:
     crash_count: int
     crashed_at: datetime | None
     retry_after: datetime | None
+    crash_exit_code: int | None = None
 
 
 class ReplicaHistory:
@@ -63,7 +65,8 @@ class ReplicaHistory:
     def rows(self, deployment: str, ordinal: int) -> list[Change]:
         with self.database.engine.connect() as conn:
             found = conn.exec_driver_sql(
-                "SELECT at, status, container_id, crash_count, crashed_at, retry_after FROM test_replica_history "
+                "SELECT at, status, container_id, crash_count, crashed_at, retry_after, crash_exit_code "
+                "FROM test_replica_history "
                 "WHERE deployment = %(d)s AND ordinal = %(o)s ORDER BY id", {"d": deployment, "o": ordinal}).all()
         return [Change(*row) for row in found]
 

@@ -91,6 +91,9 @@ def test_a_crash_looping_engine_backs_off_2_6_18_s_is_degraded_with_its_exit_cod
                                 timeout_s=180)
             # The recorded retry-after times: 2 s, then 6 s, then 18 s after each failure.
             assert [f.crash_count for f in failures[:3]] == [1, 2, 3]
+            # Each with the engine's exit code, also when Docker had restarted the container (its restart policy)
+            # before the pass looked: Docker resets a running container's exit code to 0.
+            assert [f.crash_exit_code for f in failures[:3]] == [3, 3, 3]
             assert [(f.retry_after - f.crashed_at).total_seconds() for f in failures[:3]  # type: ignore[operator]
                     ] == [2.0, 6.0, 18.0]
             # No attempt started before the backoff allowed it: each new container after the last retry-after.

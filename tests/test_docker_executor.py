@@ -168,6 +168,21 @@ def test_exited_containers_are_listed_with_exit_code(pool, clean_testbed, standi
     assert b"invalid int value" in b"".join(pool.logs("node2", created.id, follow=False, tail=-1))
 
 
+def test_a_container_docker_restarted_still_tells_how_it_exited(pool, clean_testbed, standin_image):
+    # Docker's restart policy starts a crashed engine again, and its state then says exit code 0: the last
+    # exit's code comes from Docker's events.
+    bad = spec(standin_image, "lmstack-restarted-0", 18111, command=("--port", "not-a-number"),
+               restart_policy="unless-stopped")
+    created = pool.create("node2", bad)
+    deadline = time.monotonic() + 20
+    while (c := pool.inspect("node2", created.id)) is None or c.restart_count < 1 or c.state != "running":
+        assert time.monotonic() < deadline, c
+        time.sleep(0.01)
+    assert c.exit_code in (0, None)  # what the state says once Docker started it again
+    assert pool.last_exit_code("node2", created.id) == 2
+    pool.remove("node2", created.id)
+
+
 def test_create_twice_replaces_the_old_container(pool, clean_testbed, standin_image):
     bed, node2 = clean_testbed, clean_testbed.hosts[1]
     first = pool.create("node2", spec(standin_image, "lmstack-same-0", 18120))

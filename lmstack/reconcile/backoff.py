@@ -175,9 +175,7 @@ class CrashBackoff:
                 up_s = (crashed_at - row.crashed_at).total_seconds() \
                     if row.retry_after is None and row.crashed_at is not None else None
                 count = next_count(row.crash_count, same_spec=row.crash_spec_hash == action.spec_hash, ran_s=up_s)
-                # A container Docker has restarted (restart policy) runs again, but keeps the crash's exit code.
-                crashed = container is not None and (not container.running or container.restart_count > 0)
-                exit_code = container.exit_code if crashed and container is not None else None
+                exit_code = self._exit_code(worker, container) if container is not None else None
                 log = self._tail(action.deployment, row, worker, container) if container is not None else ""
                 record_crash(session, deployment=action.deployment, ordinal=action.replica, count=count,
                              crashed_at=crashed_at, retry_after=crashed_at + timedelta(seconds=delay_s(count)),
@@ -188,6 +186,16 @@ class CrashBackoff:
         with self.database.session() as session:
             return session.scalar(select(func.min(Replica.retry_after)).where(
                 Replica.retry_after > self.clock(), _waiting()))
+
+    def _exit_code(self, worker: str, container: ManagedContainer) -> int | None:
+        """How the container last exited. Docker resets the exit code in the state of a container its restart
+        policy started again: then its last `die` event says."""
+        if not container.running:
+            return container.exit_code
+        try:
+            return self.pool.last_exit_code(worker, container.id)
+        except NodeError:
+            return None
 
     def _container(self, worker: str, action: Action) -> ManagedContainer | None:
         """The replica's newest container on the worker (the one that just failed), if it is still there."""

@@ -445,6 +445,9 @@ class Executor:
                     logs = self._tail(worker, container_id, secret_values(
                         action.deployment, spec, environ=self.environ, limits=self.limits, engine_key=key))
                     what = "is gone" if state is None else f"exited ({state.status})"
+                    if state is not None and state.state == "running":  # started again by Docker: how it exited
+                        code = self.pool.last_exit_code(worker, container_id)
+                        what = f"exited{f' with code {code}' if code is not None else ''} (Docker restarted it)"
                     raise ReplicaFailed(f"container on {worker} {what} before it was ready{logs}", retryable=False)
             if time.monotonic() > deadline:
                 raise ReplicaFailed(f"not ready after {timeout} s (health.startupTimeout): {endpoint}"

@@ -162,6 +162,22 @@ class DockerPool:
 
         return self._call(worker, f"inspecting container {container_id}", run)
 
+    def last_exit_code(self, worker: str, container_id: str) -> int | None:
+        """The exit code of the container's last exit in the past day (Docker's `die` events), or None when it
+        did not exit. A container Docker's restart policy started again shows exit code 0 in its state."""
+        def run(api: Any) -> int | None:
+            now = time.time()
+            code = None
+            # As strings: the SDK would round datetimes down to the second, missing an exit in the last one.
+            for event in api.events(since=f"{now - 86400:.3f}", until=f"{now:.3f}", decode=True,
+                                    filters={"container": container_id, "event": "die"}):
+                value = str(((event.get("Actor") or {}).get("Attributes") or {}).get("exitCode", ""))
+                if value.lstrip("-").isdigit():
+                    code = int(value)
+            return code
+
+        return self._call(worker, f"reading the exits of container {container_id}", run)
+
     def create(self, worker: str, spec: ContainerSpec) -> ManagedContainer:
         """Create and start the container; replaces an lmstack container of the same name.
 
