@@ -331,8 +331,10 @@ class Executor:
                            engine_key=key)
         self._after_start(action, spec, endpoint, key)
         self._wait_ready(action, spec, placement.worker, created.id, endpoint, key)
+        # Said as done: a ready replica's message is why it was made, not a problem it still has.
+        done = f"{'created' if action.kind is ActionKind.CREATE else 'recreated'}: {message}"
         with self.database.session() as session:
-            set_replica_status(session, action.deployment, action.replica, "ready", message)
+            set_replica_status(session, action.deployment, action.replica, "ready", done)
         return endpoint
 
     def _put_back(self, action: Action, serving: _Serving, keep_port: int | None,
