@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     max_request_mb: float = Field(default=32.0, gt=0, description="largest request body the gateway accepts "
                                                                   "(MiB; larger ones get 413)")
     registry_refresh_s: float = Field(default=1.0, gt=0, description="how often Ready replicas are re-read")
+    prune: bool = Field(
+        default=True, description="delete the replicas of deployments removed from the manifests (false: they are "
+                                  "kept running and keep their GPUs; the plan says so)")
     routing: Literal["prefix", "p2c"] = Field(
         default="prefix", description="prefix: a request with a long prompt goes to the replica that served its "
                                       "beginning lately (its prompt cache), within a bounded share of the load; "

@@ -152,6 +152,12 @@ def test_changed_args_recreate_only_that_deployment_and_removed_ones_are_pruned(
 
     fleet.remove("embed")
     fleet.commit("drop embed")
+    # With pruning off (LMSTACK_PRUNE=false, apply --no-prune) the removed deployment keeps running.
+    survey, report = apply_source(fleet.source(), fleet.database, ssh_key=fleet.bed.ssh_key,
+                                  known_hosts=fleet.bed.known_hosts, prune=False)
+    assert report is not None and report.ok and not survey.plan.changes
+    assert any("pruning is off: embed" in note for note in survey.plan.notes)
+    assert _ids(fleet.containers())["embed/0"] == after["embed/0"]
     survey, report = fleet.apply()
     assert report is not None and report.ok
     assert {a.replica_name: a.kind.value for a in survey.plan.changes} == {"embed/0": "delete"}

@@ -118,7 +118,8 @@ def test_there_are_enough_cases() -> None:
 @pytest.mark.parametrize("path", CASES, ids=[path.stem for path in CASES])
 def test_plan_case(path: Path) -> None:
     desired, observed, expected = load_case(path)
-    result = plan(desired, observed)
+    prune = bool(yaml.safe_load(path.read_text()).get("prune", True))
+    result = plan(desired, observed, prune=prune)
     wanted = expected.get("actions", [])
     by_replica = {}
     for action in result.actions:
@@ -143,4 +144,4 @@ def test_plan_case(path: Path) -> None:
     for note in expected.get("notes", []):
         assert any(note in line for line in result.notes), result.notes
     # A plan is a pure function of its inputs: the same inputs give the same plan.
-    assert plan(desired, observed) == result
+    assert plan(desired, observed, prune=prune) == result

@@ -125,6 +125,11 @@ def validate(repo: RepoOption = ".", ref: RefOption = "HEAD", directory: DirOpti
               f"{len(source.inventory.hosts)} inventory hosts. Valid.")
 
 
+PruneOption = Annotated[bool | None, typer.Option(
+    "--prune/--no-prune", show_default=False,
+    help="Delete the replicas of deployments removed from the manifests [default: LMSTACK_PRUNE, true].")]
+
+
 @app.command()
 def plan(
     repo: RepoOption = ".",
@@ -138,6 +143,7 @@ def plan(
     show_unchanged: Annotated[bool, typer.Option("--show-unchanged", help="List unchanged replicas too.")] = False,
     show_commands: Annotated[bool, typer.Option(
         "--show-commands", help="Print the `docker run` equivalent of each container to be created.")] = False,
+    prune: PruneOption = None,
 ) -> None:
     """Show what would change on which machine and why, on the stored facts and the containers as they are
     now (observed over SSH, as apply does; nothing is changed). Exit 0: no changes; 2: changes; 1: error."""
@@ -155,7 +161,8 @@ def plan(
         database = open_database(settings)
         try:
             survey = plan_source(source, database, ssh_key=ssh.key if ssh else None,
-                                 known_hosts=ssh.known_hosts if ssh else None, ssh_config=ssh.config if ssh else None)
+                                 known_hosts=ssh.known_hosts if ssh else None, ssh_config=ssh.config if ssh else None,
+                                 prune=settings.prune if prune is None else prune)
             # What apply would hold back now: replicas in crash-loop backoff (a failed rollout included).
             _take, held = hold_back(database, survey.plan.changes, now=datetime.now(UTC))
         finally:
@@ -288,6 +295,7 @@ def apply(
                                           help="Actions run at once across workers.")] = 8,
     show_commands: Annotated[bool, typer.Option(
         "--show-commands", help="Print the `docker run` equivalent of each container to be created.")] = False,
+    prune: PruneOption = None,
 ) -> None:
     """Make the workers match the commit: gather facts, plan, show the plan, ask, then create and remove
     containers and wait until replicas are ready. Exit 1 if anything failed (the others still converge)."""
@@ -326,7 +334,8 @@ def apply(
                               "running by a process that stopped; marked interrupted.[/]")
                 survey, report = apply_source(source, database, ssh_key=ssh.key, known_hosts=ssh.known_hosts,
                                                 ssh_config=ssh.config, confirm=confirm, progress=progress,
-                                                parallel=parallel, route_refresh_s=settings.registry_refresh_s)
+                                                parallel=parallel, route_refresh_s=settings.registry_refresh_s,
+                                                prune=settings.prune if prune is None else prune)
         finally:
             database.close()
     except (DatabaseError, FactsError, NodeSetupError) as exc:

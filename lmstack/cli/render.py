@@ -43,6 +43,8 @@ def render_plan(console: Console, plan: Plan, *, header: str, show_noop: bool = 
             console.print(f"  {escape(name.ljust(name_width))}  {escape(url)}", highlight=False)
         console.print()
     shown = [a for a in plan.actions if show_noop or a.kind is not ActionKind.NOOP or "cannot" in a.reason]
+    # What a commit removes comes first: pruning deletes whole deployments, and the reader should not miss it.
+    shown.sort(key=lambda a: not a.reason.startswith("deployment removed from manifests"))
     width = max((len(a.replica_name) for a in shown), default=0)
     mounts = reach.mounts if reach is not None else {}
     for action in shown:

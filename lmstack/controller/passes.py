@@ -92,7 +92,8 @@ class PassRunner:
             self._invalid = None
             with Applier(source, self.database, ssh_key=self.ssh.key, known_hosts=self.ssh.known_hosts,
                          ssh_config=self.ssh.config, parallel=self.parallel, trigger=trigger,
-                         environ=self.environ, route_refresh_s=self.settings.registry_refresh_s) as applier:
+                         environ=self.environ, route_refresh_s=self.settings.registry_refresh_s,
+                         prune=self.settings.prune) as applier:
                 workers = frozenset(source.desired.workers)
                 if self._facts_due(workers):
                     survey = applier.survey()

@@ -112,8 +112,10 @@ class Applier:
 
     def __init__(self, source: Source, database: Database, *, ssh_key: Path, known_hosts: Path,
                  parallel: int = 8, environ: Mapping[str, str] | None = None, trigger: str = "cli",
-                 poll_s: float = 1.0, ssh_config: Path | None = None, route_refresh_s: float = 1.0) -> None:
+                 poll_s: float = 1.0, ssh_config: Path | None = None, route_refresh_s: float = 1.0,
+                 prune: bool = True) -> None:
         self.source = source
+        self.prune = prune  # delete the replicas of deployments removed from the manifests
         self.database = database
         self.ssh_key = ssh_key
         self.known_hosts = known_hosts
@@ -158,7 +160,8 @@ class Applier:
         if record:
             self._record_lost(live.lost)
             self._record_workers(not_ready, live)
-        return Survey(facts, live, make_plan(self.source.desired, live.observed), self.workers, not_ready)
+        return Survey(facts, live, make_plan(self.source.desired, live.observed, prune=self.prune), self.workers,
+                      not_ready)
 
     def _record_workers(self, not_ready: Mapping[str, str], live: LiveView) -> None:
         lost: dict[str, list[str]] = defaultdict(list)
@@ -314,12 +317,13 @@ def _result_json(results: list[ActionResult], removed: int, errors: list[str],
 def apply_source(source: Source, database: Database, *, ssh_key: Path, known_hosts: Path,
                  confirm: Callable[[Survey], bool] = lambda survey: True, progress: Progress | None = None,
                  parallel: int = 8, ssh_config: Path | None = None,
-                 route_refresh_s: float = 1.0) -> tuple[Survey, ApplyReport | None]:
+                 route_refresh_s: float = 1.0, prune: bool = True) -> tuple[Survey, ApplyReport | None]:
     """Plan, ask (only when there is something to change), and apply. Returns the report, or None when the
     user said no. A pass with nothing to change is still recorded: the revision is then the one in sync.
-    `route_refresh_s`: how often the gateway re-reads its replicas (a replica is drained at least that long)."""
+    `route_refresh_s`: how often the gateway re-reads its replicas (a replica is drained at least that long).
+    `prune`: delete the replicas of deployments removed from the manifests."""
     with Applier(source, database, ssh_key=ssh_key, known_hosts=known_hosts, parallel=parallel,
-                 ssh_config=ssh_config, route_refresh_s=route_refresh_s) as applier:
+                 ssh_config=ssh_config, route_refresh_s=route_refresh_s, prune=prune) as applier:
         survey = applier.survey()
         if (survey.plan.has_changes or survey.live.orphans) and not confirm(survey):
             return survey, None
@@ -327,7 +331,7 @@ def apply_source(source: Source, database: Database, *, ssh_key: Path, known_hos
 
 
 def plan_source(source: Source, database: Database, *, ssh_key: Path | None, known_hosts: Path | None,
-                ssh_config: Path | None = None, parallel: int = 8) -> Survey:
+                ssh_config: Path | None = None, parallel: int = 8, prune: bool = True) -> Survey:
     """What `apply` would do now, on the stored facts: the containers observed over SSH as apply's observe
     phase does (nothing is recorded or changed), or, without `ssh_key` and `known_hosts`, the recorded
     state as it is (`Survey.live.observed_live` False)."""
@@ -335,8 +339,8 @@ def plan_source(source: Source, database: Database, *, ssh_key: Path | None, kno
         with database.session() as session:
             stored = load_observed(session)
             workers = worker_access(source, session)
-        return Survey(None, recorded_only(stored), make_plan(source.desired, stored), workers,
-                        _not_ready(stored, source.desired.workers))
+        return Survey(None, recorded_only(stored), make_plan(source.desired, stored, prune=prune), workers,
+                      _not_ready(stored, source.desired.workers))
     with Applier(source, database, ssh_key=ssh_key, known_hosts=known_hosts, parallel=parallel,
-                 ssh_config=ssh_config) as applier:
+                 ssh_config=ssh_config, prune=prune) as applier:
         return applier.observe()

@@ -100,12 +100,13 @@ class _ToPlace:
         return (self.current is None, -request.gpus, -request.gpu_memory, request.deployment, self.ordinal)
 
 
-def plan(desired: DesiredState, observed: Observed) -> Plan:
+def plan(desired: DesiredState, observed: Observed, *, prune: bool = True) -> Plan:
     """Every action that makes `observed` match `desired`, one per replica (noop included), the replicas
-    that fit nowhere with the reason, and notes on workers nothing can be placed on."""
+    that fit nowhere with the reason, and notes on workers nothing can be placed on. `prune`: delete the
+    replicas of deployments removed from the manifests (False: they are kept, and keep their GPUs)."""
     wanted = {name: _Desired(spec, Request.of(spec)) for name, spec in desired.deployments.items()}
     scheduler = Scheduler(desired.workers, observed.workers)
-    actions, to_place, kept, rolling = _review_existing(observed.replicas, wanted, scheduler)
+    actions, to_place, kept, rolling = _review_existing(observed.replicas, wanted, scheduler, prune=prune)
     to_place += _missing(wanted, kept, observed.replicas)
     unplaceable: list[Unplaceable] = []
     moves: list[Action] = []
@@ -125,8 +126,11 @@ def plan(desired: DesiredState, observed: Observed) -> Plan:
     actions.sort(key=lambda a: (a.deployment, a.replica, a.kind is not ActionKind.DELETE))
     unplaceable.sort(key=lambda u: (u.deployment, u.replica))
     downtime = tuple(_downtime(wanted, observed.replicas, rolled))
+    unpruned = sorted({a.deployment for a in actions if a.kind is ActionKind.NOOP and a.reason.startswith(_UNPRUNED)})
     notes = (*_notes(desired, observed), *_download_notes(wanted, actions),
-             *(f"{name}: down during this change: {why}" for name, why in downtime))
+             *(f"{name}: down during this change: {why}" for name, why in downtime),
+             *([f"pruning is off: {', '.join(unpruned)} removed from the manifests but kept running"]
+               if unpruned else []))
     return Plan(tuple(actions), tuple(unplaceable), notes, downtime)
 
 
@@ -134,7 +138,8 @@ def plan(desired: DesiredState, observed: Observed) -> Plan:
 
 
 def _review_existing(
-    replicas: tuple[ReplicaObservation, ...], wanted: Mapping[str, _Desired], scheduler: Scheduler
+    replicas: tuple[ReplicaObservation, ...], wanted: Mapping[str, _Desired], scheduler: Scheduler, *,
+    prune: bool = True,
 ) -> tuple[list[Action], list[_ToPlace], dict[str, set[int]], list[Action]]:
     """Actions for replicas that stay or go, the replicas to re-place, the ordinals kept, and the serving
     replicas to restart in place (phase 3 decides how)."""
@@ -146,7 +151,9 @@ def _review_existing(
     keep = _to_keep(replicas, wanted)
     for replica in _in_review_order(replicas, wanted):
         target = wanted.get(replica.deployment)
-        if target is None:
+        if target is None and not prune:
+            actions.append(_unpruned(replica, scheduler))
+        elif target is None:
             actions.append(_delete(replica, "deployment removed from manifests"))
         elif replica.ordinal in kept[replica.deployment]:
             actions.append(_delete(replica, "duplicate of a replica that is kept"))
@@ -301,6 +308,17 @@ def _distinct_ordinals(replicas: tuple[ReplicaObservation, ...]) -> dict[str, in
 
 def _scale_down_reason(replica: ReplicaObservation, observed_count: Mapping[str, int], replicas: int) -> str:
     return f"scale down {observed_count[replica.deployment]} -> {replicas}"
+
+
+_UNPRUNED = "deployment removed from manifests; kept: pruning is off"
+
+
+def _unpruned(replica: ReplicaObservation, scheduler: Scheduler) -> Action:
+    """A replica of a removed deployment, kept because pruning is off: it keeps its GPUs."""
+    scheduler.reserve(f"{replica.deployment}/{replica.ordinal}", replica.deployment, replica.worker, replica.gpus)
+    current = Placement(replica.worker, replica.gpus)
+    return Action(ActionKind.NOOP, replica.deployment, replica.ordinal, f"{_UNPRUNED} (LMSTACK_PRUNE=false)",
+                  current, current)
 
 
 def _delete(replica: ReplicaObservation, reason: str) -> Action:

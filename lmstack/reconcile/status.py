@@ -161,7 +161,7 @@ def _state(name: str, row: Deployment | None, replicas: list[Replica], ready: in
     if row is not None and ready < wanted:
         return "Progressing", f"{ready}/{wanted} replicas ready"
     if desired is not None and name not in desired:
-        return "OutOfSync", "removed from the commit; the next apply deletes it"
+        return "OutOfSync", "removed from the commit and still running (an apply deletes it unless pruning is off)"
     if row is None:
         return "OutOfSync", "in the commit, not applied yet"
     if desired is not None:

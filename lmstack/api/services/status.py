@@ -350,7 +350,7 @@ def current_plan(*, database: Database, repo: RepoView, view: View = EVERYTHING)
         raise PlanUnavailable(f"cannot read the repository: {exc}") from exc
     with database.session() as session:
         observed = load_observed(session)
-    result = make_plan(source.desired, observed)
+    result = make_plan(source.desired, observed, prune=repo.settings.prune)
     revision = source.revision
     answer = schemas.PlanResponse.model_validate({
         "source": {"origin": source.origin, "revision": revision.sha if revision else None,
