@@ -50,7 +50,7 @@ def test_a_burst_of_pushes_during_a_pass_makes_one_more_pass_not_one_each() -> N
     controller = Controller(run_pass, poll_interval_s=3600, drift_interval_s=3600)
     controller.start()
     try:
-        assert in_pass.wait(10)  # the pass at start (a poll)
+        assert in_pass.wait(10)  # the pass at start
         for _ in range(10):  # ten pushes, by webhook and by the watcher, while it runs
             controller.poke("watch")
             controller.poke("webhook")
@@ -58,7 +58,7 @@ def test_a_burst_of_pushes_during_a_pass_makes_one_more_pass_not_one_each() -> N
         assert controller.wait_idle(passes=2, timeout_s=10)
     finally:
         assert controller.stop(grace_s=10)
-    assert seen == ["poll", "webhook"] and controller.pokes == 20
+    assert seen == ["start", "webhook"] and controller.pokes == 20
 
 
 def test_a_failing_pass_is_retried_with_growing_delays_and_a_push_retries_at_once() -> None:
@@ -77,7 +77,7 @@ def test_a_failing_pass_is_retried_with_growing_delays_and_a_push_retries_at_onc
         assert controller.failures == 0 and controller.last_error is None and controller.last is not None
         gaps = [later[0] - earlier[0] for earlier, later in itertools.pairwise(calls)]
         assert gaps[0] >= 0.1 and gaps[1] >= 0.3 and gaps[2] >= 0.9  # 0.1 s, then x3 each time
-        assert [trigger for _, trigger in calls] == ["poll"] * 4  # retried as what it was
+        assert [trigger for _, trigger in calls] == ["start"] * 4  # retried as what it was
 
         # Failing again, with a long delay ahead: a push does not wait for it.
         calls.clear()
@@ -105,7 +105,7 @@ def test_while_backing_off_the_poll_keeps_its_interval_but_drift_passes_wait() -
         assert controller.wait_idle(passes=4, timeout_s=10)
     finally:
         assert controller.stop(grace_s=10)
-    assert [trigger for _, trigger in calls[:4]] == ["poll"] * 4  # no drift pass while backing off
+    assert [trigger for _, trigger in calls[:4]] == ["start", "poll", "poll", "poll"]  # no drift pass meanwhile
     gaps = [later[0] - earlier[0] for earlier, later in itertools.pairwise(calls[:4])]
     assert all(0.45 <= gap < 10 for gap in gaps), gaps  # the poll interval (0.5 s), not the hour of backoff
 
@@ -140,9 +140,9 @@ def test_polling_alone_applies_a_pushed_commit(remote: Remote, db: Database, dat
     assert controller is not None
     controller.start()
     try:
-        wait_for("the first commit applied", lambda: sync_runs(db) == [("poll", "succeeded", first)])
+        wait_for("the first commit applied", lambda: sync_runs(db) == [("start", "succeeded", first)])
         sha = remote.push("chat", replicas=1)
-        wait_for("the push applied", lambda: sync_runs(db) == [("poll", "succeeded", first),
+        wait_for("the push applied", lambda: sync_runs(db) == [("start", "succeeded", first),
                                                                ("poll", "succeeded", sha)])
         assert replica_status(db) == {"chat/0": "ready"}
         assert set(remote.containers()) == {"chat/0"}
@@ -193,7 +193,7 @@ def test_two_servers_on_one_database_one_applies_and_the_other_takes_over_when_i
     try:
         assert a.wait_idle(passes=1, timeout_s=120) and b.wait_idle(passes=1, timeout_s=120)
         first = remote.head
-        assert sync_runs(db) == [("poll", "succeeded", first)]  # one of them applied; the other had nothing to do
+        assert sync_runs(db) == [("start", "succeeded", first)]  # one of them applied; the other had nothing to do
 
         sha = remote.push("chat", replicas=2)
         a.poke("webhook")
@@ -238,7 +238,7 @@ def test_lmstack_serve_runs_the_controller_and_stops_it_cleanly(remote: Remote, 
            "LMSTACK_POLL_INTERVAL_S": "1", "LMSTACK_DRIFT_INTERVAL_S": "3600"}
     with ServeProcess(env) as server:
         first = remote.head
-        wait_for("the first commit applied", lambda: sync_runs(db) == [("poll", "succeeded", first)])
+        wait_for("the first commit applied", lambda: sync_runs(db) == [("start", "succeeded", first)])
         sha = remote.push("chat", replicas=1)
         wait_for("the push applied", lambda: sync_runs(db)[1:] in ([("poll", "succeeded", sha)],
                                                                    [("watch", "succeeded", sha)]))
@@ -300,7 +300,7 @@ def test_a_database_outage_makes_the_controller_wait_and_retry_not_exit(remote: 
         controller.start()
         try:
             first = remote.head
-            wait_for("the first commit applied", lambda: sync_runs(database) == [("poll", "succeeded", first)])
+            wait_for("the first commit applied", lambda: sync_runs(database) == [("start", "succeeded", first)])
             throwaway_postgres.stop()
             sha = remote.push("chat", replicas=1)
             controller.poke("webhook")

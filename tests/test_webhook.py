@@ -62,7 +62,7 @@ def test_a_signed_request_starts_a_pass_at_once(hooked: Any, headers: dict[str, 
     assert answer.status_code == 202, answer.text
     assert answer.json() == {"accepted": True, "signedBy": signed_by, "message": "sync started"}
     assert controller.wait_idle(passes=2, timeout_s=10)
-    assert seen == ["poll", "webhook"]
+    assert seen == ["start", "webhook"]
 
 
 @pytest.mark.parametrize("headers", [
@@ -83,7 +83,7 @@ def test_a_missing_or_bad_signature_gets_401_and_nothing_happens(hooked: Any, he
     assert answer.status_code == 401, answer.text
     assert answer.json()["error"]["code"] == "invalid_signature"
     assert answer.headers["www-authenticate"] == "Bearer"
-    assert controller.pokes == 0 and seen == ["poll"]
+    assert controller.pokes == 0 and seen == ["start"]
 
 
 def test_a_body_over_the_limit_gets_413_and_nothing_happens(hooked: Any) -> None:
@@ -128,7 +128,7 @@ def test_a_push_and_a_signed_webhook_make_the_new_container_ready(
     controller = build_controller(settings, db, watch=False)
     assert controller is not None
     with LiveServer(create_app(settings, database=db, controller=controller), settings) as server:
-        wait_for("the first commit applied", lambda: sync_runs(db) == [("poll", "succeeded", first)])
+        wait_for("the first commit applied", lambda: sync_runs(db) == [("start", "succeeded", first)])
         sha = remote.push("chat", replicas=1)
         body = json.dumps({"ref": "refs/heads/main", "after": sha}).encode()
         url = f"{server.url}/api/hooks/git"
@@ -136,10 +136,10 @@ def test_a_push_and_a_signed_webhook_make_the_new_container_ready(
         bad = httpx.post(url, content=body, headers=github_signature(body, "not-the-secret"), timeout=10)
         assert bad.status_code == 401
         assert httpx.post(url, content=body, timeout=10).status_code == 401
-        assert controller.pokes == 0 and sync_runs(db) == [("poll", "succeeded", first)]
+        assert controller.pokes == 0 and sync_runs(db) == [("start", "succeeded", first)]
 
         good = httpx.post(url, content=body, headers=github_signature(body), timeout=10)
         assert good.status_code == 202, good.text
         wait_for("the push applied", lambda: sync_runs(db)[1:] == [("webhook", "succeeded", sha)])
         assert replica_status(db) == {"chat/0": "ready"} and set(remote.containers()) == {"chat/0"}
-    assert sync_runs(db) == [("poll", "succeeded", first), ("webhook", "succeeded", sha)]
+    assert sync_runs(db) == [("start", "succeeded", first), ("webhook", "succeeded", sha)]

@@ -33,7 +33,7 @@ RETRY_FIRST_S = 2.0
 RETRY_FACTOR = 3.0
 RETRY_CAP_S = 300.0
 # When several triggers are pending, the pass is named after the most direct one.
-_PRIORITY = ("webhook", "watch", "poll", "drift")
+_PRIORITY = ("webhook", "watch", "start", "poll", "drift")
 
 
 class Controller:
@@ -109,7 +109,11 @@ class Controller:
 
     def _loop(self) -> None:
         now = self._clock()
-        next_poll = now  # a first pass at start: adopt what runs, apply a commit pushed while down
+        # A first pass at start ("start": never skipped as a poll of the commit last applied would be): adopt
+        # what runs, repair what changed while no server ran, apply a commit pushed meanwhile.
+        with self._cond:
+            self._pending.add("start")
+        next_poll = now + self.poll_interval_s
         next_drift = now + self.drift_interval_s
         retry_at: float | None = None
         retry_trigger = "poll"
