@@ -65,7 +65,7 @@ def test_migrations_up_down_up(fresh: Database):
     assert current_revision(fresh) is None
 
     upgrade(fresh)
-    assert current_revision(fresh) == head_revision() == "0003"
+    assert current_revision(fresh) == head_revision() == "0004"
     assert _tables(fresh) == TABLES | {"alembic_version"}
 
     downgrade(fresh, "base")
@@ -76,7 +76,7 @@ def test_migrations_up_down_up(fresh: Database):
     upgrade(fresh)
     assert _tables(fresh) == TABLES | {"alembic_version"}
     upgrade(fresh)  # at head already: a no-op
-    assert current_revision(fresh) == "0003"
+    assert current_revision(fresh) == "0004"
 
 
 def test_open_database_migrates_a_fresh_database(create_database: Callable[[], str]):

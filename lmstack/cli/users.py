@@ -173,7 +173,7 @@ def _key_json(key: KeyRecord) -> dict[str, Any]:
 
     return {"id": key.id, "name": key.name, "user": key.user, "prefix": key.prefix,
             "models": list(key.models) if key.models is not None else None, "scopes": list(key.scopes),
-            "rpm_limit": key.rpm_limit,
+            "rpm_limit": key.rpm_limit, "tpm_limit": key.tpm_limit, "tpd_limit": key.tpd_limit,
             "expires_at": iso(key.expires_at), "revoked_at": iso(key.revoked_at), "created_at": iso(key.created_at),
             "last_used_at": iso(key.last_used_at), "status": key.status}
 
@@ -187,6 +187,10 @@ def keys_create(
     expires: Annotated[str | None, typer.Option(
         "--expires", help="Lifetime such as 30d, 12h, 90m [default: never].")] = None,
     rpm: Annotated[int | None, typer.Option("--rpm", min=1, help="Requests per minute [default: no limit].")] = None,
+    tpm: Annotated[int | None, typer.Option(
+        "--tpm", min=1, help="Tokens per minute, prompt + completion, per server [default: no limit].")] = None,
+    tpd: Annotated[int | None, typer.Option(
+        "--tpd", min=1, help="Tokens per UTC day, across servers [default: no limit].")] = None,
     scopes: Annotated[list[str] | None, typer.Option(
         "--scope", help="What it reaches beyond /v1 and its own usage: status, metrics or logs (repeat for "
                         "several) [default: nothing more].")] = None,
@@ -198,12 +202,13 @@ def keys_create(
     allowed = models.split(",") if models is not None else None
     with _session() as session:
         created = create_key(session, user=user, name=name, models=allowed, rpm_limit=rpm, expires_at=expires_at,
-                             scopes=scopes or ())
+                             scopes=scopes or (), tpm_limit=tpm, tpd_limit=tpd)
     key = created.record
     allowed_text = escape(", ".join(key.models)) if key.models is not None else "all"
     err.print(f"Created API key {key.id} ({key.prefix}…) \"{escape(key.name)}\" for {escape(key.user)}; "
               f"models: {allowed_text}; expires: {_when(key.expires_at, 'never')}; "
-              f"rpm: {key.rpm_limit or 'no limit'}; scopes: {', '.join(key.scopes) or 'none (only /v1)'}.")
+              f"rpm: {key.rpm_limit or 'no limit'}; tokens a minute: {key.tpm_limit or 'no limit'}; tokens a day: "
+              f"{key.tpd_limit or 'no limit'}; scopes: {', '.join(key.scopes) or 'none (only /v1)'}.")
     err.print("[bold]Copy the key now: it is not shown again.[/]")
     sys.stdout.write(created.token + "\n")  # alone on stdout: KEY=$(lmstack keys create ...)
 
@@ -225,12 +230,15 @@ def keys_list(
         out.print("No API keys. Create one with `lmstack keys create --name NAME --user USER`.")
         return
     table = Table(box=None, pad_edge=False)
-    for column in ("ID", "PREFIX", "NAME", "USER", "MODELS", "SCOPES", "RPM", "EXPIRES", "STATUS", "LAST USED"):
+    for column in ("ID", "PREFIX", "NAME", "USER", "MODELS", "SCOPES", "RPM", "TPM", "TPD", "EXPIRES", "STATUS",
+                   "LAST USED"):
         table.add_column(column)
     for key in keys:
         table.add_row(str(key.id), key.prefix, escape(key.name), escape(key.user),
                       escape(",".join(key.models)) if key.models is not None else "all", ",".join(key.scopes) or "-",
-                      str(key.rpm_limit) if key.rpm_limit is not None else "-", _when(key.expires_at, "never"),
+                      *(str(limit) if limit is not None else "-"
+                        for limit in (key.rpm_limit, key.tpm_limit, key.tpd_limit)),
+                      _when(key.expires_at, "never"),
                       key.status if key.status != "revoked" else f"revoked {_when(key.revoked_at)}",
                       _when(key.last_used_at, "never"))
     out.print(table)

@@ -207,6 +207,8 @@ class ApiKey(Base):
     key_hash: Mapped[str] = mapped_column(Text)
     models: Mapped[list[str] | None] = mapped_column(ARRAY(Text))  # allowlist; None: every model
     rpm_limit: Mapped[int | None] = mapped_column(Integer)
+    tpm_limit: Mapped[int | None] = mapped_column(Integer)  # tokens a minute (prompt + completion); None: no limit
+    tpd_limit: Mapped[int | None] = mapped_column(BigInteger)  # tokens a UTC day; None: no limit
     # What the key may reach beyond /v1 and its own usage: "status" (/api read-only), "metrics", "logs".
     scopes: Mapped[list[str]] = mapped_column(ARRAY(Text), default=list, server_default=text("'{}'"))
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -232,6 +234,8 @@ class Usage(Base):
             unique=True,
             postgresql_nulls_not_distinct=True,
         ),
+        # A key's tokens today, for its daily limit (read with the key twice a second while it is in use).
+        Index("ix_usage_api_key_id_hour", "api_key_id", "hour"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)

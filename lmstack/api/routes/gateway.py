@@ -1,7 +1,7 @@
 """Routes: the OpenAI-compatible gateway (/v1) and usage (/api/usage).
 
 `/v1/chat/completions`, `/v1/completions` and `/v1/embeddings` check the request (auth, a JSON body with a
-string `model`, the key's model allowlist and rate limit, the model known and Ready) and hand it to
+string `model`, the key's model allowlist, token and request limits, the model known and Ready) and hand it to
 `services.proxy.forward`, which routes it to a replica. Errors use OpenAI's shape, so the official SDKs
 raise their usual exceptions: 400 BadRequestError, 401 AuthenticationError, 403 PermissionDeniedError,
 404 NotFoundError, 429 RateLimitError, 502/503/504 InternalServerError.
@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, NoReturn
 
 from fastapi import APIRouter, Query
@@ -57,7 +57,8 @@ async def get_model(model: str, principal: CurrentPrincipal, state: StateDep) ->
 # The three POST routes are answered by answer_fast (below) before FastAPI sees them (app.py's _App): these
 # declarations are what the OpenAPI document shows (paths, auth, answers), and are never called.
 _PROXIED = schemas.errors(400, 401, (403, "The API key may not use this model"), (404, "No such model"), 413,
-                          (429, "The API key is over its requests per minute (see Retry-After)"),
+                          (429, "The API key is over its requests or tokens a minute, or its tokens a day "
+                                "(see Retry-After)"),
                           (502, "The engine failed"), (503, "No Ready replica, or credentials cannot be checked now"),
                           (504, "The engine did not answer in time"))
 
@@ -97,13 +98,34 @@ async def proxy_request(state: AppState, principal: Principal, path: str, raw: b
     call = Call(path=path, model=model, body=body, raw=raw, key_id=key.id if key else None,
                 streamable=_ROUTES[path], started=started, at=at)
     if key is not None:
+        # Tokens first: a request they refuse is not counted against the requests a minute.
+        over = state.usage.tokens.tokens_over(key)
+        if over is not None:
+            _refuse(state, call, over.retry_after, code=f"tokens_per_{over.per}_exceeded", message=(
+                f"this API key has used {over.used} of its {over.limit} tokens a {over.per}"
+                + (" (the UTC day)" if over.per == "day" else "") + f"; it frees {_frees(over.retry_after)}"))
         wait_s = state.keys.check_rate(key)  # counts the request when within the limit
         if wait_s is not None:
-            state.usage.record(key_id=key.id, model=model, replica=None, status=429, latency_ms=call.elapsed_ms(),
-                               at=call.at)
-            raise ApiError(429, f"this API key is over its limit of {key.rpm_limit} requests a minute",
-                           code="rate_limit_exceeded", headers={"Retry-After": str(max(1, math.ceil(wait_s)))})
+            _refuse(state, call, wait_s, code="rate_limit_exceeded",
+                    message=f"this API key is over its limit of {key.rpm_limit} requests a minute")
     return await forward(call, client=state.upstream, registry=state.registry, usage=state.usage, receive=receive)
+
+
+def _refuse(state: AppState, call: Call, wait_s: float, *, code: str, message: str) -> NoReturn:
+    """429 in OpenAI's shape with Retry-After (whole seconds, at least 1); recorded in usage like any answer."""
+    state.usage.record(key_id=call.key_id, model=call.model, replica=None, status=429, latency_ms=call.elapsed_ms(),
+                       at=call.at)
+    raise ApiError(429, message, code=code, headers={"Retry-After": str(max(1, math.ceil(wait_s)))})
+
+
+def _frees(wait_s: float) -> str:
+    """When a token limit frees, for its message: "in 42 s", or "at 00:00 UTC (in 3 h 12 min)"."""
+    seconds = max(1, math.ceil(wait_s))
+    if seconds < 120:
+        return f"in {seconds} s"
+    at = datetime.fromtimestamp(time.time() + seconds, UTC).strftime("%H:%M UTC")
+    hours, minutes = divmod(math.ceil(seconds / 60), 60)
+    return f"at {at} (in {f'{hours} h ' if hours else ''}{minutes} min)"
 
 
 _ROUTES = {"/v1/chat/completions": True, "/v1/completions": True, "/v1/embeddings": False}  # path: streamable

@@ -14,6 +14,8 @@ from lmstack.api.deps import LoginPrincipal, SessionDep
 from lmstack.api.errors import ApiError
 from lmstack.api.services.keys import (
     MAX_NAME_LENGTH,
+    MAX_TPD,
+    MAX_TPM,
     ApiKeyNotFound,
     InvalidKeyRequest,
     KeyRecord,
@@ -36,6 +38,11 @@ class KeyCreate(BaseModel):
     user: str | None = Field(default=None, description="whose key (admins only); default: the caller")
     models: list[str] | None = Field(default=None, min_length=1, description="allowed models; default: all")
     rpm_limit: int | None = Field(default=None, ge=1, le=_INT_MAX, description="requests per minute; default: no limit")
+    # strict: "5", 5.0 and true are not a number of tokens either.
+    tpm_limit: int | None = Field(default=None, ge=1, le=MAX_TPM, strict=True, description=(
+        "tokens a minute (prompt + completion), per server process; default: no limit"))
+    tpd_limit: int | None = Field(default=None, ge=1, le=MAX_TPD, strict=True, description=(
+        "tokens a day (the UTC day), across servers; default: no limit"))
     expires_at: AwareDatetime | None = Field(default=None, description="default: never")
     scopes: list[Scope] = Field(default_factory=list, max_length=3, description=(
         "what the key reaches beyond /v1 and its own usage: status (the read-only /api), metrics (/metrics), "
@@ -50,6 +57,8 @@ class KeyOut(BaseModel):
     models: list[str] | None
     scopes: list[str]
     rpm_limit: int | None
+    tpm_limit: int | None
+    tpd_limit: int | None
     expires_at: datetime | None
     revoked_at: datetime | None
     created_at: datetime
@@ -60,7 +69,7 @@ class KeyOut(BaseModel):
     def of(cls, record: KeyRecord) -> KeyOut:
         return cls(id=record.id, name=record.name, user=record.user, prefix=record.prefix,
                    models=list(record.models) if record.models is not None else None, scopes=list(record.scopes),
-                   rpm_limit=record.rpm_limit,
+                   rpm_limit=record.rpm_limit, tpm_limit=record.tpm_limit, tpd_limit=record.tpd_limit,
                    expires_at=record.expires_at, revoked_at=record.revoked_at, created_at=record.created_at,
                    last_used_at=record.last_used_at, status=record.status)
 
@@ -82,7 +91,8 @@ def create(body: KeyCreate, principal: LoginPrincipal, session: SessionDep) -> C
         raise ApiError(403, "only an admin can create keys for another user", code="forbidden", param="user")
     try:
         created = create_key(session, user=owner, name=body.name, models=body.models, rpm_limit=body.rpm_limit,
-                             expires_at=body.expires_at, scopes=body.scopes)
+                             expires_at=body.expires_at, scopes=body.scopes, tpm_limit=body.tpm_limit,
+                             tpd_limit=body.tpd_limit)
     except ApiKeyNotFound as exc:
         raise ApiError(404, str(exc), code="user_not_found", param="user") from None
     except InvalidKeyRequest as exc:

@@ -25,7 +25,8 @@ with a model allowlist sees only those models wherever it reaches (deps.Principa
 
 `last_used_at` is written at most once a minute per key, by the lookup or re-check that finds it older
 than that (so not per request, and not per server).
-`KeyCache.check_rate(info)` applies the key's requests-per-minute limit (see services/ratelimit.py).
+`KeyCache.check_rate(info)` applies the key's requests-per-minute limit (see services/ratelimit.py). A key's
+token limits are applied by ratelimit.TokenLimiter, from the tokens of today the key's reads bring along.
 """
 
 from __future__ import annotations
@@ -34,11 +35,11 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import ColumnElement, Row, Update, func, or_, select, update
+from sqlalchemy import BigInteger, ColumnElement, Row, Update, case, func, or_, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session
@@ -46,7 +47,7 @@ from starlette.concurrency import run_in_threadpool
 
 from lmstack.api.security import KEY_PREFIX, digests_match, key_digest, key_lookup, new_api_key
 from lmstack.api.services.ratelimit import Clock, KeyRateLimiter
-from lmstack.state import ROLES, ApiKey, Database, Role, User
+from lmstack.state import ROLES, ApiKey, Database, Role, Usage, User
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ LAST_USED_EVERY = timedelta(seconds=60)
 # Keys and users asked for within this long are re-checked in the background (one query per ttl_s / 2).
 WARM_FOR_S = 300.0
 MAX_NAME_LENGTH = 100
+MAX_TPM = 2**31 - 1  # the columns: tpm_limit an integer, tpd_limit a bigint
+MAX_TPD = 2**63 - 1
 Scope = Literal["status", "metrics", "logs"]
 SCOPES: tuple[Scope, ...] = ("status", "metrics", "logs")
 _MAX_TOKEN_LENGTH = 128  # keys are 48 characters; anything much longer is not worth hashing
@@ -74,6 +77,13 @@ class KeyInfo:
     expires_at: datetime | None
     prefix: str = ""  # `lmsk_` and the stored lookup characters, for logs
     scopes: frozenset[str] = frozenset()  # what it reaches beyond /v1 and its own usage (SCOPES)
+    tpm_limit: int | None = None  # tokens a minute (prompt + completion); None: no limit
+    tpd_limit: int | None = None  # tokens a UTC day; None: no limit
+    # With a tpd limit: the key's tokens in the usage table on the UTC day of tokens_read_at, read with the key
+    # (so as fresh as the key: twice a second while in use). ratelimit.TokenLimiter adds what is not there yet.
+    # A reading, not part of what the key is: left out of comparisons.
+    tokens_today: int | None = field(default=None, compare=False)
+    tokens_read_at: datetime | None = field(default=None, compare=False)  # the database's clock as that read began
 
     def allows(self, model: str) -> bool:
         return self.models is None or model in self.models
@@ -97,6 +107,8 @@ class KeyRecord:
     created_at: datetime
     last_used_at: datetime | None
     scopes: tuple[str, ...] = ()
+    tpm_limit: int | None = None
+    tpd_limit: int | None = None
 
     @property
     def status(self) -> KeyStatus:
@@ -134,7 +146,8 @@ def _record(key: ApiKey, user: str) -> KeyRecord:
         id=key.id, name=key.name, user=user, prefix=KEY_PREFIX + key.prefix,
         models=tuple(key.models) if key.models is not None else None, rpm_limit=key.rpm_limit,
         expires_at=key.expires_at, revoked_at=key.revoked_at, created_at=key.created_at,
-        last_used_at=key.last_used_at, scopes=tuple(key.scopes or ()))
+        last_used_at=key.last_used_at, scopes=tuple(key.scopes or ()), tpm_limit=key.tpm_limit,
+        tpd_limit=key.tpd_limit)
 
 
 def _clean_models(models: Sequence[str] | None) -> list[str] | None:
@@ -154,11 +167,19 @@ def _clean_scopes(scopes: Sequence[str]) -> list[str]:
     return cleaned
 
 
+def _check_limit(name: str, value: object, most: int) -> None:
+    # bool is an int to Python, and 1.0 is not one: neither is a limit.
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most):
+        raise InvalidKeyRequest(f"{name}: a whole number from 1 to {most} (or leave it out for no limit), "
+                                f"not {value!r}")
+
+
 def create_key(session: Session, *, user: str, name: str, models: Sequence[str] | None = None,
                rpm_limit: int | None = None, expires_at: datetime | None = None,
-               scopes: Sequence[str] = ()) -> CreatedKey:
+               scopes: Sequence[str] = (), tpm_limit: int | None = None, tpd_limit: int | None = None) -> CreatedKey:
     """A new key for `user`. The returned token is the only copy of the key. `scopes`: what it reaches
-    beyond /v1 and its own usage (SCOPES)."""
+    beyond /v1 and its own usage (SCOPES). Limits (None: none): `rpm_limit` requests a minute, `tpm_limit`
+    tokens a minute, `tpd_limit` tokens a UTC day (see services/ratelimit.py)."""
     name = name.strip()
     if not name or len(name) > MAX_NAME_LENGTH:
         raise InvalidKeyRequest(f"name: 1 to {MAX_NAME_LENGTH} characters")
@@ -166,6 +187,8 @@ def create_key(session: Session, *, user: str, name: str, models: Sequence[str] 
     granted = _clean_scopes(scopes)
     if rpm_limit is not None and rpm_limit < 1:
         raise InvalidKeyRequest("rpm_limit: at least 1 (or leave it out for no limit)")
+    _check_limit("tpm_limit", tpm_limit, MAX_TPM)
+    _check_limit("tpd_limit", tpd_limit, MAX_TPD)
     if expires_at is not None:
         if expires_at.tzinfo is None:
             raise InvalidKeyRequest("expires_at: give a time zone (for example 2030-01-01T00:00:00Z)")
@@ -178,7 +201,8 @@ def create_key(session: Session, *, user: str, name: str, models: Sequence[str] 
         raise InvalidKeyRequest(f"user {user!r} is disabled")
     new = new_api_key()
     key = ApiKey(name=name, user_id=owner.id, prefix=new.lookup, key_hash=new.digest, models=allowed,
-                 rpm_limit=rpm_limit, expires_at=expires_at, scopes=granted)
+                 rpm_limit=rpm_limit, expires_at=expires_at, scopes=granted, tpm_limit=tpm_limit,
+                 tpd_limit=tpd_limit)
     session.add(key)
     session.flush()
     session.refresh(key)
@@ -458,9 +482,20 @@ class KeyCache:
         return role
 
 
+# A key with a daily token limit: its tokens in the usage table since the start of the UTC day, as of the
+# statement's start (statement_timestamp: TokenLimiter compares it with the times its own writes committed,
+# on the same clock). Read with the key, so the key cache's re-checks keep it fresh without a query per request.
+_READ_AT = case((ApiKey.tpd_limit.is_(None), None), else_=func.statement_timestamp())
+_TOKENS_TODAY = case((ApiKey.tpd_limit.is_(None), None), else_=(
+    select(func.coalesce(func.sum(Usage.prompt_tokens + Usage.completion_tokens), 0).cast(BigInteger))
+    .where(Usage.api_key_id == ApiKey.id,
+           Usage.hour >= func.date_trunc("day", func.statement_timestamp(), "UTC"))
+    .correlate(ApiKey).scalar_subquery()))
+
 _KEY_COLUMNS = (select(ApiKey.id, ApiKey.name, ApiKey.prefix, ApiKey.key_hash, ApiKey.models, ApiKey.rpm_limit,
                        ApiKey.scopes, ApiKey.expires_at, ApiKey.revoked_at, ApiKey.last_used_at,
-                       User.name.label("user"), User.role, User.disabled)
+                       User.name.label("user"), User.role, User.disabled, ApiKey.tpm_limit, ApiKey.tpd_limit,
+                       _TOKENS_TODAY.label("tokens_today"), _READ_AT.label("tokens_read_at"))
                 .join(User, User.id == ApiKey.user_id))
 
 
@@ -472,7 +507,9 @@ def _usable(row: Row[*tuple[Any, ...]], now: datetime) -> bool:
 def _key_info(row: Row[*tuple[Any, ...]]) -> KeyInfo:
     return KeyInfo(id=row.id, name=row.name, user=row.user, role=row.role,
                    models=tuple(row.models) if row.models is not None else None, rpm_limit=row.rpm_limit,
-                   expires_at=row.expires_at, prefix=KEY_PREFIX + row.prefix, scopes=frozenset(row.scopes or ()))
+                   expires_at=row.expires_at, prefix=KEY_PREFIX + row.prefix, scopes=frozenset(row.scopes or ()),
+                   tpm_limit=row.tpm_limit, tpd_limit=row.tpd_limit, tokens_today=row.tokens_today,
+                   tokens_read_at=row.tokens_read_at)
 
 
 def _touch(which: ColumnElement[bool]) -> Update:

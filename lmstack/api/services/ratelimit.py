@@ -20,6 +20,9 @@ get up to (processes x limit). Nothing here touches the database, so a limit cos
   None: allowed, and the request is counted; a number: refused (not counted), retry after that many
   seconds (send `Retry-After: ceil(seconds)` with a 429). A key whose `rpm_limit` is None is never
   limited. "At most `rpm_limit` requests in any 60 seconds", per process.
+- `TokenLimiter`: tokens (prompt + completion) per API key, a minute and a day; see the class. The usage
+  recorder feeds it every answer's tokens (`used`) and every batch it writes (`written`); the gateway asks
+  `tokens_over(key)` before a request, which is refused (429) once the key has used its tokens.
 """
 
 from __future__ import annotations
@@ -28,8 +31,11 @@ import asyncio
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Literal, Protocol
 
 Clock = Callable[[], float]
 
@@ -234,3 +240,170 @@ class KeyRateLimiter:
             self._log.sweep(now)
             self._log.add(key_id, limit, now)
         return None
+
+
+DAY_S = 86_400  # unix time counts no leap seconds: a UTC day is exactly this many seconds
+
+
+class LimitedKey(Protocol):
+    """What TokenLimiter reads of a key (services.keys.KeyInfo)."""
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def tpm_limit(self) -> int | None: ...
+    @property
+    def tpd_limit(self) -> int | None: ...
+    @property
+    def tokens_today(self) -> int | None: ...  # in the usage table on the UTC day of tokens_read_at
+    @property
+    def tokens_read_at(self) -> datetime | None: ...  # the database's clock when the statement that read it began
+
+
+class Answer(Protocol):
+    """What TokenLimiter reads of an answer's usage (services.usage.UsageRecord)."""
+
+    @property
+    def key_id(self) -> int | None: ...
+    @property
+    def prompt_tokens(self) -> int: ...
+    @property
+    def completion_tokens(self) -> int: ...
+    @property
+    def at(self) -> float: ...  # unix time the request arrived: the UTC day (and hour row) it counts in
+
+
+@dataclass(frozen=True)
+class TokensOver:
+    """A key has used its tokens: refuse its requests for `retry_after` seconds."""
+
+    per: Literal["minute", "day"]
+    limit: int
+    used: int
+    retry_after: float
+
+
+class _Bucket:
+    """The tokens of the answers that finished within `TokenLimiter.bucket_s` of `start`."""
+
+    __slots__ = ("last", "start", "tokens")
+
+    def __init__(self, now: float, tokens: int) -> None:
+        self.start = self.last = now
+        self.tokens = tokens
+
+
+class TokenLimiter:
+    """Tokens (prompt + completion) per API key: `tpm_limit` a minute, `tpd_limit` a day. A key that has used
+    as many is refused until enough of them leave the minute, or until the next UTC day. Tokens are known
+    only when an answer finishes, so requests in flight are not counted: a key may go over by what the
+    requests admitted before it reached its limit use.
+
+    - A minute: the tokens of the answers that finished in this process in the last `window_s` (so, like
+      requests per minute, per process), kept in buckets of `bucket_s` that leave the window as their last
+      answer does (so a bucket's tokens count up to `bucket_s` longer, never shorter).
+    - A day: the UTC day, because the usage table is rolled up per hour: a day is whole hour rows, exact on
+      every server, and frees at the same announced moment everywhere (a rolling 24 h would be rows that
+      leave an hour at a time). It is what the usage table says (`key.tokens_today`, read by the key cache
+      with each look-up and background re-check of the key, twice a second for keys in use: no query per
+      request) plus this process's tokens the table did not have when that was read: those not written yet
+      (`used`, waiting in the usage buffer, or dropped from it) and those written after the read began
+      (`written` keeps the database's clock after each write; compared with `key.tokens_read_at`, same
+      clock). So the count holds across servers and restarts, and this process's own answers count at once.
+
+    Keys are tracked from their first check with a limit; the usage recorder calls `used` and `written` for
+    every answer. Everything runs on the event loop: no lock.
+    """
+
+    def __init__(self, *, window_s: float = 60.0, bucket_s: float = 1.0, clock: Clock = time.monotonic,
+                 wall: Clock = time.time) -> None:
+        self.window_s = window_s
+        self.bucket_s = bucket_s
+        self._clock = clock  # for the minute
+        self._wall = wall  # unix time, for the day
+        self._minute: dict[int, deque[_Bucket]] = {}  # per key with a tpm limit, oldest first
+        self._unwritten: dict[int, dict[int, int]] = {}  # per key with a tpd limit: {UTC day: tokens}
+        # Per key with a tpd limit: (the database's clock once written, UTC day, tokens) of the writes the
+        # key's last read may not have seen.
+        self._written: dict[int, list[tuple[datetime, int, int]]] = {}
+
+    def tokens_over(self, key: LimitedKey) -> TokensOver | None:
+        """None: the key is within its token limits (or has none). Else the limit it reached (the longer
+        wait when both)."""
+        minute = self._minute_over(key.id, key.tpm_limit) if key.tpm_limit is not None else None
+        day = self._day_over(key, key.tpd_limit) if key.tpd_limit is not None else None
+        if minute is None or day is None:
+            return minute or day
+        return day if day.retry_after >= minute.retry_after else minute
+
+    def used(self, answer: Answer) -> None:
+        """An answer finished: count its tokens (for a key being tracked)."""
+        tokens = answer.prompt_tokens + answer.completion_tokens
+        if answer.key_id is None or tokens <= 0:
+            return
+        buckets = self._minute.get(answer.key_id)
+        if buckets is not None:
+            now = self._clock()
+            if buckets and now - buckets[-1].start < self.bucket_s:
+                buckets[-1].last = now
+                buckets[-1].tokens += tokens
+            else:
+                buckets.append(_Bucket(now, tokens))
+        days = self._unwritten.get(answer.key_id)
+        if days is not None:
+            day = int(answer.at // DAY_S)
+            days[day] = days.get(day, 0) + tokens
+
+    def written(self, answers: Iterable[Answer], *, at: datetime | None) -> None:
+        """These answers are in the usage table, committed before the database's clock read `at`. None: that
+        time is not known (the database went away right after the commit); they then count as unseen by any
+        read for the rest of their day, twice at worst, which errs on the side of the limit."""
+        stamp = at if at is not None else datetime.max.replace(tzinfo=UTC)
+        moved: dict[tuple[int, int], int] = {}
+        for answer in answers:
+            tokens = answer.prompt_tokens + answer.completion_tokens
+            if answer.key_id is None or tokens <= 0 or answer.key_id not in self._unwritten:
+                continue
+            where = (answer.key_id, int(answer.at // DAY_S))
+            moved[where] = moved.get(where, 0) + tokens
+        for (key_id, day), tokens in moved.items():
+            days = self._unwritten[key_id]
+            # Never below 0: an answer recorded before its key was tracked was not counted here.
+            tokens = min(tokens, days.get(day, 0))
+            if tokens:
+                days[day] -= tokens
+                self._written.setdefault(key_id, []).append((stamp, day, tokens))
+
+    def _minute_over(self, key_id: int, limit: int) -> TokensOver | None:
+        buckets = self._minute.setdefault(key_id, deque())
+        now = self._clock()
+        while buckets and buckets[0].last <= now - self.window_s:
+            buckets.popleft()
+        used = sum(bucket.tokens for bucket in buckets)
+        if used < limit:
+            return None
+        left = used  # the key may ask again once the oldest buckets leave and less than `limit` remain
+        for bucket in buckets:
+            left -= bucket.tokens
+            if left < limit:
+                return TokensOver("minute", limit, used, max(bucket.last + self.window_s - now, 0.0))
+        raise AssertionError("unreachable: every bucket gone leaves 0 < limit")
+
+    def _day_over(self, key: LimitedKey, limit: int) -> TokensOver | None:
+        now = self._wall()
+        today = int(now // DAY_S)
+        days = self._unwritten.setdefault(key.id, {})
+        for past in [day for day in days if day < today]:
+            del days[past]
+        used = days.get(today, 0)
+        read_at = key.tokens_read_at
+        written = self._written.get(key.id)
+        if written:
+            # Writes the read saw are in key.tokens_today; yesterday's count no more.
+            written[:] = [w for w in written if w[1] >= today and (read_at is None or w[0] >= read_at)]
+            used += sum(tokens for _, day, tokens in written if day == today)
+        if read_at is not None and int(read_at.timestamp() // DAY_S) == today:
+            used += key.tokens_today or 0
+        if used < limit:
+            return None
+        return TokensOver("day", limit, used, (today + 1) * DAY_S - now)

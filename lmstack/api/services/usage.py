@@ -24,12 +24,13 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, select, tuple_
+from sqlalchemy import Connection, bindparam, func, select, tuple_
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from lmstack.api.services.metrics import Metrics
+from lmstack.api.services.ratelimit import TokenLimiter
 from lmstack.state import ApiKey, Database, Replica, Usage, User
 
 log = logging.getLogger("lmstack.api.usage")
@@ -120,6 +121,8 @@ class UsageRecorder:
         self.written = 0  # records written to the database
         self.failed_flushes = 0  # flushes that could not write (the records stayed buffered)
         self.last_error: str | None = None  # why the last flush failed; None once one succeeds
+        # Per-key token limits: every answer's tokens, and every batch written, are told to it here.
+        self.tokens = TokenLimiter()
 
     @property
     def pending(self) -> int:
@@ -142,6 +145,7 @@ class UsageRecorder:
                                      record.ttft_ms / 1000 if record.ttft_ms else None)
         if record.prompt_tokens or record.completion_tokens:
             self.metrics.add_tokens(record.model, record.prompt_tokens, record.completion_tokens)
+            self.tokens.used(record)
         if len(self._buffer) >= self.max_buffer:
             self._buffer.popleft()
             self._dropped(1)
@@ -166,7 +170,7 @@ class UsageRecorder:
             self._buffer.clear()
             self._in_flight = len(batch)
             try:
-                await asyncio.to_thread(self._write, batch)
+                written_at = await asyncio.to_thread(self._write, batch)
             except SQLAlchemyError as exc:
                 self._requeue(batch)
                 self.failed_flushes += 1
@@ -181,11 +185,20 @@ class UsageRecorder:
                 log.warning("usage written to the database again (%d records)", len(batch))
             self.last_error = None
             self.written += len(batch)
+            self.tokens.written(batch, at=written_at)
             return True
 
-    def _write(self, batch: list[UsageRecord]) -> None:
-        with self.database.engine.begin() as conn:
-            conn.execute(_UPSERT, rollup(with_revisions(conn, batch)))
+    def _write(self, batch: list[UsageRecord]) -> datetime | None:
+        """Write the batch; then the database's clock, which a read of usage later than that sees it in (None
+        when it could not be read: the batch is written all the same)."""
+        with self.database.engine.connect() as conn:
+            with conn.begin():
+                conn.execute(_UPSERT, rollup(with_revisions(conn, batch)))
+            try:
+                written_at: datetime | None = conn.scalar(select(func.now()))
+            except SQLAlchemyError:
+                written_at = None
+            return written_at
 
     def _requeue(self, batch: list[UsageRecord]) -> None:
         # Older records go back in front of those recorded during the failed write; over the bound, the
