@@ -11,6 +11,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from lmstack.manifests.policy import (
+    DEFAULT_LOCAL_DOCKER,
     DEFAULT_MOUNT_ROOT,
     env_prefix_problem,
     mount_root_problem,
@@ -121,6 +122,30 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Docker endpoints a Worker's dockerHost may name besides ssh:// to its inventory address "
                     "(exact URLs, comma-separated; e.g. tcp://10.0.0.5:2376)")
+    # -- this machine as a worker (`lmstack up`): an operator decision, never a repository's ---------------
+    local_host: str | None = Field(
+        default=None, description="the inventory host that is this machine: its facts are gathered through "
+                                  "Ansible's local connection, its containers run on the local Docker "
+                                  "(`local_docker`) and its engines are reached on 127.0.0.1. No repository can "
+                                  "make a host local [default: the name in LMSTACK_HOME/local-host, which "
+                                  "`lmstack up` writes]")
+    local_docker: str | None = Field(
+        # DOCKER_HOST itself, not an LMSTACK_ variable: the docker CLI that node facts and preparation run on the
+        # local host (Ansible's local connection) inherits it, so both reach the same Docker.
+        default=None, validation_alias="DOCKER_HOST",
+        description="the Docker endpoint of `local_host`: the operator's DOCKER_HOST (unix:///PATH) [default: "
+                    "unix:///var/run/docker.sock]")
+
+    @model_validator(mode="after")
+    def _local_host_from_home(self) -> Settings:
+        # What `lmstack up` decided, for the commands run after it on the same LMSTACK_HOME.
+        if self.local_host is None:
+            try:
+                name = self.local_host_file.read_text().strip()
+            except (FileNotFoundError, NotADirectoryError):
+                name = ""
+            self.local_host = name or None
+        return self
 
     @field_validator("mount_roots", "docker_hosts", mode="before")
     @classmethod
@@ -191,6 +216,14 @@ class Settings(BaseSettings):
     @property
     def jwt_secret_file(self) -> Path:
         return self.home / "jwt-secret"
+
+    @property
+    def local_host_file(self) -> Path:
+        return self.home / "local-host"
+
+    @property
+    def local_docker_url(self) -> str:
+        return self.local_docker or DEFAULT_LOCAL_DOCKER
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,8 @@ from lmstack.cli.render import (
 )
 from lmstack.cli.render_facts import render_facts
 from lmstack.cli.scaffold import ScaffoldError, scaffold
+from lmstack.cli.up import down as down_command
+from lmstack.cli.up import up as up_command
 from lmstack.cli.users import keys_app, users_app
 from lmstack.config import Settings, SshFiles, SshFilesError, ssh_files
 from lmstack.gitsource import Source, SourceError, init_repository, load_source, parse_snapshot, read_commit
@@ -52,6 +54,8 @@ db_app = typer.Typer(help="The state database (PostgreSQL; embedded when LMSTACK
 app.add_typer(db_app, name="db")
 app.add_typer(users_app, name="users")
 app.add_typer(keys_app, name="keys")
+app.command()(up_command)
+app.command()(down_command)
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)

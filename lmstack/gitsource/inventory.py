@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date
 from pathlib import Path, PurePosixPath
 from types import MappingProxyType
@@ -105,6 +105,9 @@ class InventoryHost:
     groups: tuple[str, ...]  # as ansible's group_names: sorted, without "all"
     vars: Mapping[str, object]  # the host's own variables (group_vars/host_vars applied), no ansible_* ones
     python_interpreter: str | None = None  # ansible_python_interpreter: an absolute path
+    # This machine, as the operator said (LMSTACK_LOCAL_HOST, `lmstack up`), never the repository: reached with
+    # Ansible's local connection and the local Docker; `address`, `port` and `user` are then not used.
+    local: bool = False
 
     def __post_init__(self) -> None:
         # What lmstack hands to ssh and ansible: a host built by any path holds only plain connection values.
@@ -130,10 +133,12 @@ class Inventory:
     warnings: tuple[str, ...] = field(default=())
 
 
-def parse_inventory(files: Mapping[str, bytes]) -> Inventory:
+def parse_inventory(files: Mapping[str, bytes], *, local_host: str | None = None) -> Inventory:
     """Parse every file under `inventory/` in `files` (repository-relative paths) as one inventory.
 
-    Raises ManifestValidationError naming `inventory/...` files for anything ansible cannot parse.
+    `local_host` is the operator's choice of the host that is this machine (marked `local`); the files cannot
+    make a host local. Raises ManifestValidationError naming `inventory/...` files for anything ansible cannot
+    parse.
     """
     prefix = f"{INVENTORY_DIR}/"
     inventory_files = {path[len(prefix) :]: data for path, data in files.items() if path.startswith(prefix)}
@@ -159,6 +164,9 @@ def parse_inventory(files: Mapping[str, bytes]) -> Inventory:
     elapsed_ms = 1e3 * (time.perf_counter() - started)
     log.debug("parsed inventory (%d files) in %.1f ms", len(inventory_files), elapsed_ms)
     if isinstance(result, Inventory):
+        if local_host is not None and local_host in result.hosts:
+            hosts = {**result.hosts, local_host: replace(result.hosts[local_host], local=True)}
+            return replace(result, hosts=MappingProxyType(hosts))
         return result
     raise ManifestValidationError(result)
 

@@ -28,7 +28,8 @@ def push_limits(settings: Settings) -> PushLimits:
     """The operator's limits on what a push may do, from the settings of the lmstack host."""
     return PushLimits.of(secrets_env_prefix=settings.secrets_env_prefix, mount_roots=settings.mount_roots,
                          docker_hosts=settings.docker_hosts,
-                         secrets_dir=settings.secrets_dir or settings.home / "secrets")
+                         secrets_dir=settings.secrets_dir or settings.home / "secrets",
+                         local_host=settings.local_host, local_docker=settings.local_docker_url)
 
 
 def load_source(*, repo: str | None, ref: str, directory: Path | None, settings: Settings) -> Source:
@@ -52,7 +53,7 @@ def parse_snapshot(snapshot: Snapshot, *, limits: PushLimits) -> Source:
     errors: list[ManifestError] = []
     inventory: Inventory | None = None
     try:
-        inventory = parse_inventory(snapshot.files)
+        inventory = parse_inventory(snapshot.files, local_host=limits.local_host)
     except ManifestValidationError as error:
         errors.extend(error.errors)
 

@@ -20,6 +20,7 @@ from pathlib import Path
 SETTINGS_PREFIX = "LMSTACK_"
 SECRET_NAMESPACE = "LMSTACK_SECRET_"  # noqa: S105 (a variable name prefix, not a password)
 DEFAULT_MOUNT_ROOT = "/var/lib/lmstack"
+DEFAULT_LOCAL_DOCKER = "unix:///var/run/docker.sock"
 MAX_SECRET_BYTES = 64 * 1024
 
 # Never a mount root or a model cache, nor any directory above one of these (so never `/`).
@@ -121,12 +122,18 @@ class PushLimits:
     docker_hosts: frozenset[str] = frozenset()
     # Where `fromFile` paths are read, on the lmstack host (None: nowhere, every fromFile fails to resolve).
     secrets_dir: Path | None = field(default=None, compare=False)
+    # The inventory host that is the lmstack host itself (`lmstack up`; None: none) and its Docker endpoint. Only
+    # the operator makes a host local: the repository cannot name a local connection or a local Docker socket.
+    local_host: str | None = None
+    local_docker: str = DEFAULT_LOCAL_DOCKER
 
     @classmethod
     def of(cls, *, secrets_env_prefix: str, mount_roots: Iterable[str | Path], docker_hosts: Iterable[str],
-           secrets_dir: Path | None) -> PushLimits:
+           secrets_dir: Path | None, local_host: str | None = None,
+           local_docker: str = DEFAULT_LOCAL_DOCKER) -> PushLimits:
         return cls(secrets_env_prefix=secrets_env_prefix, mount_roots=tuple(str(p) for p in mount_roots),
-                   docker_hosts=frozenset(docker_hosts), secrets_dir=secrets_dir)
+                   docker_hosts=frozenset(docker_hosts), secrets_dir=secrets_dir, local_host=local_host,
+                   local_docker=local_docker)
 
     # -- secrets (read on the lmstack host) -----------------------------------------------------------
 

@@ -12,6 +12,8 @@ from lmstack.gitsource import InventoryHost, Source
 from lmstack.state.models import Worker as WorkerRow
 
 DEFAULT_MODEL_CACHE = "/var/lib/lmstack/models"
+# The operator's local host (PushLimits.local_host) runs its engines with host networking on this machine.
+LOCAL_ADDRESS = "127.0.0.1"
 
 
 @dataclass(frozen=True)
@@ -29,9 +31,13 @@ def worker_access(source: Source, session: Session) -> dict[str, WorkerAccess]:
     from the database, if still in the inventory), by name."""
     hosts = source.inventory.hosts
     found: dict[str, WorkerAccess] = {}
+    local_docker = source.limits.local_docker
     for name, worker in source.desired.workers.items():
         host = hosts.get(worker.spec.host)
         if host is None:
+            continue
+        if host.local:
+            found[name] = WorkerAccess(name, local_docker, LOCAL_ADDRESS, worker.spec.model_cache)
             continue
         # A dockerHost in the manifest was checked against the operator's limits when the source was loaded.
         url = worker.spec.docker_host or default_docker_url(host)
@@ -41,7 +47,10 @@ def worker_access(source: Source, session: Session) -> dict[str, WorkerAccess]:
             continue
         host = hosts[row.host]
         cache = str((row.spec or {}).get("modelCache", DEFAULT_MODEL_CACHE))
-        found[row.name] = WorkerAccess(row.name, default_docker_url(host), host.address, cache)
+        if host.local:
+            found[row.name] = WorkerAccess(row.name, local_docker, LOCAL_ADDRESS, cache)
+        else:
+            found[row.name] = WorkerAccess(row.name, default_docker_url(host), host.address, cache)
     return found
 
 

@@ -7,6 +7,7 @@ treats it as NotReady with that reason, so a machine that went away stops receiv
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -191,7 +192,8 @@ def _int_or_none(value: object) -> int | None:
 
 def runner_inventory(inventory: Inventory) -> str:
     """The inventory ansible-playbook gets: each host with only the connection values lmstack decided from the
-    validated inventory (address, port, user, Python), over ssh. No other variable from Git reaches ansible
+    validated inventory (address, port, user, Python), over ssh; the operator's local host (`local`) through
+    Ansible's local connection. No other variable from Git reaches ansible
     (our playbooks need none), so nothing in the repository can configure how ansible connects or runs.
 
     Strings are written `!unsafe` (ansible never renders them). Data for the playbooks (model cache, images)
@@ -199,6 +201,11 @@ def runner_inventory(inventory: Inventory) -> str:
     """
     hosts: dict[str, dict[str, object]] = {}
     for name, host in inventory.hosts.items():
+        if host.local:
+            # This machine, as the operator decided (never the repository): no SSH; the modules run with this
+            # process's Python (and its environment: DOCKER_HOST reaches the docker CLI they call).
+            hosts[name] = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
+            continue
         values: dict[str, object] = {"ansible_connection": "ssh", "ansible_host": host.address,
                                      "ansible_port": host.port}
         if host.user is not None:

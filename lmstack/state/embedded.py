@@ -52,7 +52,12 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    # A process that exited but was not reaped yet (a zombie: its parent is gone or busy) answers kill(0).
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc: trust kill(0)
+    return stat.rsplit(")", 1)[-1].split()[:1] != ["Z"]
 
 
 def _forget_dead_handles(data_dir: Path) -> None:
@@ -143,3 +148,26 @@ def stop_embedded(data_dir: Path) -> None:
     server = _servers.pop(data_dir.expanduser().resolve(), None)
     if server is not None:
         server.cleanup()
+
+
+def embedded_pid(data_dir: Path) -> int | None:
+    """The pid of the embedded PostgreSQL of `data_dir` while it runs (from its postmaster.pid), else None."""
+    try:
+        first = (data_dir.expanduser() / "postmaster.pid").read_text().split("\n", 1)[0].strip()
+        pid = int(first)
+    except (OSError, ValueError):
+        return None
+    return pid if _pid_alive(pid) else None
+
+
+def release_embedded(data_dir: Path, *, timeout_s: float = 30.0) -> bool:
+    """Stop the embedded PostgreSQL of `data_dir` unless a live lmstack process still uses it (`lmstack down`,
+    after the server it started has exited, or died without stopping it). True when it is not running after."""
+    if embedded_pid(data_dir) is None:
+        return True
+    start_embedded(data_dir)  # joins it: the handles of dead processes are dropped on the way
+    stop_embedded(data_dir)  # and leaves: the last handle stops it
+    deadline = time.monotonic() + timeout_s
+    while embedded_pid(data_dir) is not None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return embedded_pid(data_dir) is None

@@ -263,8 +263,8 @@ class DockerPool:
 
     def used_ports(self, worker: str) -> set[int]:
         """TCP ports taken on the worker: lmstack.port of every lmstack container (any state: it may be
-        restarted), ports any container publishes and, over SSH, every port listening on the host (what
-        host-networked containers and other programs hold)."""
+        restarted), ports any container publishes and every port listening on the host (what host-networked
+        containers and other programs hold), over SSH or, for a local Docker, on this machine."""
         def run(api: Any) -> set[int]:
             ports: set[int] = set()
             for summary in api.containers(all=True):
@@ -278,8 +278,9 @@ class DockerPool:
 
         ports = self._call(worker, "listing used ports", run)
         conn = self._connection(worker)
-        if conn.ssh is not None:
-            ports |= self._call(worker, "listing listening ports", lambda _api: listening_ports(conn))
+        # Over SSH, or here for a local Docker (unix://): the API server and the embedded database of
+        # `lmstack up` listen on the same machine as its engines.
+        ports |= self._call(worker, "listing listening ports", lambda _api: listening_ports(conn))
         return ports
 
     # -- internals --------------------------------------------------------------------------------------

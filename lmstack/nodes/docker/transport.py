@@ -442,11 +442,22 @@ def diagnose_docker(conn: Connection) -> str:
 
 
 def listening_ports(conn: Connection) -> set[int]:
-    """TCP ports in LISTEN state on the host (its network namespace), from /proc/net/tcp{,6}."""
+    """TCP ports in LISTEN state on the host (its network namespace), from /proc/net/tcp{,6}: over SSH, or read
+    here for a local Docker (unix://: the host is this machine, where engines share its network)."""
+    if conn.ssh is None:
+        text = ""
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with contextlib.suppress(OSError):
+                text += Path(table).read_text(errors="replace")
+        return _listening(text)
     _stdin, stdout, _stderr = conn.ssh.exec_command("cat /proc/net/tcp /proc/net/tcp6 2>/dev/null",
                                                     timeout=15)
     text = stdout.read().decode(errors="replace")
     stdout.channel.recv_exit_status()
+    return _listening(text)
+
+
+def _listening(text: str) -> set[int]:
     ports = set()
     for line in text.splitlines():
         fields = line.split()
