@@ -115,14 +115,15 @@ class HostFacts:
     facts: Mapping[str, Any]  # what the lmstack_facts module returned under `facts`
 
 
-Inventory = str | Mapping[str, bytes]
-"""INI or YAML text (written as `inventory/hosts`), or files by path relative to `inventory/`."""
+RunnerInventory = str | Mapping[str, bytes]
+"""What ansible-runner is given as its inventory: INI or YAML text (written as `inventory/hosts`), or files by
+path relative to `inventory/` (lmstack writes them from the parsed gitsource.Inventory: reconcile.facts)."""
 
 
 def run_playbook(
     playbook: str,
     *,
-    inventory: Inventory,
+    inventory: RunnerInventory,
     hosts: Sequence[str],
     ssh_key: Path,
     known_hosts: Path,
@@ -194,7 +195,7 @@ def run_playbook(
 
 
 def run_facts(
-    inventory: Inventory,
+    inventory: RunnerInventory,
     hosts: Sequence[str],
     *,
     ssh_key: Path,
@@ -323,7 +324,7 @@ def _alive(pid: int) -> bool:
 
 
 def _write_private_data_dir(
-    private: Path, *, inventory: Inventory, host_vars: str | None, ssh_key: Path, known_hosts: Path,
+    private: Path, *, inventory: RunnerInventory, host_vars: str | None, ssh_key: Path, known_hosts: Path,
     ssh_config: Path | None, connect_timeout_s: int, playbooks_dir: Path,
 ) -> None:
     """project/ (the playbooks and their library/), inventory/ and env/envvars; no env/ssh_key (see above)."""
