@@ -12,6 +12,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from lmstack.manifests.policy import (
     DEFAULT_LOCAL_DOCKER,
+    DEFAULT_MAX_DRAIN_TIMEOUT_S,
+    DEFAULT_MAX_STARTUP_TIMEOUT_S,
     DEFAULT_MOUNT_ROOT,
     env_prefix_problem,
     mount_root_problem,
@@ -60,6 +62,12 @@ class Settings(BaseSettings):
     max_request_mb: float = Field(default=32.0, gt=0, description="largest request body the gateway accepts "
                                                                   "(MiB; larger ones get 413)")
     registry_refresh_s: float = Field(default=1.0, gt=0, description="how often Ready replicas are re-read")
+    max_startup_timeout_s: int = Field(
+        default=DEFAULT_MAX_STARTUP_TIMEOUT_S, ge=1, description="the longest health.startupTimeout a manifest may "
+                                                               "ask for (a rollout holds the controller meanwhile)")
+    max_drain_timeout_s: int = Field(
+        default=DEFAULT_MAX_DRAIN_TIMEOUT_S, ge=0,
+        description="the longest rollout.drainTimeout a manifest may ask for")
     prune: bool = Field(
         default=True, description="delete the replicas of deployments removed from the manifests (false: they are "
                                   "kept running and keep their GPUs; the plan says so)")

@@ -29,7 +29,9 @@ def push_limits(settings: Settings) -> PushLimits:
     return PushLimits.of(secrets_env_prefix=settings.secrets_env_prefix, mount_roots=settings.mount_roots,
                          docker_hosts=settings.docker_hosts,
                          secrets_dir=settings.secrets_dir or settings.home / "secrets",
-                         local_host=settings.local_host, local_docker=settings.local_docker_url)
+                         local_host=settings.local_host, local_docker=settings.local_docker_url,
+                         max_startup_timeout_s=settings.max_startup_timeout_s,
+                         max_drain_timeout_s=settings.max_drain_timeout_s)
 
 
 def load_source(*, repo: str | None, ref: str, directory: Path | None, settings: Settings) -> Source:

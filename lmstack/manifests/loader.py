@@ -379,6 +379,10 @@ def _check_limits(state: DesiredState, parsed: Iterable[_Parsed],
                 found.append((("spec", "dockerHost"),
                               limits.docker_host_problem(spec.docker_host, addresses.get(spec.host))))
         else:
+            found.append((("spec", "health", "startupTimeout"),
+                          limits.wait_problem("startupTimeout", resource.spec.health.startup_timeout)))
+            found.append((("spec", "rollout", "drainTimeout"),
+                          limits.wait_problem("drainTimeout", resource.spec.rollout.drain_timeout)))
             for name, value in resource.spec.env.items():
                 if isinstance(value, EnvFromEnv):
                     found.append((("spec", "env", name, "fromEnv"), limits.env_name_problem(value.from_env)))

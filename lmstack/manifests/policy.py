@@ -21,6 +21,8 @@ SETTINGS_PREFIX = "LMSTACK_"
 SECRET_NAMESPACE = "LMSTACK_SECRET_"  # noqa: S105 (a variable name prefix, not a password)
 DEFAULT_MOUNT_ROOT = "/var/lib/lmstack"
 DEFAULT_LOCAL_DOCKER = "unix:///var/run/docker.sock"
+DEFAULT_MAX_STARTUP_TIMEOUT_S = 2 * 3600  # a big model on a slow disk can take most of an hour to load
+DEFAULT_MAX_DRAIN_TIMEOUT_S = 3600
 MAX_SECRET_BYTES = 64 * 1024
 
 # Never a mount root or a model cache, nor any directory above one of these (so never `/`).
@@ -126,14 +128,30 @@ class PushLimits:
     # the operator makes a host local: the repository cannot name a local connection or a local Docker socket.
     local_host: str | None = None
     local_docker: str = DEFAULT_LOCAL_DOCKER
+    # The longest waits a push may ask for, in seconds: a pass holds the one applier's lock while it waits.
+    max_startup_timeout_s: int = DEFAULT_MAX_STARTUP_TIMEOUT_S
+    max_drain_timeout_s: int = DEFAULT_MAX_DRAIN_TIMEOUT_S
 
     @classmethod
     def of(cls, *, secrets_env_prefix: str, mount_roots: Iterable[str | Path], docker_hosts: Iterable[str],
            secrets_dir: Path | None, local_host: str | None = None,
-           local_docker: str = DEFAULT_LOCAL_DOCKER) -> PushLimits:
+           local_docker: str = DEFAULT_LOCAL_DOCKER, max_startup_timeout_s: int = DEFAULT_MAX_STARTUP_TIMEOUT_S,
+           max_drain_timeout_s: int = DEFAULT_MAX_DRAIN_TIMEOUT_S) -> PushLimits:
         return cls(secrets_env_prefix=secrets_env_prefix, mount_roots=tuple(str(p) for p in mount_roots),
                    docker_hosts=frozenset(docker_hosts), secrets_dir=secrets_dir, local_host=local_host,
-                   local_docker=local_docker)
+                   local_docker=local_docker, max_startup_timeout_s=max_startup_timeout_s,
+                   max_drain_timeout_s=max_drain_timeout_s)
+
+    # -- waits (a pass holds the applier's lock while it waits) ------------------------------------------
+
+    def wait_problem(self, field: str, seconds: int) -> str | None:
+        """Why `seconds` of health.startupTimeout / rollout.drainTimeout is more than the operator allows."""
+        limit, setting = ((self.max_startup_timeout_s, "LMSTACK_MAX_STARTUP_TIMEOUT_S") if field == "startupTimeout"
+                          else (self.max_drain_timeout_s, "LMSTACK_MAX_DRAIN_TIMEOUT_S"))
+        if seconds > limit:
+            return (f"{seconds} s is more than the operator allows ({limit} s, {setting}): a rollout holds the "
+                    "controller while it waits")
+        return None
 
     # -- secrets (read on the lmstack host) -----------------------------------------------------------
 
