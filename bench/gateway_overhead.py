@@ -173,8 +173,8 @@ def run_floor(port: int, upstream_port: int) -> None:
     failover. What any gateway built on this stack could do at most, on this machine."""
     import uvicorn
 
+    from lmstack.api.gateway.upstream import UpstreamClient
     from lmstack.api.server import tune_gc
-    from lmstack.api.services.upstream import UpstreamClient
 
     upstream = f"http://127.0.0.1:{upstream_port}"
     client: list[UpstreamClient] = []

@@ -1,5 +1,5 @@
 """Which HTTP client the gateway should use to reach engines: httpx (and httpx2, when installed), aiohttp, and
-lmstack's own (lmstack/api/services/upstream.py), alone, without the gateway around them.
+lmstack's own (lmstack/api/gateway/upstream.py), alone, without the gateway around them.
 
     .venv/bin/python bench/upstream_client.py
     .venv/bin/python bench/upstream_client.py --concurrency 1 32 256 --duration 3
@@ -55,7 +55,7 @@ async def client_for(kind: str, url: str) -> tuple[Send, Callable[[], Awaitable[
 
         return send_httpx, client.aclose
     if kind == "lmstack":
-        from lmstack.api.services.upstream import UpstreamClient
+        from lmstack.api.gateway.upstream import UpstreamClient
 
         upstream = UpstreamClient(connect_timeout_s=10.0, read_timeout_s=60.0, keepalive_s=4.0)
         endpoint, path = url.split("/v1/", 1)

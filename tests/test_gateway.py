@@ -28,14 +28,16 @@ import httpx
 import openai
 import pytest
 import uvicorn
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
 
 from lmstack.api.app import create_app
+from lmstack.api.gateway.registry import Registry
 from lmstack.api.security import hash_password, issue_token, new_api_key
 from lmstack.api.services.metrics import Metrics
-from lmstack.api.services.registry import Registry
 from lmstack.api.state import AppState
 from lmstack.config import Settings
 from lmstack.state import ApiKey, Database, Deployment, Replica, User
@@ -502,7 +504,7 @@ def test_a_client_giving_up_before_the_answer_abandons_the_upstream_request(db, 
 
 
 def test_sse_framing_survives_any_split():
-    from lmstack.api.services.proxy import _SseFramer
+    from lmstack.api.gateway.proxy import _SseFramer
 
     stream = (b'data: {"a": 1}\n\n' b'data: {"b": 2}\r\n\r\n' b": comment\n\n"
               b'event: x\ndata: {"c": 3}\n\n' b"data: [DONE]\n\n")
@@ -520,7 +522,7 @@ def test_sse_framing_survives_any_split():
 def test_sse_framing_is_the_same_however_the_bytes_arrive(stream: bytes, cuts: list[int]) -> None:
     """Whatever the line ends (LF, CRLF, CR, mixed) and wherever the chunks split, the events are the ones a
     plain scan for the three blank-line terminators finds, and no byte is lost or added."""
-    from lmstack.api.services.proxy import _SseFramer
+    from lmstack.api.gateway.proxy import _SseFramer
 
     ends = [m.end() for m in re.finditer(rb"\r\n\r\n|\n\n|\r\r", stream)]
     expected = [stream[a:b] for a, b in zip([0, *ends], ends, strict=False)]
@@ -691,6 +693,30 @@ def test_a_5xx_that_repeats_on_a_second_replica_is_relayed_and_marks_neither(db,
     assert "on another replica" in failed.value.message
     assert [server.hits for server in servers] == [1, 1]  # each asked once
     assert [(r["failures"], r["suspect"]) for r in gateway.state.registry.snapshot()] == [(0, False), (0, False)]
+
+
+def test_the_gateway_posts_reached_through_fastapi_answer_with_the_same_handler(db, standins, database_url):
+    """The app answers the gateway's POSTs before FastAPI routes them (its fast path). Reached through FastAPI
+    anyway (another ASGI wrapper in front of it, say), the routes give the same answers: no decoy routes."""
+    serve_model(db, [standins("m")])
+    key, _ = add_key(db)
+    app = create_app(Settings(database_url=database_url, jwt_secret=JWT_SECRET, registry_refresh_s=0.1),
+                     database=db)
+
+    async def through_fastapi(scope: Any, receive: Any, send: Any) -> None:
+        await FastAPI.__call__(app, scope, receive, send)
+
+    with TestClient(through_fastapi) as client:
+        body = {"model": "m", "messages": MESSAGES}
+        wait_for("the model routed", lambda: client.post(
+            "/v1/chat/completions", json=body, headers={"authorization": f"Bearer {key}"}).status_code == 200)
+        answer = client.post("/v1/chat/completions", json=body, headers={"authorization": f"Bearer {key}"})
+        assert answer.json()["choices"][0]["message"]["content"].startswith("Hello")
+        with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True},
+                           headers={"authorization": f"Bearer {key}"}) as streamed:
+            assert streamed.status_code == 200 and "data: [DONE]" in "".join(streamed.iter_text())
+        refused = client.post("/v1/chat/completions", json=body, headers={"authorization": "Bearer lmsk_wrong"})
+        assert refused.status_code == 401 and refused.json()["error"]["type"] == "authentication_error"
 
 
 def test_every_replica_failing_is_a_502_and_a_silent_one_a_504(db, start_gateway, broken):

@@ -12,7 +12,7 @@ from typing import Any
 
 from test_gateway import Gateway, Standin, add_key, chat, serve_model, standins, start_gateway
 
-from lmstack.api.services.affinity import BLOCK, PrefixTable, prompt_keys
+from lmstack.api.gateway.affinity import BLOCK, PrefixTable, prompt_keys
 from lmstack.state import Database
 
 __all__ = ["standins", "start_gateway"]  # fixtures: imported for the tests below

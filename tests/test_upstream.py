@@ -1,4 +1,4 @@
-"""The gateway's HTTP/1.1 client to the engines (lmstack.api.services.upstream), against a real socket server
+"""The gateway's HTTP/1.1 client to the engines (lmstack.api.gateway.upstream), against a real socket server
 whose answers each test scripts: pooling, the ways an answer can be framed, and the ways it can fail."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from lmstack.api.services.upstream import BadAnswer, Broken, ConnectError, Dropped, UpstreamClient
+from lmstack.api.gateway.upstream import BadAnswer, Broken, ConnectError, Dropped, UpstreamClient
 
 Handler = Callable[[socket.socket, bytes, bytes], bool]  # (connection, request head, body) -> keep the connection
 

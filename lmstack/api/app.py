@@ -21,14 +21,14 @@ from starlette.types import Receive, Scope, Send
 from lmstack import __version__
 from lmstack.api.deps import authenticate
 from lmstack.api.errors import install_error_handlers
+from lmstack.api.gateway.proxy import open_upstream_client
+from lmstack.api.gateway.registry import Registry
 from lmstack.api.inputs import checked
 from lmstack.api.routes import auth, gateway, health, hooks, keys, logs, metrics, status, traffic, ui
 from lmstack.api.security import load_or_create_secret
 from lmstack.api.services.keys import KeyCache
 from lmstack.api.services.metrics import Metrics
-from lmstack.api.services.proxy import open_upstream_client
 from lmstack.api.services.ratelimit import LoginLimiter
-from lmstack.api.services.registry import Registry
 from lmstack.api.services.repo import RepoView
 from lmstack.api.services.usage import UsageRecorder
 from lmstack.api.state import AppState

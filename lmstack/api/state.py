@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lmstack.api.gateway.registry import Registry
+from lmstack.api.gateway.upstream import UpstreamClient
 from lmstack.api.services.keys import KeyCache
 from lmstack.api.services.metrics import Metrics
 from lmstack.api.services.ratelimit import LoginLimiter
-from lmstack.api.services.registry import Registry
 from lmstack.api.services.repo import RepoView
-from lmstack.api.services.upstream import UpstreamClient
 from lmstack.api.services.usage import UsageRecorder
 from lmstack.config import Settings
 from lmstack.state import Database

@@ -2,7 +2,7 @@
 
 `/v1/chat/completions`, `/v1/completions` and `/v1/embeddings` check the request (auth, a JSON body with a
 string `model`, the key's model allowlist, token and request limits, the model known and Ready) and hand it to
-`services.proxy.forward`, which routes it to a replica. Errors use OpenAI's shape, so the official SDKs
+`gateway.proxy.forward`, which routes it to a replica. Errors use OpenAI's shape, so the official SDKs
 raise their usual exceptions: 400 BadRequestError, 401 AuthenticationError, 403 PermissionDeniedError,
 404 NotFoundError, 429 RateLimitError, 502/503/504 InternalServerError.
 """
@@ -22,8 +22,8 @@ from starlette.types import Receive, Scope, Send
 from lmstack.api import schemas
 from lmstack.api.deps import CurrentPrincipal, Principal, SessionDep, StateDep, principal_for
 from lmstack.api.errors import ApiError, error_response, internal_error
+from lmstack.api.gateway.proxy import Call, forward
 from lmstack.api.inputs import read_body
-from lmstack.api.services.proxy import Call, forward
 from lmstack.api.services.usage import query_usage
 from lmstack.api.state import AppState
 
@@ -54,8 +54,10 @@ async def get_model(model: str, principal: CurrentPrincipal, state: StateDep) ->
                    param="model")
 
 
-# The three POST routes are answered by answer_fast (below) before FastAPI sees them (app.py's _App): these
-# declarations are what the OpenAPI document shows (paths, auth, answers), and are never called.
+# The three POST routes are answered by answer_fast (below) before FastAPI sees them (app.py's _App). Reached
+# through FastAPI all the same (another ASGI wrapper, a mount), they answer with the same answer_fast: one code
+# path for the gateway, whichever way a request comes in. Their declarations are what the OpenAPI document
+# shows (paths, auth, answers).
 _PROXIED = schemas.errors(400, 401, (403, "The API key may not use this model"), (404, "No such model"), 413,
                           (429, "The API key is over its requests or tokens a minute, or its tokens a day "
                                 "(see Retry-After)"),
@@ -64,23 +66,32 @@ _PROXIED = schemas.errors(400, 401, (403, "The API key may not use this model"),
 
 
 @router.post("/v1/chat/completions", tags=["gateway"], responses=_PROXIED)
-async def chat_completions(principal: CurrentPrincipal) -> Response:
-    _not_routed()
+async def chat_completions(principal: CurrentPrincipal, state: StateDep) -> Response:
+    """OpenAI's chat completions, streamed or not, from a Ready replica of `model`."""
+    return _Answered(state, "/v1/chat/completions")
 
 
 @router.post("/v1/completions", tags=["gateway"], responses=_PROXIED)
-async def completions(principal: CurrentPrincipal) -> Response:
-    _not_routed()
+async def completions(principal: CurrentPrincipal, state: StateDep) -> Response:
+    """OpenAI's (legacy) completions, streamed or not, from a Ready replica of `model`."""
+    return _Answered(state, "/v1/completions")
 
 
 @router.post("/v1/embeddings", tags=["gateway"], responses=_PROXIED)
-async def embeddings(principal: CurrentPrincipal) -> Response:
-    _not_routed()
+async def embeddings(principal: CurrentPrincipal, state: StateDep) -> Response:
+    """OpenAI's embeddings from a Ready replica of `model`."""
+    return _Answered(state, "/v1/embeddings")
 
 
-def _not_routed() -> NoReturn:
-    raise RuntimeError("the gateway's POST routes are answered by routes.gateway.answer_fast: serve the app "
-                       "made by lmstack.api.app.create_app")
+class _Answered(Response):
+    """A route's response that is answer_fast's answer (the body is still unread: no parameter takes it)."""
+
+    def __init__(self, state: AppState, path: str) -> None:
+        super().__init__()
+        self.state, self.path = state, path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await answer_fast(self.state, self.path, scope, receive, send)
 
 
 async def proxy_request(state: AppState, principal: Principal, path: str, raw: bytes, *, receive: Receive,
@@ -113,8 +124,7 @@ async def proxy_request(state: AppState, principal: Principal, path: str, raw: b
 
 def _refuse(state: AppState, call: Call, wait_s: float, *, code: str, message: str) -> NoReturn:
     """429 in OpenAI's shape with Retry-After (whole seconds, at least 1); recorded in usage like any answer."""
-    state.usage.record(key_id=call.key_id, model=call.model, replica=None, status=429, latency_ms=call.elapsed_ms(),
-                       at=call.at)
+    call.answered(state.usage, 429)
     raise ApiError(429, message, code=code, headers={"Retry-After": str(max(1, math.ceil(wait_s)))})
 
 

@@ -37,9 +37,9 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Message, Receive, Scope, Send
 
 from lmstack.api.errors import ApiError, error_body
-from lmstack.api.services.affinity import prompt_keys
-from lmstack.api.services.registry import GatewayCounters, Registry, ReplicaKey, Target
-from lmstack.api.services.upstream import Dropped, UpstreamClient, UpstreamError, UpstreamResponse
+from lmstack.api.gateway.affinity import prompt_keys
+from lmstack.api.gateway.registry import GatewayCounters, Registry, ReplicaKey, Target
+from lmstack.api.gateway.upstream import Dropped, UpstreamClient, UpstreamError, UpstreamResponse
 from lmstack.api.services.usage import UsageRecorder
 from lmstack.config import Settings
 
@@ -89,6 +89,34 @@ class Call:
 
     def elapsed_ms(self) -> int:
         return int((time.perf_counter() - self.started) * 1000)
+
+    def answered(self, usage: UsageRecorder, status: int, *, target: Target | None = None, replica: str | None = None,
+                 ttft_ms: int = 0, tokens: tuple[int, int] | None = None) -> None:
+        """Record what became of this request, once, however it ended (the one place usage is recorded: the
+        recorder also feeds the metrics, the traffic series and the token limits)."""
+        prompt, completion = tokens or (0, 0)
+        usage.record(key_id=self.key_id, model=self.model, replica=target.name if target else replica,
+                     status=status, latency_ms=self.elapsed_ms(), ttft_ms=ttft_ms, at=self.at,
+                     revision=target.revision if target else None, prompt_tokens=prompt,
+                     completion_tokens=completion)
+
+
+class Lease:
+    """A request's place on a replica, from its pick to the end of its answer: counted in the replica's requests
+    in flight (what power of two choices and the bounded load compare) until released, exactly once."""
+
+    __slots__ = ("_held", "target")
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self._held = True
+        target.load.outstanding += 1
+        target.load.requests += 1
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self.target.load.outstanding -= 1
 
 
 def upstream_body(call: Call, upstream_model: str) -> bytes:
@@ -158,17 +186,13 @@ async def forward(call: Call, *, client: UpstreamClient, registry: Registry, usa
         if attempt:
             registry.counters.retries += 1
         tried.add(target.key)
-        load = target.load
-        load.outstanding += 1
-        load.requests += 1
+        lease = Lease(target)
         try:
             answer = await _unless_gone(_ask(client, target, call, registry.counters), receive)
         except _Failure as exc:
-            load.outstanding -= 1
+            lease.release()
             if exc.kind == "status" and unconfirmed is not None and exc.engine_error is not None:
-                usage.record(key_id=call.key_id, model=call.model, replica=target.name,
-                             status=exc.engine_error.status, latency_ms=call.elapsed_ms(), at=call.at,
-                             revision=target.revision)
+                call.answered(usage, exc.engine_error.status, target=target)
                 raise exc.engine_error from None
             if exc.kind == "status" and attempt == 0:
                 unconfirmed = target
@@ -177,21 +201,19 @@ async def forward(call: Call, *, client: UpstreamClient, registry: Registry, usa
             failure, failed_on = exc, target.name
             continue
         except ClientGone:
-            load.outstanding -= 1
+            lease.release()
             registry.counters.client_disconnects += 1
-            usage.record(key_id=call.key_id, model=call.model, replica=target.name, status=CLIENT_CLOSED,
-                         latency_ms=call.elapsed_ms(), at=call.at, revision=target.revision)
+            call.answered(usage, CLIENT_CLOSED, target=target)
             return Response(status_code=CLIENT_CLOSED)  # nobody reads it
         except BaseException:
-            load.outstanding -= 1
+            lease.release()
             raise
         registry.succeeded(target)
         if unconfirmed is not None:
             registry.failed(unconfirmed, "status")  # another replica answered: the error was the replica's own
         if answer.rest is not None:
-            relay = _Relay(call=call, target=target, answer=answer, registry=registry, usage=usage)
-            return RelayResponse(relay)
-        load.outstanding -= 1
+            return RelayResponse(_Relay(call=call, lease=lease, answer=answer, registry=registry, usage=usage))
+        lease.release()
         return _whole(call, target, answer, usage)
 
     if unconfirmed is not None and failed_on == unconfirmed.name:
@@ -201,8 +223,7 @@ async def forward(call: Call, *, client: UpstreamClient, registry: Registry, usa
                          code="model_unavailable")
     else:
         error = failure.error
-    usage.record(key_id=call.key_id, model=call.model, replica=failed_on, status=error.status,
-                 latency_ms=call.elapsed_ms(), at=call.at)
+    call.answered(usage, error.status, replica=failed_on)
     raise error
 
 
@@ -260,9 +281,7 @@ async def _ask(client: UpstreamClient, target: Target, call: Call, counters: Gat
 def _whole(call: Call, target: Target, answer: _Answer, usage: UsageRecorder) -> Response:
     response, content = answer.response, answer.content or b""
     tokens = _usage_of_json(content) if response.status == 200 else None
-    usage.record(key_id=call.key_id, model=call.model, replica=target.name, status=response.status,
-                 latency_ms=call.elapsed_ms(), ttft_ms=answer.ttft_ms, at=call.at, revision=target.revision,
-                 prompt_tokens=tokens[0] if tokens else 0, completion_tokens=tokens[1] if tokens else 0)
+    call.answered(usage, response.status, target=target, ttft_ms=answer.ttft_ms, tokens=tokens)
     return Response(content, status_code=response.status,
                     media_type=response.headers.get("content-type", "application/json"))
 
@@ -270,10 +289,11 @@ def _whole(call: Call, target: Target, answer: _Answer, usage: UsageRecorder) ->
 class _Relay:
     """One stream from a replica to the client: event framing, usage, the end, and cleaning up."""
 
-    def __init__(self, *, call: Call, target: Target, answer: _Answer, registry: Registry,
+    def __init__(self, *, call: Call, lease: Lease, answer: _Answer, registry: Registry,
                  usage: UsageRecorder) -> None:
         self.call = call
-        self.target = target
+        self.lease = lease  # released when the stream ends, however it ends
+        self.target = lease.target
         self.answer = answer
         self.registry = registry
         self.usage = usage
@@ -354,15 +374,12 @@ class _Relay:
         with anyio.CancelScope(shield=True):
             await self.events.aclose()
             self.answer.response.close()  # mid-stream this drops the connection: the engine stops generating
-        self.target.load.outstanding -= 1
+        self.lease.release()
         status = self.status
         if not self.completed and not self.delivered:
             status = CLIENT_CLOSED
             self.registry.counters.client_disconnects += 1
-        prompt, completion = self.tokens or (0, 0)
-        self.usage.record(key_id=self.call.key_id, model=self.call.model, replica=self.target.name, status=status,
-                          latency_ms=self.call.elapsed_ms(), ttft_ms=self.answer.ttft_ms, at=self.call.at,
-                          prompt_tokens=prompt, completion_tokens=completion, revision=self.target.revision)
+        self.call.answered(self.usage, status, target=self.target, ttft_ms=self.answer.ttft_ms, tokens=self.tokens)
 
 
 class RelayResponse(StreamingResponse):

@@ -9,7 +9,7 @@ What the gateway learns while serving — requests in flight, failures — lives
 kept across refreshes for as long as the replica stays Ready at the same endpoint.
 
 Choosing a replica: a request with a long prompt goes to the replica that served its beginning lately, within
-a bounded share of the load (services/affinity.py). Otherwise "power of two choices": two Ready replicas at
+a bounded share of the load (gateway/affinity.py). Otherwise "power of two choices": two Ready replicas at
 random, the one with fewer requests in flight wins. It spreads load nearly as well as least-loaded without
 every server herding onto the same replica, and costs O(1). A replica that just failed (connect error,
 timeout, 5xx) is suspect for `suspect_s` seconds: it is skipped while any other replica of the model is not.
@@ -33,7 +33,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
-from lmstack.api.services.affinity import PrefixTable
+from lmstack.api.gateway.affinity import PrefixTable
 from lmstack.api.services.metrics import Metrics
 from lmstack.backends import backend_for, normalize_applied
 from lmstack.state import Database, Deployment, Replica, Worker
@@ -118,7 +118,7 @@ class Registry:
     def __init__(self, database: Database, *, refresh_s: float, metrics: Metrics, suspect_s: float = 5.0,
                  clock: Callable[[], float] = time.monotonic, prefix_routing: bool = True) -> None:
         self.database = database
-        # Requests with a long prompt go where its beginning was served lately (services/affinity.py).
+        # Requests with a long prompt go where its beginning was served lately (gateway/affinity.py).
         self.prefixes: PrefixTable | None = PrefixTable() if prefix_routing else None
         self.refresh_s = refresh_s
         self.metrics = metrics
