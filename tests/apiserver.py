@@ -75,11 +75,12 @@ class LiveServer:
 
 
 class ServeProcess:
-    """`with ServeProcess(env) as server:` a real `lmstack serve` in a process of its own on 127.0.0.1 (a free
-    port), with the LMSTACK_* settings in `env`, started with an open-files soft limit of `open_files` (what
-    a login shell gives it; the server raises it itself). Waits until /healthz answers."""
+    """`with ServeProcess(env) as server:` a real `lmstack serve` (run by `python`) in a process of its own on
+    127.0.0.1 (a free port), with the LMSTACK_* settings in `env`, started with an open-files soft limit of
+    `open_files` (what a login shell gives it; the server raises it itself). Waits until /healthz answers."""
 
-    def __init__(self, env: dict[str, str], *, open_files: int = 1024) -> None:
+    def __init__(self, env: dict[str, str], *, open_files: int = 1024, python: str = sys.executable) -> None:
+        self.python = python  # the interpreter (and so the lmstack) that runs the server
         probe = socket.socket()
         probe.bind(("127.0.0.1", 0))
         self.port = probe.getsockname()[1]
@@ -103,7 +104,7 @@ class ServeProcess:
 
     def __enter__(self) -> ServeProcess:
         # cwd "/": `python -m` puts its working directory first on sys.path, which must not pick the package.
-        self.process = subprocess.Popen([sys.executable, "-m", "lmstack", "serve"], env=self.env, cwd="/",
+        self.process = subprocess.Popen([self.python, "-m", "lmstack", "serve"], env=self.env, cwd="/",
                                         preexec_fn=self._limit, stdout=subprocess.DEVNULL, stderr=self.log)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

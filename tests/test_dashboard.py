@@ -70,23 +70,8 @@ class WheelServe(ServeProcess):
     def __init__(self, env: dict[str, str], venv: Path) -> None:
         self.venv = venv
         super().__init__({**env, "PATH": os.pathsep.join([str(venv / "bin"), str(Path(sys.executable).parent),
-                                                          os.environ.get("PATH", "")])})
-
-    def __enter__(self) -> WheelServe:
-        python = str(self.venv / "bin" / "python")
-        self.process = subprocess.Popen([python, "-m", "lmstack", "serve"], env=self.env, cwd="/",
-                                        preexec_fn=self._limit, stdout=subprocess.DEVNULL, stderr=self.log)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"lmstack serve exited: {self.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/healthz", timeout=1):
-                    return self
-            except OSError:
-                time.sleep(0.1)
-        self.__exit__(None, None, None)
-        raise RuntimeError("lmstack serve did not answer /healthz within 30 s")
+                                                          os.environ.get("PATH", "")])},
+                         python=str(venv / "bin" / "python"))
 
 
 def _wheel_venv() -> Path | None:
