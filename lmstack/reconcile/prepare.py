@@ -137,6 +137,9 @@ class ModelCheck:
     bytes: int | None = None  # downloaded now: the file's size
     seconds: float | None = None
     resumed_from: int | None = None  # bytes a .part held before this download (0: from the start)
+    # what the download's sha256 was checked against: the reference's pin, the sha256 the server announced
+    # (Hugging Face's X-Linked-Etag), or None (not checked)
+    sha256_checked: Literal["pinned", "announced"] | None = None
 
 
 @dataclass(frozen=True)
@@ -227,7 +230,8 @@ def _worker_json(w: WorkerPrepared) -> dict[str, Any]:
         "images": [{"image": image.image, "status": image.status, "error": image.error} for image in w.images],
         "imagesWanted": list(w.images_wanted),
         "models": [{"source": m.source, "path": m.path, "status": m.status, "error": m.error, "bytes": m.bytes,
-                    "seconds": m.seconds, "resumedFrom": m.resumed_from} for m in w.models],
+                    "seconds": m.seconds, "resumedFrom": m.resumed_from, "sha256Checked": m.sha256_checked}
+                   for m in w.models],
     }
 
 
@@ -360,7 +364,9 @@ def _model(item: Mapping[str, Any]) -> ModelCheck:
     return ModelCheck(source=str(item.get("source")), path=str(item.get("path")), status=known,
                       error=_str(item.get("error")), bytes=_int(item.get("bytes")),
                       seconds=float(item["seconds"]) if isinstance(item.get("seconds"), int | float) else None,
-                      resumed_from=_int(item.get("resumed_from")))
+                      resumed_from=_int(item.get("resumed_from")),
+                      sha256_checked=next((c for c in ("pinned", "announced") if c == item.get("sha256_checked")),
+                                          None))
 
 
 def _int(value: object) -> int | None:

@@ -394,6 +394,9 @@ READ_TIMEOUT = 60.0  # seconds without a byte before a download counts as stalle
 DOWNLOAD_TRIES = 3
 _CONTENT_RANGE = re.compile(r"^bytes\s+(\d+)-(\d+)/(\d+|\*)$")
 _TOTAL_ONLY = re.compile(r"^bytes\s+\*/(\d+)$")
+# Hugging Face answers a file's URL with a redirect to its CDN that carries X-Linked-Etag: the file's sha256 (for
+# files kept in LFS, as GGUF files are). A file whose reference pins no sha256 is checked against it.
+_ANNOUNCED_SHA256 = re.compile(r'^(?:W/)?"?([0-9a-f]{64})"?$')
 _OPEN_FLAGS = {"rb": os.O_RDONLY, "wb": os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
                "ab": os.O_WRONLY | os.O_CREAT | os.O_APPEND}
 
@@ -560,11 +563,12 @@ def download_into(folder: Folder, name: str, url: str, *, sha256: str | None = N
     started = time.monotonic()
     resumed_from = folder.size(part)
     last_error = "no attempt made"
+    announced: list[str] = []
     for attempt in range(max(tries, 1)):
         if deadline_s is not None and time.monotonic() - started > deadline_s:
             raise DownloadError(f"gave up after {int(deadline_s)} s ({last_error}); the next run resumes")
         try:
-            total = _fetch(url, folder, part, read_timeout_s, progress, headers or {})
+            total = _fetch(url, folder, part, read_timeout_s, progress, headers or {}, announced)
             break
         except _Restart as exc:  # the server cannot resume: start over at once
             folder.unlink(part)
@@ -589,27 +593,55 @@ def download_into(folder: Folder, name: str, url: str, *, sha256: str | None = N
         folder.unlink(part)
         raise DownloadError(f"sha256 mismatch: expected {sha256.lower()}, got {digest} (the download was "
                             "removed)")
+    checked = "pinned" if sha256 is not None else None
+    if sha256 is None and announced:
+        if digest != announced[-1]:
+            folder.unlink(part)
+            raise DownloadError(f"sha256 mismatch: the server announced {announced[-1]} (X-Linked-Etag), got "
+                                f"{digest} (the download was removed)")
+        checked = "announced"
     folder.replace(part, name)
     _write_sha256(folder, name, digest)
     return {"bytes": size, "seconds": round(time.monotonic() - started, 1), "resumed_from": resumed_from,
-            "sha256": digest}
+            "sha256": digest, "sha256_checked": checked}
 
 
 class _Restart(Exception):
     pass
 
 
+class _AnnouncedSha256(urllib.request.HTTPRedirectHandler):
+    """Follows redirects as urllib does, keeping the sha256 a redirect announces (X-Linked-Etag)."""
+
+    def __init__(self, found: list[str]) -> None:
+        self.found = found
+
+    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any,
+                         newurl: str) -> urllib.request.Request | None:
+        _keep_announced(headers, self.found)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _keep_announced(headers: Any, found: list[str]) -> None:
+    match = _ANNOUNCED_SHA256.match((headers.get("X-Linked-Etag") or "").strip().lower())
+    if match:
+        found.append(match.group(1))
+
+
 def _fetch(url: str, folder: Folder, part: str, read_timeout_s: float,
-           progress: Callable[[int, int | None], None] | None, headers: Mapping[str, str]) -> int | None:
-    """One connection: append to `part` from where it ends; the file's total size, if the server said."""
+           progress: Callable[[int, int | None], None] | None, headers: Mapping[str, str],
+           announced: list[str]) -> int | None:
+    """One connection: append to `part` from where it ends; the file's total size, if the server said. A sha256
+    the server announces for the file goes into `announced`."""
     have = folder.size(part)
     if not url.startswith(("http://", "https://")):
         raise DownloadError(f"not an http(s) URL: {url}")
     request = urllib.request.Request(url, headers={"User-Agent": "lmstack-prepare", **headers})  # noqa: S310
     if have:
         request.add_header("Range", f"bytes={have}-")
+    opener = urllib.request.build_opener(_AnnouncedSha256(announced))
     try:
-        answer = urllib.request.urlopen(request, timeout=read_timeout_s)  # noqa: S310 - http(s) from lmstack
+        answer = opener.open(request, timeout=read_timeout_s)
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and have:  # nothing after `have`: complete, or the .part is not this file's
             match = _TOTAL_ONLY.match(exc.headers.get("Content-Range", "").strip())
@@ -618,6 +650,7 @@ def _fetch(url: str, folder: Folder, part: str, read_timeout_s: float,
             raise _Restart(f"the server refused to resume at byte {have}") from None
         raise
     with answer:
+        _keep_announced(answer.headers, announced)
         total: int | None = None
         if answer.status == 206:
             ranged = parse_content_range(answer.headers.get("Content-Range"))

@@ -80,3 +80,17 @@ def has_image(url: str, image: str, *, timeout_s: float = 10.0) -> bool:
     finally:
         client.close()
     return True
+
+
+def load_image(url: str, archive: Path, *, timeout_s: float = 300.0) -> None:
+    """`docker load` the archive (an image written by lmstack.nodes.docker.archive) into the local Docker."""
+    client = docker.APIClient(base_url=url, version="auto", timeout=timeout_s)
+    try:
+        with archive.open("rb") as data:
+            for line in client.load_image(data):
+                if isinstance(line, dict) and line.get("error"):
+                    raise LocalDockerError(f"docker load {archive}: {line['error']}")
+    except docker.errors.DockerException as exc:
+        raise LocalDockerError(f"docker load {archive}: {clip(str(exc))}") from exc
+    finally:
+        client.close()
