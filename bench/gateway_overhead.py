@@ -72,6 +72,7 @@ MODEL = "bench"
 PROMPT = [{"role": "user", "content": "Say hello to the benchmark in five words."}]
 PIECES = ["Hello", " there,", " dear", " benchmark", " reader."]
 TARGET_ADDED_P50_MS = 1.0  # at concurrency 1
+LITELLM_METHOD_CONCURRENCY = [1, 16, 64]
 TARGET_THROUGHPUT = 0.90  # of direct, at concurrency 256
 SETUP_TIMEOUT_S = 90.0
 MAX_EXTRA_WARMUP_S = 30.0  # a row's warm-up waits this much longer at most for every client's first answer
@@ -82,7 +83,7 @@ MAX_EXTRA_WARMUP_S = 30.0  # a row's warm-up waits this much longer at most for 
 # ============================================================================================================
 
 
-def _upstream_app(model: str, token_delay_s: float) -> Any:
+def _upstream_app(model: str, token_delay_s: float, answer_delay_s: float = 0.0) -> Any:
     created = int(time.time())
     ident = "chatcmpl-bench0123456789"
     usage = {"prompt_tokens": 12, "completion_tokens": len(PIECES), "total_tokens": 12 + len(PIECES)}
@@ -135,6 +136,8 @@ def _upstream_app(model: str, token_delay_s: float) -> Any:
         except ValueError:
             await reply(send, 400, b'{"error":{"message":"invalid JSON"}}')
             return
+        if answer_delay_s:  # a fixed time to answer, as LiteLLM's benchmark's fake endpoint takes
+            await asyncio.sleep(answer_delay_s)
         if request.get("stream") is not True:
             if token_delay_s:  # a whole answer comes once all its tokens are generated
                 await asyncio.sleep(token_delay_s * len(events))
@@ -153,10 +156,11 @@ def _upstream_app(model: str, token_delay_s: float) -> Any:
     return app
 
 
-def run_upstream(port: int, model: str, token_delay_ms: float) -> None:
+def run_upstream(port: int, model: str, token_delay_ms: float, answer_delay_ms: float = 0.0) -> None:
     import uvicorn
 
-    config = uvicorn.Config(_upstream_app(model, token_delay_ms / 1000), host="127.0.0.1", port=port,
+    config = uvicorn.Config(_upstream_app(model, token_delay_ms / 1000, answer_delay_ms / 1000), host="127.0.0.1",
+                            port=port,
                             loop="uvloop", http="httptools", lifespan="off", access_log=False,
                             log_level="warning", backlog=4096)
     uvicorn.Server(config).run()
@@ -963,6 +967,24 @@ def environment_notes(admin: ThrowawayDatabase, litellm_version: str | None) -> 
     ]
 
 
+def print_litellm_method(rows: list[Row]) -> None:
+    """The figures in the form of LiteLLM's published cross-gateway comparison, beside its published numbers."""
+    direct = {row.concurrency: row for row in rows if row.target == "direct"}
+    print("\nLiteLLM's method (upstream answering in 22 ms; added = through minus direct, same concurrency):")
+    print(f"  {'target':<9}{'c':>4}{'+p50 ms':>10}{'+p99 ms':>10}   goal (lmstack)")
+    for row in rows:
+        base = direct.get(row.concurrency)
+        if row.target == "direct" or base is None:
+            continue
+        goal = {1: "p99 added < 1 ms", 64: "p99 added < 5 ms"}.get(row.concurrency, "")
+        added50 = row.pct("total", 50) - base.pct("total", 50)
+        added99 = row.pct("total", 99) - base.pct("total", 99)
+        print(f"  {row.target:<9}{row.concurrency:>4}{added50:>10.2f}{added99:>10.2f}   "
+              + (goal if row.target == "lmstack" else ""))
+    print("  published (their machines): Go/Rust gateways 0.75-0.9 ms at c=1, 29-40 ms at c=64 (p99 added); "
+          "LiteLLM's Python proxy 546 ms at c=64")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -983,6 +1005,12 @@ def main() -> int:
                         help="the upstream's time per chunk: between stream chunks, and (times the chunks) "
                              "before a whole answer; default 0: pure overhead. 20 is an engine decoding 50 "
                              "tokens/s a stream"),
+    parser.add_argument("--answer-delay-ms", type=float, default=0.0,
+                        help="the upstream's time before it answers (whole or stream), as a fixed delay")
+    parser.add_argument("--method", choices=["ours", "litellm"], default="ours",
+                        help="litellm: the method of LiteLLM's published cross-gateway benchmark: an upstream that "
+                             "answers in 22 ms, concurrency 1, 16 and 64, whole answers, p50 and p99 added "
+                             "(overrides --concurrency, --modes and --answer-delay-ms)")
     parser.add_argument("--litellm-python", metavar="PATH",
                         help="a Python that can import litellm[proxy]: adds LiteLLM rows")
     parser.add_argument("--profile", choices=["cprofile", "py-spy"],
@@ -993,9 +1021,11 @@ def main() -> int:
     parser.add_argument("--py-spy", metavar="PATH", help="py-spy executable (default: from PATH)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, profiles)")
     args = parser.parse_args()
+    if args.method == "litellm":
+        args.concurrency, args.modes, args.answer_delay_ms = LITELLM_METHOD_CONCURRENCY, ["plain"], 22.0
 
     if args.role == "upstream":
-        run_upstream(args.port, MODEL, args.token_delay_ms)
+        run_upstream(args.port, MODEL, args.token_delay_ms, args.answer_delay_ms)
         return 0
     if args.role == "loadgen":
         run_loadgen(json.loads(args.spec))
@@ -1038,7 +1068,8 @@ def main() -> int:
         up_log = workdir / "upstream.log"
         upstream_proc = procs.start("upstream", [sys.executable, str(Path(__file__).resolve()), "--role",
                                                  "upstream", "--port", str(up_port), "--token-delay-ms",
-                                                 str(args.token_delay_ms)], log=up_log)
+                                                 str(args.token_delay_ms), "--answer-delay-ms",
+                                                 str(args.answer_delay_ms)], log=up_log)
         upstream = f"http://127.0.0.1:{up_port}"
         wait_until("the upstream stand-in", lambda: http_get(f"{upstream}/health")[0] == 200, upstream_proc, up_log)
         targets: list[Target] = []
@@ -1086,7 +1117,8 @@ def main() -> int:
             print("  " + note)
         print(f"  upstream stand-in: bare ASGI app under uvicorn (uvloop, httptools, no access log), one process; "
               f"stream = {len(PIECES) + 2} chunks + [DONE], token delay {args.token_delay_ms:g} ms"
-              + (f" (a whole answer after {len(PIECES) + 2} of them)" if args.token_delay_ms else ""))
+              + (f" (a whole answer after {len(PIECES) + 2} of them)" if args.token_delay_ms else "")
+              + (f"; every answer starts after {args.answer_delay_ms:g} ms" if args.answer_delay_ms else ""))
         print(f"  rows: >= {args.warmup:g} s warm-up (until every client has had an answer, at most "
               f"{MAX_EXTRA_WARMUP_S:g} s more) + {args.duration:g} s measured (answers ending in it count); closed "
               "loop, one keep-alive connection per client; load generator: asyncio/uvloop + httptools, its own "
@@ -1116,6 +1148,8 @@ def main() -> int:
                   "= more req/s and lower p50 (streams: TTFB p50)):")
             for line in verdicts:
                 print("  " + line)
+        if args.method == "litellm":
+            print_litellm_method(rows)
         if args.profile and "lmstack" in args.targets:
             profile_phase(procs, args, database_url=database.url, key=key, workdir=workdir, tool=args.profile)
         return 0

