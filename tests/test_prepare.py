@@ -190,6 +190,33 @@ def test_a_stopped_docker_is_started_only_with_install(tmp_path: Path) -> None:
     assert script.ran("service", "docker", "start") and not script.ran("systemctl")
 
 
+def test_without_a_service_manager_that_can_start_it_dockerd_is_started_directly(tmp_path: Path) -> None:
+    """A container without systemd whose docker init script may not raise its limits (`ulimit: error setting
+    limit`, as on this project's build machines): with install, dockerd itself is started in the background."""
+    state = {"running": False}
+
+    def answer(argv: list[str]) -> tuple[int, str, str]:
+        if argv[:2] == ["service", "docker"]:
+            return 2, "", "/etc/init.d/docker: 86: ulimit: error setting limit (Operation not permitted)"
+        if argv[0] == "sh" and "setsid -f /usr/bin/dockerd" in argv[-1]:
+            state["running"] = True
+        if argv[:2] == ["docker", "version"]:
+            return (0, "20.10.24\n", "") if state["running"] else (1, "", "Cannot connect to the Docker daemon")
+        return 0, "", ""
+
+    script = Script({"docker", "dockerd", "service"}, answer)
+    started = mod.ensure_docker(script.step(install=True, systemd=False), 1)
+    assert started["ok"] and started["started"], started
+    assert script.ran("service", "docker", "start")
+    assert script.calls[-2][:2] == ["sh", "-c"] and ">>/var/log/lmstack-dockerd.log 2>&1" in script.calls[-2][2]
+    # Not as root, or with systemd (whose own failure is the answer), nothing is started behind its back.
+    for other, root, systemd in ((Script({"docker", "dockerd", "service"}, answer), False, False),
+                                 (Script({"docker", "dockerd", "systemctl"}, answer), True, True)):
+        state["running"] = False
+        refused = mod.ensure_docker(other.step(install=True, systemd=systemd, is_root=root), 1)
+        assert not refused["ok"] and not other.ran("sh"), (refused, other.calls)
+
+
 def test_nvidia_runtime_checked_required_only_for_gpu_workers_and_installed_with_a_clear_failure(
     tmp_path: Path,
 ) -> None:

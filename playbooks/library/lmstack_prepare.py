@@ -28,6 +28,7 @@ import http.client
 import json
 import os
 import re
+import shlex
 import socket
 import stat
 import subprocess
@@ -108,6 +109,7 @@ TOOLKIT_PACKAGE = "nvidia-container-toolkit"
 TOOLKIT_REPO = "https://nvidia.github.io/libnvidia-container/"
 TOOLKIT_BINARIES = ("nvidia-ctk", "nvidia-container-runtime")
 QUERY_TIMEOUT = 60.0
+DOCKERD_LOG = "/var/log/lmstack-dockerd.log"  # where a dockerd started without a service manager writes
 
 
 # --- pure: reading output ----------------------------------------------------------------------------
@@ -188,11 +190,27 @@ class Step:
         elif self.which("service"):
             argv = [str(self.which("service")), "docker", verb]
         else:
-            return f"cannot {verb} Docker: neither systemctl (with systemd running) nor service is available"
+            failure = f"cannot {verb} Docker: neither systemctl (with systemd running) nor service is available"
+            return self.start_dockerd(failure) if verb == "start" else failure
         rc, out, err = self.run(argv, 120, None)
         if rc != 0:
-            return f"cannot {verb} Docker: {first_line(err, out) or f'exit status {rc}'}"
+            failure = f"cannot {verb} Docker: {first_line(err, out) or f'exit status {rc}'}"
+            return self.start_dockerd(failure) if verb == "start" and not self.has_systemd else failure
         self.changes.append("started Docker" if verb == "start" else "restarted Docker")
+        return None
+
+    def start_dockerd(self, failure: str) -> str | None:
+        """No service manager started Docker (a container without systemd, whose init script may not be allowed
+        to raise its limits): start the daemon itself in the background, as Docker's documentation does without
+        one. `failure` when that cannot be done either."""
+        dockerd = self.which("dockerd")
+        if dockerd is None or not self.is_root:
+            return failure
+        command = f"setsid -f {shlex.quote(dockerd)} >>{DOCKERD_LOG} 2>&1 </dev/null"
+        rc, out, err = self.run(["/bin/sh", "-c", command], 30, None)
+        if rc != 0:
+            return f"{failure}; starting {dockerd} directly failed too: {first_line(err, out) or f'exit status {rc}'}"
+        self.changes.append(f"started Docker ({dockerd} directly: no service manager could; log {DOCKERD_LOG})")
         return None
 
     def docker_version(self, docker: str) -> tuple[str | None, str | None]:
