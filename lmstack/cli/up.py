@@ -216,7 +216,7 @@ def up(
         if os.geteuid() != 0:
             _fail(f"{exc}. --install needs root to install and start Docker: run it with sudo, or install Docker "
                   "yourself. Nothing was changed.")
-        progress.step("docker", f"{exc}: installing it (--install)")
+        progress.step("docker", f"{str(exc).split(': ', 1)[0]}; --install: installing and starting it")
     if found is not None:
         progress.step("docker", f"Docker {found.version} at {docker_url}")
 
