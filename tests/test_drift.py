@@ -92,7 +92,10 @@ def test_a_removed_container_is_back_within_two_drift_intervals_and_usage_names_
               f"Ready after {(ready.at - removed_at).total_seconds():.2f} s (its start {start_s:.2f} s); "
               f"drift interval {DRIFT_S:g} s")
         assert noticed_s <= 2 * DRIFT_S, noticed_s
-        # The pass that noticed it repaired it: one drift sync run since, succeeded (the rest is the start).
+        # The pass that noticed it repaired it: one drift sync run since, succeeded (the rest is the start). The
+        # replica is recorded Ready a moment before its pass records its own end: wait for that.
+        wait_for("the drift pass recorded as ended", lambda: all(
+            run.status != "running" for run in _runs(db) if run.started_at >= removed_at), timeout_s=30)
         assert [(run.trigger, run.status) for run in _runs(db) if run.started_at >= removed_at] == [
             ("drift", "succeeded")]
         with db.session() as session:

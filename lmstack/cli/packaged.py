@@ -105,11 +105,18 @@ def ensure_model(cache: Path, say: Say) -> Path:
     return model
 
 
+def cached_server(cache: Path) -> Path | None:
+    """The llama-server in `cache` when it was built from the pinned source, else None (to be built)."""
+    server = cache / SERVER_FILE
+    return server if server.is_file() and _read(cache / (SERVER_FILE + ".version")) == LLAMACPP_PACKAGE else None
+
+
 def ensure_server(cache: Path, say: Say, *, jobs: int | None = None) -> Path:
-    server, version = cache / SERVER_FILE, cache / (SERVER_FILE + ".version")
-    if server.is_file() and _read(version) == LLAMACPP_PACKAGE:
+    cached = cached_server(cache)
+    if cached is not None:
         say("engine", f"llama-server from {LLAMACPP_PACKAGE} (cached in {cache})")
-        return server
+        return cached
+    server, version = cache / SERVER_FILE, cache / (SERVER_FILE + ".version")
     missing = missing_tools()
     if missing:
         them = "them" if len(missing) > 1 else "it"

