@@ -61,6 +61,8 @@ class Sample:
     ttft_s: float
     tokens: int
     seconds: float  # the whole stream
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt, found in the engine's cache (usage.prompt_tokens_details)
 
 
 @dataclass
@@ -73,6 +75,11 @@ class Row:
     def ttft_ms(self, q: float) -> float:
         values = sorted(s.ttft_s * 1000 for s in self.samples)
         return values[min(len(values) - 1, round(q * (len(values) - 1)))] if values else float("nan")
+
+    def cached_share(self) -> float:
+        """The share of prompt tokens the engines had cached: what routing is for."""
+        prompt = sum(s.prompt_tokens for s in self.samples)
+        return sum(s.cached_tokens for s in self.samples) / prompt if prompt else float("nan")
 
     def tokens_per_s(self, wall_s: float) -> float:
         return sum(s.tokens for s in self.samples) / wall_s if wall_s else 0.0
@@ -97,7 +104,7 @@ def stream(base: str, key: str, messages: list[dict[str, str]], max_tokens: int)
         answer = connection.getresponse()
         if answer.status != 200:
             raise RuntimeError(f"{base} answered {answer.status}: {answer.read()[:300]!r}")
-        first, tokens = None, 0
+        first, tokens, prompt_tokens, cached = None, 0, 0, 0
         for raw in answer:
             if not raw.startswith(b"data: {"):
                 continue
@@ -105,12 +112,14 @@ def stream(base: str, key: str, messages: list[dict[str, str]], max_tokens: int)
             if chunk.get("error"):
                 raise RuntimeError(f"error in the stream: {chunk['error']}")
             if chunk.get("usage"):
-                tokens = int(chunk["usage"]["completion_tokens"])
+                usage = chunk["usage"]
+                tokens, prompt_tokens = int(usage["completion_tokens"]), int(usage.get("prompt_tokens") or 0)
+                cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
             if first is None and any((c.get("delta") or {}).get("content") for c in chunk.get("choices", [])):
                 first = time.monotonic()
         if first is None:
             raise RuntimeError("a stream without content")
-        return Sample(first - started, tokens, time.monotonic() - started)
+        return Sample(first - started, tokens, time.monotonic() - started, prompt_tokens, cached)
     finally:
         connection.close()
 
@@ -294,7 +303,8 @@ def main() -> int:
                 wall = run(row, targets, workload(kind, seed, args), args.concurrency, args.max_tokens)
                 rows.append((row, wall))
                 print(f"  {kind:7} {name:19} TTFT p50 {row.ttft_ms(0.5):7.0f} ms  p99 {row.ttft_ms(0.99):7.0f} ms  "
-                      f"{row.tokens_per_s(wall):5.1f} tokens/s  ({len(row.samples)} ok, {row.failed} failed)",
+                      f"{row.tokens_per_s(wall):5.1f} tokens/s  prompt cached {row.cached_share():4.0%}  "
+                      f"({len(row.samples)} ok, {row.failed} failed)",
                       flush=True)
         print_table(rows, args)
         print(f"Wall time {time.monotonic() - started:.0f} s")
@@ -314,12 +324,12 @@ def main() -> int:
 def print_table(rows: list[tuple[Row, float]], args: argparse.Namespace) -> None:
     print(f"\n{args.requests} requests per row, {args.concurrency} at a time, {args.max_tokens} tokens each; shared: "
           f"{args.prompts} system prompts of ~{args.prompt_tokens} tokens; llama-server --cache-ram {args.cache_ram}")
-    print(f"{'workload':9}{'routing':21}{'TTFT p50':>10}{'TTFT p99':>10}{'tokens/s':>10}")
+    print(f"{'workload':9}{'routing':21}{'TTFT p50':>10}{'TTFT p99':>10}{'tokens/s':>10}{'cached':>8}")
     by: dict[tuple[str, str], Row] = {}
     for row, wall in rows:
         by[(row.workload, row.routing)] = row
         print(f"{row.workload:9}{row.routing:21}{row.ttft_ms(0.5):8.0f}ms{row.ttft_ms(0.99):8.0f}ms"
-              f"{row.tokens_per_s(wall):10.1f}")
+              f"{row.tokens_per_s(wall):10.1f}{row.cached_share():8.0%}")
     shared = by[("shared", "p2c")].ttft_ms(0.5) / by[("shared", "prefix-aware")].ttft_ms(0.5)
     unique = by[("unique", "p2c")].ttft_ms(0.5) / by[("unique", "prefix-aware")].ttft_ms(0.5)
     print(f"shared: P2C p50 / prefix-aware p50 = {shared:.2f}x (goal >= {GOAL_RATIO:.0f}x); "
