@@ -363,6 +363,18 @@ def test_a_running_download_is_shown_with_its_bytes_share_and_rate(tmp_path: Pat
         for done in (10_000_000, 30_000_000, 50_000_000):
             progress_file.write_text(f"{done} of 100000000 bytes at 2026-12-06T20:00:00\n")
             time.sleep(0.45)
+    # A FIFO or a symlink planted where the progress file goes (the cache is mounted into containers) is not
+    # read: the watch neither blocks nor shows another file's numbers.
+    progress_file.unlink()
+    os.mkfifo(progress_file)
+    secret = tmp_path / "elsewhere"
+    secret.write_text("77000000 of 100000000 bytes\n")
+    (tmp_path / "hf" / "o" / "r" / "other.gguf.progress").symlink_to(secret)
+    with up_cli._DownloadWatch([("hf://o/r/m.gguf", model), ("hf://o/r/other.gguf", model.with_name("other.gguf"))],
+                               up_cli.Progress(), every_s=0.1) as watch:
+        time.sleep(0.5)
+    assert not watch.thread.is_alive()
     shown = [line for line in capsys.readouterr().out.splitlines() if "model" in line]
+    assert not any("77 of 100" in line or "other.gguf" in line for line in shown[-5:]), shown
     assert any("m.gguf: 10 of 100 MB (10%)" in line for line in shown), shown
     assert any(re.search(r"m\.gguf: 50 of 100 MB \(50%\) at [1-9][\d.]* MB/s", line) for line in shown), shown

@@ -548,10 +548,18 @@ class _DownloadWatch:
         last: dict[Path, tuple[float, int]] = {}
         while not self.stop.wait(self.every_s):
             for source, path in self.files:
+                # The model cache is mounted into containers: what is there may have been planted. Read at most a
+                # line, never through a symlink, never waiting on a FIFO.
                 try:
-                    text = path.with_name(path.name + ".progress").read_text()
+                    fd = os.open(path.with_name(path.name + ".progress"), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
                 except OSError:
                     continue
+                try:
+                    text = os.read(fd, 200).decode(errors="replace")
+                except OSError:
+                    continue
+                finally:
+                    os.close(fd)
                 match = re.match(r"(\d+)(?: of (\d+))? bytes", text)
                 if match is None:
                     continue
