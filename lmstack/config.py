@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -38,6 +39,8 @@ class Settings(BaseSettings):
     # -- the API server (`lmstack serve`) ------------------------------------------------------------
     host: str = Field(default="127.0.0.1", description="address `lmstack serve` listens on")
     port: int = Field(default=8080, ge=1, le=65535)
+    workers: int = Field(default_factory=lambda: len(os.sched_getaffinity(0)), ge=1,
+                         description="server processes of `lmstack serve` [default: the cores it may use]")
     jwt_secret: SecretStr | None = Field(
         default=None, description="HS256 secret for login tokens; unset: generated once and kept in home")
     jwt_ttl_s: int = Field(default=3600, ge=60, description="how long a login token is valid")

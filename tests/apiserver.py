@@ -77,15 +77,19 @@ class LiveServer:
 class ServeProcess:
     """`with ServeProcess(env) as server:` a real `lmstack serve` (run by `python`) in a process of its own on
     127.0.0.1 (a free port), with the LMSTACK_* settings in `env`, started with an open-files soft limit of
-    `open_files` (what a login shell gives it; the server raises it itself). Waits until /healthz answers."""
+    `open_files` (what a login shell gives it; the server raises it itself). Waits until /healthz answers.
+    `workers`: its server processes (LMSTACK_WORKERS; None: the default, one per core)."""
 
-    def __init__(self, env: dict[str, str], *, open_files: int = 1024, python: str = sys.executable) -> None:
+    def __init__(self, env: dict[str, str], *, open_files: int = 1024, python: str = sys.executable,
+                 workers: int | None = None) -> None:
         self.python = python  # the interpreter (and so the lmstack) that runs the server
         probe = socket.socket()
         probe.bind(("127.0.0.1", 0))
         self.port = probe.getsockname()[1]
         probe.close()
         self.env = {**os.environ, **env, "LMSTACK_HOST": "127.0.0.1", "LMSTACK_PORT": str(self.port)}
+        if workers is not None:
+            self.env["LMSTACK_WORKERS"] = str(workers)
         self.open_files = open_files
         self.process: subprocess.Popen[bytes] | None = None
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in __exit__) not a pipe: a full one stalls the server

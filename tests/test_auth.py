@@ -30,6 +30,7 @@ from lmstack.api import security
 from lmstack.api.app import create_app
 from lmstack.api.services import keys as keys_service
 from lmstack.api.services.keys import KeyCache, KeyInfo, create_key, revoke_key
+from lmstack.api.services.limits import LocalLimits
 from lmstack.api.services.ratelimit import ADDRESS_FACTOR, USER_FACTOR, KeyRateLimiter, LoginLimiter, Throttled
 from lmstack.api.services.users import (
     InvalidUser,
@@ -275,7 +276,7 @@ def test_a_good_login_resets_the_pairs_count_and_the_window_passes(db: Database)
             # Once the failures leave the window, logins work again (the limiter's clock is the test's: a slow
             # password check on a loaded machine must not end the window early).
             now = [1000.0]
-            app.state.lmstack.logins = LoginLimiter(attempts=1, window_s=60, clock=lambda: now[0])
+            app.state.lmstack.limits = LocalLimits(logins=LoginLimiter(attempts=1, window_s=60, clock=lambda: now[0]))
             assert await attempt("wrong password") == 401
             assert await attempt(PASSWORD) == 429
             now[0] += 61
@@ -717,15 +718,17 @@ def test_key_rate_limit_is_a_sliding_minute() -> None:
     assert limiter.check(1, 3) == pytest.approx(9)  # the one at 10 leaves at 70
 
 
-def test_check_rate_uses_the_keys_limit(db: Database) -> None:
-    cache = KeyCache(db, ttl_s=1)
+def test_limits_use_the_keys_rpm_limit() -> None:
+    limits = LocalLimits(logins=LoginLimiter(attempts=1))
     info = KeyInfo(id=7, name="k", user="alice", role="viewer", models=None, rpm_limit=2, expires_at=None)
-    assert cache.check_rate(info) is None
-    assert cache.check_rate(info) is None
-    wait = cache.check_rate(info)
-    assert wait is not None and 59 < wait <= 60
+
+    async def rates(key: KeyInfo, n: int) -> list[float | None]:
+        return [await limits.rate(key) for _ in range(n)]
+
+    *allowed, wait = asyncio.run(rates(info, 3))
+    assert allowed == [None, None] and wait is not None and 59 < wait <= 60
     unlimited = KeyInfo(id=8, name="k", user="alice", role="viewer", models=("a",), rpm_limit=None, expires_at=None)
-    assert all(cache.check_rate(unlimited) is None for _ in range(100))
+    assert asyncio.run(rates(unlimited, 100)) == [None] * 100
     assert unlimited.allows("a") and not unlimited.allows("b")
 
 

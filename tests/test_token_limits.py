@@ -23,6 +23,7 @@ from test_gateway import Gateway, add_key, add_user, chat, serve_model, standins
 
 from lmstack.api.app import create_app
 from lmstack.api.services.keys import InvalidKeyRequest, create_key
+from lmstack.api.services.limits import LocalLimits
 from lmstack.api.services.ratelimit import DAY_S, TokenLimiter
 from lmstack.api.services.users import create_user
 from lmstack.config import Settings
@@ -66,7 +67,9 @@ def test_a_key_over_its_tokens_a_minute_is_refused_until_the_minute_passes(
     free, _ = add_key(db, name="no limits")
     gateway = start_gateway()
     now = [1000.0]
-    gateway.state.usage.tokens = TokenLimiter(clock=lambda: now[0])  # the minute on the test's clock
+    limits = gateway.state.limits
+    assert isinstance(limits, LocalLimits)
+    limits.tokens = TokenLimiter(clock=lambda: now[0])  # the minute on the test's clock
     unlimited = gateway.sdk(free)
     per_request = chat(unlimited).usage.total_tokens
     key, _ = limited_key(db, name="limited", tpm=2 * per_request)
@@ -87,7 +90,7 @@ def test_a_key_over_its_tokens_a_minute_is_refused_until_the_minute_passes(
     # A key without limits is not affected, and not even tracked.
     for _ in range(5):
         assert chat(unlimited).choices[0].message.content
-    assert len(gateway.state.usage.tokens._minute) == 1 and not gateway.state.usage.tokens._unwritten
+    assert len(limits.tokens._minute) == 1 and not limits.tokens._unwritten
 
     now[0] += 30.5  # the two answers leave the minute
     assert chat(client).choices[0].message.content

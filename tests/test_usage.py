@@ -16,7 +16,9 @@ from sqlalchemy import create_engine, func, select
 from test_gateway import MESSAGES, add_deployment, add_key, add_user, chat, free_port, serve_model, wait_for
 
 from lmstack.api.security import issue_token
+from lmstack.api.services.limits import LocalLimits
 from lmstack.api.services.metrics import Metrics
+from lmstack.api.services.ratelimit import LoginLimiter
 from lmstack.api.services.usage import UsageRecorder
 from lmstack.config import Settings
 from lmstack.state import ApiKey, Database, Usage, User, open_database
@@ -185,7 +187,8 @@ def _unreachable() -> Database:
 
 def test_a_full_buffer_drops_the_oldest_records_and_counts_them(db):
     unreachable = _unreachable()
-    recorder = UsageRecorder(unreachable, max_buffer=5, flush_s=0.05, metrics=Metrics())
+    recorder = UsageRecorder(unreachable, max_buffer=5, flush_s=0.05, metrics=Metrics(),
+                             limits=LocalLimits(logins=LoginLimiter(attempts=5)))
     now = time.time()
 
     async def scenario() -> None:
@@ -217,7 +220,8 @@ def test_a_full_buffer_drops_the_oldest_records_and_counts_them(db):
 def test_flushes_add_to_the_hour_and_a_deleted_key_rolls_up_without_a_key(db):
     _, key_id = add_key(db)
     _, gone_id = add_key(db, name="gone")
-    recorder = UsageRecorder(db, max_buffer=100, flush_s=1, metrics=Metrics())
+    recorder = UsageRecorder(db, max_buffer=100, flush_s=1, metrics=Metrics(),
+                             limits=LocalLimits(logins=LoginLimiter(attempts=5)))
     first_hour = 1_900_000_800.0  # 2030-03-17T18:00:00Z
     hour = first_hour + 20 * 60
 

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI
@@ -23,11 +27,13 @@ from lmstack.api.deps import authenticate
 from lmstack.api.errors import install_error_handlers
 from lmstack.api.gateway.proxy import open_upstream_client
 from lmstack.api.gateway.registry import Registry
+from lmstack.api.hub.client import HubClient, SharedLimits, SharedMetrics, SharedPoke
 from lmstack.api.inputs import checked
 from lmstack.api.routes import auth, gateway, health, hooks, keys, logs, metrics, status, traffic, ui
 from lmstack.api.security import load_or_create_secret
 from lmstack.api.services.keys import KeyCache
-from lmstack.api.services.metrics import Metrics
+from lmstack.api.services.limits import Limits, LocalLimits
+from lmstack.api.services.metrics import Metrics, MetricsRecorder
 from lmstack.api.services.ratelimit import LoginLimiter
 from lmstack.api.services.repo import RepoView
 from lmstack.api.services.usage import UsageRecorder
@@ -35,6 +41,8 @@ from lmstack.api.state import AppState
 from lmstack.config import Settings
 from lmstack.controller import Controller
 from lmstack.state import Database, open_database
+
+log = logging.getLogger(__name__)
 
 
 class _App(FastAPI):
@@ -50,27 +58,41 @@ class _App(FastAPI):
 
 
 def create_app(settings: Settings, *, database: Database | None = None,
-               controller: Controller | None = None) -> FastAPI:
+               controller: Controller | None = None, hub: Path | None = None) -> FastAPI:
     """The app. `database`: an open Database to use (tests); by default one is opened from settings.
-    `controller`: started with the app and stopped with it (server.py builds it); POST /api/hooks/git pokes it."""
+    `controller`: started with the app and stopped with it (server.py builds it); POST /api/hooks/git pokes it.
+    `hub`: the socket of the supervisor's hub when this is one of several processes (api/hub): the limits and
+    metrics are the hub's, and so is the controller."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         db = database if database is not None else await run_in_threadpool(open_database, settings)
         secret = (settings.jwt_secret.get_secret_value() if settings.jwt_secret is not None
                   else load_or_create_secret(settings.jwt_secret_file))
-        metrics_ = Metrics()
+        hub_client: HubClient | None = None
+        metrics_: MetricsRecorder
+        limits: Limits
+        if hub is None:
+            metrics_ = Metrics()
+            limits = LocalLimits(logins=LoginLimiter(attempts=settings.login_attempts,
+                                                     concurrency=settings.login_concurrency))
+        else:
+            hub_client = await HubClient.connect(hub, on_lost=_hub_lost)
+            metrics_ = SharedMetrics(hub_client)
+            limits = SharedLimits(hub_client, login_concurrency=settings.login_concurrency)
+            if (await hub_client.call("hello"))["controller"]:
+                app.state.controller = SharedPoke(hub_client)
         upstream = open_upstream_client(settings)
         state = AppState(
             settings=settings, database=db, jwt_secret=secret,
             keys=KeyCache(db, ttl_s=settings.key_cache_s, outage_grace_s=settings.key_outage_grace_s),
-            logins=LoginLimiter(attempts=settings.login_attempts, concurrency=settings.login_concurrency),
+            limits=limits,
             registry=Registry(db, refresh_s=settings.registry_refresh_s, metrics=metrics_,
                               prefix_routing=settings.routing == "prefix"),
             repo=RepoView(settings, max_age_s=settings.repo_refresh_s),
             upstream=upstream,
             usage=UsageRecorder(db, max_buffer=settings.usage_buffer, flush_s=settings.usage_flush_s,
-                                metrics=metrics_),
+                                metrics=metrics_, limits=limits),
             metrics=metrics_,
         )
         app.state.lmstack = state
@@ -91,6 +113,8 @@ def create_app(settings: Settings, *, database: Database | None = None,
                     await task
             await state.usage.flush()
             await upstream.close()
+            if hub_client is not None:
+                await hub_client.close()
             if database is None:
                 db.close()
 
@@ -112,6 +136,12 @@ def create_app(settings: Settings, *, database: Database | None = None,
             return app.openapi()
     app.openapi = lambda: _document(app)  # type: ignore[method-assign]
     return app
+
+
+def _hub_lost() -> None:
+    """The supervisor is gone: stop this process as SIGTERM would (uvicorn finishes what it serves)."""
+    log.error("the supervisor's hub is gone; this server process stops")
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _document(app: FastAPI) -> dict[str, Any]:

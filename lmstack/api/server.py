@@ -83,10 +83,11 @@ def server_config(app: Any, settings: Settings, **options: Any) -> uvicorn.Confi
                           timeout_keep_alive=max(1, math.ceil(settings.idle_timeout_s)), **options)
 
 
-def run_server(settings: Settings, *, host: str, port: int, access_log: bool = False) -> bool:
+def run_server(settings: Settings, *, host: str, port: int, access_log: bool = False, workers: int = 1) -> bool:
     """Serve until interrupted (SIGINT/SIGTERM). False when the server could not start (port taken, startup
     failed); raises DatabaseError when the database cannot be used. No access line per request unless asked:
-    on the gateway's hot path it costs more than the proxying (usage and /metrics record every request)."""
+    on the gateway's hot path it costs more than the proxying (usage and /metrics record every request).
+    `workers` > 1: that many server processes sharing the port, limits and metrics (api/hub)."""
     configure_logging()
     database = open_database(settings)
     try:
@@ -102,6 +103,11 @@ def run_server(settings: Settings, *, host: str, port: int, access_log: bool = F
             log.info("controller: applying %s at %s (poll every %.0f s, drift check every %.0f s, webhook %s)",
                      redact(settings.repo or ""), settings.ref, settings.poll_interval_s, settings.drift_interval_s,
                      "on" if settings.webhook_secret is not None else "off")
+        if workers > 1:
+            from lmstack.api.hub.supervisor import run_workers  # it imports this module
+
+            return run_workers(settings, database, controller, host=host, port=port, workers=workers,
+                               access_log=access_log)
         app = create_app(settings, database=database, controller=controller)
         config = server_config(app, settings, host=host, port=port,
                                log_config=None, access_log=access_log, ws_ping_interval=20.0, ws_ping_timeout=20.0)

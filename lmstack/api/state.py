@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from lmstack.api.gateway.registry import Registry
 from lmstack.api.gateway.upstream import UpstreamClient
 from lmstack.api.services.keys import KeyCache
-from lmstack.api.services.metrics import Metrics
-from lmstack.api.services.ratelimit import LoginLimiter
+from lmstack.api.services.limits import Limits
+from lmstack.api.services.metrics import MetricsRecorder
 from lmstack.api.services.repo import RepoView
 from lmstack.api.services.usage import UsageRecorder
 from lmstack.config import Settings
@@ -21,9 +21,9 @@ class AppState:
     database: Database
     jwt_secret: str
     keys: KeyCache
-    logins: LoginLimiter
+    limits: Limits  # requests and tokens per key, login attempts: in this process, or shared (api/hub)
     registry: Registry
     repo: RepoView  # the configured repository, read at most every LMSTACK_REPO_REFRESH_S
     upstream: UpstreamClient  # one pooled client per process for every engine
     usage: UsageRecorder
-    metrics: Metrics
+    metrics: MetricsRecorder

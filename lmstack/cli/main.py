@@ -418,6 +418,9 @@ def serve(
     access_log: Annotated[bool, typer.Option(
         "--access-log", help="Log a line per HTTP request (off by default: it costs more than the proxying).")]
         = False,
+    workers: Annotated[int | None, typer.Option(
+        "--workers", min=1, help="Server processes sharing the port, the limits and the metrics (default: "
+        "LMSTACK_WORKERS, else the number of cores this process may use). 1: a single process.")] = None,
 ) -> None:
     """Run the API server: the OpenAI-compatible gateway (/v1), the read-only status API (/api), live logs,
     /metrics and /healthz, /readyz. Logging in needs a user: create one first with
@@ -430,7 +433,7 @@ def serve(
     settings = Settings()
     try:
         started = run_server(settings, host=host or settings.host, port=port or settings.port,
-                             access_log=access_log)
+                             access_log=access_log, workers=workers or settings.workers)
     except DatabaseError as exc:
         _fail(str(exc))
     raise typer.Exit(0 if started else 1)

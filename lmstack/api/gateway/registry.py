@@ -34,7 +34,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from lmstack.api.gateway.affinity import PrefixTable
-from lmstack.api.services.metrics import Metrics
+from lmstack.api.services.metrics import MetricsRecorder
 from lmstack.backends import backend_for, normalize_applied
 from lmstack.state import Database, Deployment, Replica, Worker
 
@@ -115,7 +115,7 @@ class _Snapshot:
 
 
 class Registry:
-    def __init__(self, database: Database, *, refresh_s: float, metrics: Metrics, suspect_s: float = 5.0,
+    def __init__(self, database: Database, *, refresh_s: float, metrics: MetricsRecorder, suspect_s: float = 5.0,
                  clock: Callable[[], float] = time.monotonic, prefix_routing: bool = True) -> None:
         self.database = database
         # Requests with a long prompt go where its beginning was served lately (gateway/affinity.py).

@@ -50,7 +50,7 @@ async def login(body: LoginRequest, request: Request, state: StateDep) -> TokenO
     """A login token (HS256 JWT) for the dashboard and the /api routes; send it as `Authorization: Bearer`."""
     client = request.client.host if request.client is not None else "unknown"
     try:
-        issued = await log_in(state.database, limiter=state.logins, name=body.username, password=body.password,
+        issued = await log_in(state.database, limits=state.limits, name=body.username, password=body.password,
                               client=client, secret=state.jwt_secret, ttl_s=state.settings.jwt_ttl_s)
     except LoginRefused as exc:
         raise _refusal(exc) from None

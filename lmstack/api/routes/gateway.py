@@ -110,12 +110,12 @@ async def proxy_request(state: AppState, principal: Principal, path: str, raw: b
                 streamable=_ROUTES[path], started=started, at=at)
     if key is not None:
         # Tokens first: a request they refuse is not counted against the requests a minute.
-        over = state.usage.tokens.tokens_over(key)
+        over = await state.limits.tokens_over(key)
         if over is not None:
             _refuse(state, call, over.retry_after, code=f"tokens_per_{over.per}_exceeded", message=(
                 f"this API key has used {over.used} of its {over.limit} tokens a {over.per}"
                 + (" (the UTC day)" if over.per == "day" else "") + f"; it frees {_frees(over.retry_after)}"))
-        wait_s = state.keys.check_rate(key)  # counts the request when within the limit
+        wait_s = await state.limits.rate(key)  # counts the request when within the limit
         if wait_s is not None:
             _refuse(state, call, wait_s, code="rate_limit_exceeded",
                     message=f"this API key is over its limit of {key.rpm_limit} requests a minute")

@@ -5,7 +5,6 @@ scrape config). A key limited to some models sees only their series."""
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
-from starlette.concurrency import run_in_threadpool
 
 from lmstack.api import schemas
 from lmstack.api.deps import MetricsPrincipal, StateDep
@@ -21,5 +20,5 @@ router = APIRouter(tags=["metrics"])
 async def metrics(principal: MetricsPrincipal, state: StateDep) -> Response:
     """Gateway requests, latency, time to first token, tokens, dropped usage records, and replicas by
     deployment and state (read from the database now)."""
-    body = await run_in_threadpool(state.metrics.exposition, database=state.database, view=principal.view)
+    body = await state.metrics.render(database=state.database, view=principal.view)
     return Response(body, media_type=CONTENT_TYPE)

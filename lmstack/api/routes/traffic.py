@@ -2,8 +2,9 @@
 last 15 minutes in 10-second buckets (the dashboard's charts). Read-only, behind the status API's credentials:
 a login, or an API key with the "status" scope; a key limited to some models sees only those.
 
-The series lives in the memory of the server process that answers (services/metrics.Traffic): it counts the
-requests that process answered since it started. Usage over longer spans is in the database (/api/usage).
+The series lives in memory (services/metrics.Traffic), in the supervisor when the server runs several processes
+(api/hub): it counts the requests answered since the server started. Usage over longer spans is in the
+database (/api/usage).
 """
 
 from __future__ import annotations
@@ -20,6 +21,5 @@ router = APIRouter(prefix="/api", tags=["status"], responses=schemas.errors(
 @router.get("/traffic", response_model=schemas.Traffic)
 async def traffic(principal: StatusPrincipal, state: StateDep) -> schemas.Traffic:
     """Requests, errors (status 400 or more), prompt and completion tokens, and the mean time to first token
-    per model and 10-second bucket over the last 15 minutes, as this server process counted them."""
-    # async: in memory, a few hundred numbers per model; no reason to take a thread.
-    return state.metrics.traffic.snapshot(principal.view)
+    per model and 10-second bucket over the last 15 minutes, since the server started."""
+    return await state.metrics.traffic_snapshot(principal.view)

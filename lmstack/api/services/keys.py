@@ -25,8 +25,8 @@ with a model allowlist sees only those models wherever it reaches (deps.Principa
 
 `last_used_at` is written at most once a minute per key, by the lookup or re-check that finds it older
 than that (so not per request, and not per server).
-`KeyCache.check_rate(info)` applies the key's requests-per-minute limit (see services/ratelimit.py). A key's
-token limits are applied by ratelimit.TokenLimiter, from the tokens of today the key's reads bring along.
+A key's requests-per-minute and token limits are applied by services/limits.py (token limits from the tokens
+of today the key's reads bring along).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from lmstack.api.security import KEY_PREFIX, digests_match, key_digest, key_lookup, new_api_key
-from lmstack.api.services.ratelimit import Clock, KeyRateLimiter
+from lmstack.api.services.ratelimit import Clock
 from lmstack.state import ROLES, ApiKey, Database, Role, Usage, User
 
 log = logging.getLogger(__name__)
@@ -261,13 +261,12 @@ class KeyCache:
     """Verified keys (and users' current roles), each trusted for `ttl_s`. See the module docstring."""
 
     def __init__(self, database: Database, *, ttl_s: float, clock: Clock = time.monotonic,
-                 rate_window_s: float = 60.0, outage_grace_s: float = 600.0) -> None:
+                 outage_grace_s: float = 600.0) -> None:
         self.database = database
         self.ttl_s = ttl_s
         self.outage_grace_s = outage_grace_s
         self.outage_since: float | None = None  # monotonic: when the database stopped answering (None: it does)
         self._retry_at = 0.0  # during an outage: the database is not tried again before then
-        self.rates = KeyRateLimiter(window_s=rate_window_s, clock=clock)
         self.lookups = 0  # database lookups made: a figure for metrics and tests
         self.rechecks = 0  # background re-checks made (each one query for every key in use)
         self._clock = clock
@@ -292,10 +291,6 @@ class KeyCache:
         against this, so disabling a user ends their sessions within `ttl_s` too)."""
         value = await self._get(("user", name), lambda: run_in_threadpool(self._lookup_user, name))
         return value if isinstance(value, str) and value in ROLES else None
-
-    def check_rate(self, info: KeyInfo) -> float | None:
-        """The key's requests-per-minute limit: None allowed (and counted); else seconds to wait."""
-        return self.rates.check(info.id, info.rpm_limit)
 
     def clear(self) -> None:
         """Forget every cached answer (the next verification of each key reads the database)."""

@@ -15,13 +15,14 @@ process: it starts empty when the process starts, and each process counts only t
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import get_args
+from typing import Protocol, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -43,6 +44,22 @@ CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 REPLICA_STATES: tuple[str, ...] = get_args(ReplicaStatus)
+
+
+class MetricsRecorder(Protocol):
+    """What the gateway records, and /metrics and /api/traffic read: `Metrics` in one process, or
+    `api.hub.client.SharedMetrics`, which sends each record to the one `Metrics` the supervisor of several
+    processes keeps (api/hub)."""
+
+    def observe_request(self, model: str, status: int | str, seconds: float, ttft_s: float | None = None) -> None: ...
+    def add_tokens(self, model: str, prompt: int, completion: int) -> None: ...
+    def upstream_failed(self, model: str, reason: str) -> None: ...
+    def usage_dropped(self, n: int = 1) -> None: ...
+    def log_stream_opened(self) -> None: ...
+    async def render(self, *, database: Database, view: View) -> bytes:
+        """The Prometheus text (see Metrics.exposition)."""
+    async def traffic_snapshot(self, view: View) -> schemas.Traffic:
+        """The dashboard's last minutes (see Traffic.snapshot)."""
 
 
 class Metrics:
@@ -118,7 +135,14 @@ class Metrics:
     def log_stream_opened(self) -> None:
         self._log_streams.inc()
 
-    # -- for /metrics -----------------------------------------------------------------------------------------
+    # -- for /metrics and /api/traffic ------------------------------------------------------------------------
+
+    async def render(self, *, database: Database, view: View) -> bytes:
+        return await asyncio.to_thread(self.exposition, database=database, view=view)
+
+    async def traffic_snapshot(self, view: View) -> schemas.Traffic:
+        # In memory, a few hundred numbers per model: no reason to take a thread.
+        return self.traffic.snapshot(view)
 
     def exposition(self, *, database: Database | None, view: View = EVERYTHING) -> bytes:
         """The Prometheus text: this process's metrics and, read from `database` now, replicas by

@@ -29,8 +29,8 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from lmstack.api.services.metrics import Metrics
-from lmstack.api.services.ratelimit import TokenLimiter
+from lmstack.api.services.limits import Limits
+from lmstack.api.services.metrics import MetricsRecorder
 from lmstack.state import ApiKey, Database, Replica, Usage, User
 
 log = logging.getLogger("lmstack.api.usage")
@@ -109,7 +109,8 @@ class UsageRecorder:
     lost; a clean shutdown flushes once more.
     """
 
-    def __init__(self, database: Database, *, max_buffer: int, flush_s: float, metrics: Metrics) -> None:
+    def __init__(self, database: Database, *, max_buffer: int, flush_s: float, metrics: MetricsRecorder,
+                 limits: Limits) -> None:
         self.database = database
         self.max_buffer = max_buffer
         self.flush_s = flush_s
@@ -121,8 +122,8 @@ class UsageRecorder:
         self.written = 0  # records written to the database
         self.failed_flushes = 0  # flushes that could not write (the records stayed buffered)
         self.last_error: str | None = None  # why the last flush failed; None once one succeeds
-        # Per-key token limits: every answer's tokens, and every batch written, are told to it here.
-        self.tokens = TokenLimiter()
+        # Per-key token limits: every answer's tokens, and every batch written, are told to them here.
+        self.limits = limits
 
     @property
     def pending(self) -> int:
@@ -145,7 +146,7 @@ class UsageRecorder:
                                      record.ttft_ms / 1000 if record.ttft_ms else None)
         if record.prompt_tokens or record.completion_tokens:
             self.metrics.add_tokens(record.model, record.prompt_tokens, record.completion_tokens)
-            self.tokens.used(record)
+            self.limits.used(record)
         if len(self._buffer) >= self.max_buffer:
             self._buffer.popleft()
             self._dropped(1)
@@ -185,7 +186,7 @@ class UsageRecorder:
                 log.warning("usage written to the database again (%d records)", len(batch))
             self.last_error = None
             self.written += len(batch)
-            self.tokens.written(batch, at=written_at)
+            self.limits.written(batch, at=written_at)
             return True
 
     def _write(self, batch: list[UsageRecord]) -> datetime | None:

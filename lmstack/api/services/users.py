@@ -15,7 +15,8 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from lmstack.api.security import hash_password, issue_token, verify_password
-from lmstack.api.services.ratelimit import LoginLimiter, Throttled
+from lmstack.api.services.limits import Limits
+from lmstack.api.services.ratelimit import Throttled
 from lmstack.state import ROLES, Database, Role, User
 
 MIN_PASSWORD_LENGTH = 12
@@ -137,23 +138,23 @@ class IssuedToken:
     role: Role
 
 
-async def log_in(database: Database, *, limiter: LoginLimiter, name: str, password: str, client: str, secret: str,
+async def log_in(database: Database, *, limits: Limits, name: str, password: str, client: str, secret: str,
                  ttl_s: int) -> IssuedToken:
     """A login token for a right name and password.
 
     The attempt is counted against the limits (services/ratelimit.py: per user and address, per address,
     per user across addresses) before the password is checked, so concurrent guesses cannot outrun the
-    count; a refused attempt checks nothing. The check itself waits for one of `limiter.checks`' slots
+    count; a refused attempt checks nothing. The check itself waits for one of `limits.password_checks`' slots
     (argon2 takes 64 MiB each) and runs in a thread; when too many are waiting it is refused at once.
     A wrong password and an unknown user fail alike, at the same cost (one argon2 verification either way:
     an unknown user is checked against a dummy hash).
     """
     try:
-        attempt = limiter.admit(name, client)
+        attempt = await limits.admit_login(name, client)
     except Throttled as exc:
         raise TooManyAttempts("too many failed logins; try again later", retry_after=exc.retry_after) from None
     try:
-        async with limiter.checks.slot():
+        async with limits.password_checks.slot():
             # Not abandoned on cancellation: the slot is held until the check really ends.
             user = await run_in_threadpool(_check_password, database, name, password)
     except Throttled as exc:

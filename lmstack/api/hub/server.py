@@ -1,0 +1,215 @@
+"""The hub: the state every server process shares, kept once in the supervisor (see the package doc).
+
+The wire: one JSON array per line. From a process: `[n, op, args]`; n = 0 for a record (no answer), else a
+call, answered `[n, result]` or `[n, null, error]`. A process's lines are handled in the order sent, so a call
+sees every record the same process sent before it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from lmstack.api.services.metrics import Metrics
+from lmstack.api.services.ratelimit import KeyRateLimiter, LoginAttempt, LoginLimiter, Throttled, TokenLimiter
+from lmstack.api.services.status import View
+from lmstack.config import Settings
+from lmstack.state import Database
+
+log = logging.getLogger(__name__)
+
+# A login admitted and never settled (its process died mid-check) is forgotten after this long; it stays
+# counted as a failure, which errs on the side of the limit.
+ATTEMPT_FORGOTTEN_S = 300.0
+LINE_LIMIT = 64 * 1024 * 1024  # the longest line either side reads (a /metrics answer for a large fleet)
+
+
+def encode(message: list[Any]) -> bytes:
+    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+
+
+def stamp(at: datetime | None) -> str | None:
+    return at.isoformat() if at is not None else None
+
+
+def unstamp(at: str | None) -> datetime | None:
+    return datetime.fromisoformat(at) if at is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class _Key:
+    """A key as TokenLimiter reads it (ratelimit.LimitedKey), from a call's arguments."""
+
+    id: int
+    tpm_limit: int | None
+    tpd_limit: int | None
+    tokens_today: int | None
+    tokens_read_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """An answer's tokens as TokenLimiter reads them (ratelimit.Answer)."""
+
+    key_id: int | None
+    prompt_tokens: int
+    completion_tokens: int
+    at: float
+
+
+class Hub:
+    """The shared limits, metrics and controller poke, served on a Unix socket by `start(path)`."""
+
+    def __init__(self, settings: Settings, database: Database, *, poke: Callable[[str], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.database = database
+        self.rates = KeyRateLimiter(clock=clock)
+        self.tokens = TokenLimiter(clock=clock)
+        self.logins = LoginLimiter(attempts=settings.login_attempts, clock=clock)
+        self.metrics = Metrics()
+        self._poke = poke
+        self._clock = clock
+        self._attempts: dict[int, tuple[LoginAttempt, float]] = {}
+        self._last_attempt = 0
+        self._calls: dict[str, Callable[..., Any]] = {
+            "hello": self._hello, "rate": self.rates.check, "tokens_over": self._tokens_over,
+            "login": self._login, "metrics": self._exposition, "traffic": self._traffic,
+        }
+        self._records: dict[str, Callable[..., None]] = {
+            "used": self._used, "written": self._written, "login_done": self._login_done,
+            "observe": self.metrics.observe_request, "tokens": self.metrics.add_tokens,
+            "upstream_failed": self.metrics.upstream_failed, "usage_dropped": self.metrics.usage_dropped,
+            "log_stream": self.metrics.log_stream_opened, "poke": self._poked,
+        }
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- running -------------------------------------------------------------------------------------------
+
+    def start(self, path: Path) -> None:
+        """Listen on `path` on a thread of its own; returns once it listens (raises what stopped it)."""
+        started: list[BaseException | None] = []
+        ready = threading.Event()
+
+        def main() -> None:
+            loop = self._loop = asyncio.new_event_loop()
+            try:
+                self._server = loop.run_until_complete(
+                    asyncio.start_unix_server(self._connection, path=str(path), limit=LINE_LIMIT))
+                path.chmod(0o600)
+            except BaseException as exc:  # reported to start()'s caller
+                started.append(exc)
+                ready.set()
+                loop.close()
+                return
+            started.append(None)
+            ready.set()
+            try:
+                loop.run_forever()
+            finally:
+                self._server.close()
+                loop.run_until_complete(self._server.wait_closed())
+                loop.close()
+
+        self._thread = threading.Thread(target=main, name="lmstack-hub", daemon=True)
+        self._thread.start()
+        ready.wait()
+        if started[0] is not None:
+            raise started[0]
+
+    def stop(self) -> None:
+        if self._loop is not None and self._thread is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while line := await reader.readline():
+                self._handle(line, writer)
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
+            log.warning("hub: a server process's connection failed: %s", exc)
+        finally:
+            writer.close()
+
+    def _handle(self, line: bytes, writer: asyncio.StreamWriter) -> None:
+        n, op, args = json.loads(line)
+        try:
+            if n == 0:
+                self._records[op](*args)
+                return
+            result = self._calls[op](*args)
+        except Exception as exc:  # one bad message must not stop the hub for every process
+            log.exception("hub: %s failed", op)
+            if n != 0:
+                writer.write(encode([n, None, f"{type(exc).__name__}: {exc}"]))
+            return
+        if inspect.isawaitable(result):
+            asyncio.get_running_loop().create_task(self._answer_later(writer, n, result))
+        else:
+            writer.write(encode([n, result]))
+
+    async def _answer_later(self, writer: asyncio.StreamWriter, n: int, result: Awaitable[Any]) -> None:
+        try:
+            message = [n, await result]
+        except Exception as exc:
+            log.exception("hub: a call failed")
+            message = [n, None, f"{type(exc).__name__}: {exc}"]
+        if not writer.is_closing():
+            writer.write(encode(message))
+
+    # -- the operations ------------------------------------------------------------------------------------
+
+    def _hello(self) -> dict[str, Any]:
+        return {"controller": self._poke is not None}
+
+    def _tokens_over(self, key_id: int, tpm: int | None, tpd: int | None, today: int | None,
+                     read_at: str | None) -> list[Any] | None:
+        over = self.tokens.tokens_over(_Key(key_id, tpm, tpd, today, unstamp(read_at)))
+        return None if over is None else [over.per, over.limit, over.used, over.retry_after]
+
+    def _used(self, key_id: int, prompt: int, completion: int, at: float) -> None:
+        self.tokens.used(_Answer(key_id, prompt, completion, at))
+
+    def _written(self, answers: list[list[Any]], at: str | None) -> None:
+        self.tokens.written((_Answer(*answer) for answer in answers), at=unstamp(at))
+
+    def _login(self, user: str, address: str) -> list[Any]:
+        """[attempt number, None] when admitted; [None, seconds to wait] when a window is full."""
+        now = self._clock()
+        for number in [n for n, (_, at) in self._attempts.items() if now - at > ATTEMPT_FORGOTTEN_S]:
+            del self._attempts[number]
+        try:
+            attempt = self.logins.admit(user, address)
+        except Throttled as exc:
+            return [None, exc.retry_after]
+        self._last_attempt += 1
+        self._attempts[self._last_attempt] = (attempt, now)
+        return [self._last_attempt, None]
+
+    def _login_done(self, number: int, succeeded: bool) -> None:
+        found = self._attempts.pop(number, None)
+        if found is not None:
+            found[0].succeeded() if succeeded else found[0].cancel()
+
+    async def _exposition(self, models: list[str] | None) -> str:
+        view = View(models=frozenset(models) if models is not None else None)
+        body = await asyncio.to_thread(self.metrics.exposition, database=self.database, view=view)
+        return body.decode()
+
+    def _traffic(self, models: list[str] | None) -> dict[str, Any]:
+        view = View(models=frozenset(models) if models is not None else None)
+        return self.metrics.traffic.snapshot(view).model_dump(mode="json")
+
+    def _poked(self, reason: str) -> None:
+        if self._poke is not None:
+            self._poke(reason)
