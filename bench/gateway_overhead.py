@@ -66,6 +66,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 MODEL = "bench"
@@ -597,17 +599,28 @@ run()
 
 
 def start_lmstack(procs: Procs, *, port: int, database_url: str, log: Path, profile_out: Path | None = None,
-                  ) -> subprocess.Popen[bytes]:
+                  workers: int = 1) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LMSTACK_")}
     env.update({"LMSTACK_DATABASE_URL": database_url, "LMSTACK_JWT_SECRET": secrets.token_hex(32),
                 "PYTHONUNBUFFERED": "1"})
-    serve = ["serve", "--host", "127.0.0.1", "--port", str(port)]
+    serve = ["serve", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
     if profile_out is None:  # exactly `lmstack serve`
         argv = [sys.executable, "-c", "import sys; sys.argv[0] = 'lmstack'; from lmstack.cli.main import run; run()",
                 *serve]
     else:
         argv = [sys.executable, "-c", LMSTACK_PROFILED, str(profile_out), *serve]
     return procs.start("lmstack", argv, log=log, env=env)
+
+
+def _lmstack_name(workers: int) -> str:
+    """A row's target: `lmstack` for one process, `lmstackN` for `lmstack serve --workers N`."""
+    return "lmstack" if workers == 1 else f"lmstack{workers}"
+
+
+def _listening(pid: int) -> int:
+    """How many children of `pid` listen on a TCP port (the server processes of `lmstack serve --workers`)."""
+    return sum(any(c.status == psutil.CONN_LISTEN for c in child.net_connections("tcp"))
+               for child in psutil.Process(pid).children())
 
 
 def litellm_available(python: str) -> str | None:
@@ -746,9 +759,9 @@ def print_tables(rows: list[Row], targets: list[str]) -> list[str]:
                     continue
                 share = row.rps / direct.rps * 100 if direct and direct.rps else None
                 notes = []
-                if name == "lmstack":
+                if name.startswith("lmstack"):
                     notes = _targets_for(row, direct, by.get((mode, conc, "litellm")), by.get((mode, conc, "floor")))
-                    verdicts += [f"{mode:<6} c={conc:<3} {note}" for note in notes if "floor" not in note]
+                    verdicts += [f"{mode:<6} c={conc:<3} {name:<8} {note}" for note in notes if "floor" not in note]
                 cpu = f"{row.cpu_us_per_req:.0f}us" if row.cpu_us_per_req is not None else "-"
                 errors = sum(row.errors.values())
                 line = f"{conc:>4}  {name:<8} {row.rps:>8.0f} {fmt(share, 1):>7} "
@@ -980,7 +993,7 @@ def print_litellm_method(rows: list[Row]) -> None:
         added50 = row.pct("total", 50) - base.pct("total", 50)
         added99 = row.pct("total", 99) - base.pct("total", 99)
         print(f"  {row.target:<9}{row.concurrency:>4}{added50:>10.2f}{added99:>10.2f}   "
-              + (goal if row.target == "lmstack" else ""))
+              + (goal if row.target.startswith("lmstack") else ""))
     print("  published (their machines): Go/Rust gateways 0.75-0.9 ms at c=1, 29-40 ms at c=64 (p99 added); "
           "LiteLLM's Python proxy 546 ms at c=64")
 
@@ -994,6 +1007,9 @@ def main() -> int:
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32, 256])
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2],
+                        help="lmstack rows for `lmstack serve --workers N`, one per N (default: 1 2; the rows are "
+                             "named lmstack and lmstackN)")
     parser.add_argument("--modes", nargs="+", choices=["plain", "stream"], default=["plain", "stream"])
     parser.add_argument("--targets", nargs="+", choices=["direct", "floor", "lmstack", "litellm"],
                         default=["direct", "floor", "lmstack", "litellm"],
@@ -1086,13 +1102,16 @@ def main() -> int:
             targets.append(Target("floor", floor_port, "none", floor))
 
         key = seed(database.url, upstream)
-        if "lmstack" in args.targets:
+        for workers in args.workers if "lmstack" in args.targets else []:
             gw_port = free_port()
-            gw_log = workdir / "lmstack.log"
-            gateway = start_lmstack(procs, port=gw_port, database_url=database.url, log=gw_log)
-            wait_until("lmstack serve", lambda: MODEL.encode() in http_get(
-                f"http://127.0.0.1:{gw_port}/v1/models", key)[1], gateway, gw_log)
-            targets.append(Target("lmstack", gw_port, key, gateway))
+            gw_log = workdir / f"lmstack{workers}.log"
+            gateway = start_lmstack(procs, port=gw_port, database_url=database.url, log=gw_log, workers=workers)
+            wait_until(f"lmstack serve --workers {workers}", lambda p=gw_port: MODEL.encode() in http_get(
+                f"http://127.0.0.1:{p}/v1/models", key)[1], gateway, gw_log)
+            if workers > 1:  # every process up, not just the first: a connection may land on any of them
+                wait_until(f"{workers} server processes", lambda p=gateway.pid, n=workers: _listening(p) >= n,
+                           gateway, gw_log)
+            targets.append(Target(_lmstack_name(workers), gw_port, key, gateway))
 
         if litellm_version:
             ll_port = free_port()

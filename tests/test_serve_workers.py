@@ -9,7 +9,10 @@ both served); with limits kept per process, each process would allow the whole l
 
 from __future__ import annotations
 
+import asyncio
+import http.client
 import json
+import math
 import signal
 import time
 import urllib.error
@@ -17,6 +20,7 @@ import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -26,6 +30,10 @@ from test_auth import add_user as add_user_with_password
 from test_gateway import Standin, add_key, serve_model, standins, wait_for
 from test_token_limits import limited_key
 
+from lmstack.api.hub.client import HubClient, SharedPoke, SharedReads
+from lmstack.api.hub.server import Hub
+from lmstack.api.services.keys import revoke_key
+from lmstack.config import Settings
 from lmstack.state import Database
 
 __all__ = ["standins"]  # a fixture: imported for the tests below
@@ -63,9 +71,19 @@ def _server_processes(server: ServeProcess) -> list[psutil.Process]:
                    for c in child.net_connections("tcp"))]
 
 
-def _talk_to(process: psutil.Process, port: int) -> bool:
-    return any(c.status == psutil.CONN_ESTABLISHED and c.raddr and c.raddr.port == port
-               for c in process.net_connections("tcp"))
+def _holds(process: psutil.Process, port: int) -> bool:
+    """Whether `process` holds a client's connection to `port`."""
+    return any(c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port for c in process.net_connections("tcp"))
+
+
+def _chat_on(connection: http.client.HTTPConnection, key: str) -> int:
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    connection.request("POST", "/v1/chat/completions", body=body,
+                       headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    answer = connection.getresponse()
+    answer.read()
+    connection.close()
+    return answer.status
 
 
 def _requests_metric(text: str) -> dict[str, float]:
@@ -91,12 +109,15 @@ def test_two_processes_keep_one_set_of_limits_metrics_and_login_windows(
         wait_for("two server processes", lambda: len(_server_processes(server)) == 2, timeout=30)
         processes = _server_processes(server)
 
-        # Requests a minute: 16 at once, each on its own connection, for a key allowed 10.
+        # Requests a minute: 16 at once, each on its own connection, for a key allowed 10. The connections are
+        # open, and both processes hold some, before any request is sent.
+        connections = [http.client.HTTPConnection("127.0.0.1", server.port, timeout=30) for _ in range(16)]
+        for connection in connections:
+            connection.connect()
+        wait_for("both processes to hold connections", lambda: all(_holds(p, server.port) for p in processes))
         with ThreadPoolExecutor(16) as pool:
-            statuses = Counter(status for status, _ in pool.map(lambda _: _chat(server, rpm_key), range(16)))
+            statuses = Counter(pool.map(lambda connection: _chat_on(connection, rpm_key), connections))
         assert statuses == {200: 10, 429: 6}, statuses
-        # Both processes forwarded some: each holds its own kept-alive connection to the engine.
-        assert all(_talk_to(process, engine.port) for process in processes), "one process served everything"
 
         # /metrics and /api/traffic say the same whichever process answers.
         for _ in range(6):
@@ -132,3 +153,49 @@ def test_two_processes_keep_one_set_of_limits_metrics_and_login_windows(
         server.process.wait(10)
         _, alive = psutil.wait_procs(processes, timeout=15)
         assert not alive, f"server processes left running: {alive}"
+
+
+def test_the_hub_reads_keys_and_replicas_once_for_every_process(
+        db: Database, database_url: str, standins: Callable[..., Standin], tmp_path: Path) -> None:
+    """Eight processes refreshing their keys and replicas as often as one would: the hub makes the queries for
+    all of them (bounded by the refresh intervals, not by the processes), and each gets the right answer. A
+    process's webhook pokes the supervisor's controller."""
+    serve_model(db, [standins("m")])
+    _, first = add_key(db, name="first")
+    _, second = add_key(db, name="second")
+    pokes: list[str] = []
+    hub = Hub(Settings(database_url=database_url, key_cache_s=1.0, registry_refresh_s=0.2), db, poke=pokes.append)
+    hub.start(tmp_path / "hub.sock")
+    asks = 10
+
+    async def process(reads: SharedReads) -> None:
+        for _ in range(asks):
+            snapshot = await reads.replicas()
+            assert [row.served_name for row in snapshot.replicas] == ["m"]
+            infos, roles, _ = await reads.rechecks([first, second], ["alice"], {first})
+            assert sorted(infos) == [first, second] and infos[first].name == "first" and roles == {"alice": "viewer"}
+            await asyncio.sleep(0.2)
+
+    async def scenario() -> list[int]:
+        clients = [await HubClient.connect(tmp_path / "hub.sock", on_lost=lambda: None) for _ in range(8)]
+        started = time.monotonic()
+        await asyncio.gather(*(process(SharedReads(client)) for client in clients))
+        elapsed = time.monotonic() - started
+        with db.session() as session:
+            revoke_key(session, key_id=second)
+        await asyncio.sleep(0.3)  # more than key_cache_s / 4: the next re-check reads again
+        infos, _, _ = await SharedReads(clients[0]).rechecks([first, second], [], set())
+        SharedPoke(clients[1]).poke("webhook")
+        assert await clients[1].call("hello") == {"controller": True}  # handled after the poke sent before it
+        for client in clients:
+            await client.close()
+        return [math.ceil(elapsed / 0.1) + 1, math.ceil(elapsed / 0.25) + 1, *infos]
+
+    try:
+        most_replica_reads, most_key_reads, *usable = asyncio.run(scenario())
+    finally:
+        hub.stop()
+    assert hub.replica_reads <= most_replica_reads < 8 * asks, hub.replica_reads
+    assert hub.key_reads <= most_key_reads + 1 < 8 * asks, hub.key_reads  # + the read after the revocation
+    assert usable == [first]  # the revoked key is gone from the next read
+    assert pokes == ["webhook"]

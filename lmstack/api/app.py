@@ -27,7 +27,7 @@ from lmstack.api.deps import authenticate
 from lmstack.api.errors import install_error_handlers
 from lmstack.api.gateway.proxy import open_upstream_client
 from lmstack.api.gateway.registry import Registry
-from lmstack.api.hub.client import HubClient, SharedLimits, SharedMetrics, SharedPoke
+from lmstack.api.hub.client import HubClient, SharedLimits, SharedMetrics, SharedPoke, SharedReads
 from lmstack.api.inputs import checked
 from lmstack.api.routes import auth, gateway, health, hooks, keys, logs, metrics, status, traffic, ui
 from lmstack.api.security import load_or_create_secret
@@ -70,6 +70,7 @@ def create_app(settings: Settings, *, database: Database | None = None,
         secret = (settings.jwt_secret.get_secret_value() if settings.jwt_secret is not None
                   else load_or_create_secret(settings.jwt_secret_file))
         hub_client: HubClient | None = None
+        reads: SharedReads | None = None
         metrics_: MetricsRecorder
         limits: Limits
         if hub is None:
@@ -80,15 +81,18 @@ def create_app(settings: Settings, *, database: Database | None = None,
             hub_client = await HubClient.connect(hub, on_lost=_hub_lost)
             metrics_ = SharedMetrics(hub_client)
             limits = SharedLimits(hub_client, login_concurrency=settings.login_concurrency)
+            reads = SharedReads(hub_client)
             if (await hub_client.call("hello"))["controller"]:
                 app.state.controller = SharedPoke(hub_client)
         upstream = open_upstream_client(settings)
         state = AppState(
             settings=settings, database=db, jwt_secret=secret,
-            keys=KeyCache(db, ttl_s=settings.key_cache_s, outage_grace_s=settings.key_outage_grace_s),
+            keys=KeyCache(db, ttl_s=settings.key_cache_s, outage_grace_s=settings.key_outage_grace_s,
+                          rechecks=reads.rechecks if reads is not None else None),
             limits=limits,
             registry=Registry(db, refresh_s=settings.registry_refresh_s, metrics=metrics_,
-                              prefix_routing=settings.routing == "prefix"),
+                              prefix_routing=settings.routing == "prefix",
+                              read=reads.replicas if reads is not None else None),
             repo=RepoView(settings, max_age_s=settings.repo_refresh_s),
             upstream=upstream,
             usage=UsageRecorder(db, max_buffer=settings.usage_buffer, flush_s=settings.usage_flush_s,

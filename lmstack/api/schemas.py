@@ -343,8 +343,8 @@ class TrafficSeries(ApiModel):
 
 
 class Traffic(ApiModel):
-    """The gateway's traffic over the last minutes, per model, counted by the server process that answers
-    (each process counts the requests it answered; the counts start again when it restarts)."""
+    """The gateway's traffic over the last minutes, per model, counted by the server (all its processes
+    together); the counts start again when it restarts."""
 
     bucket_seconds: int
     window_seconds: int

@@ -29,5 +29,6 @@
    Prometheus series and the dashboard's traffic — and the token limits).
 
 The registry re-reads the Ready replicas from PostgreSQL every `LMSTACK_REGISTRY_REFRESH_S` off the request
-path; what it learns while serving (requests in flight, failures) stays in memory, per process.
+path (through the supervisor's one read when the server runs several processes: api/hub); what it learns
+while serving (requests in flight, failures) stays in memory, per process.
 """

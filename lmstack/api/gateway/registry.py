@@ -25,7 +25,7 @@ import math
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence, Set
+from collections.abc import Awaitable, Callable, Sequence, Set
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -92,8 +92,12 @@ class GatewayCounters:
     refresh_failures: int = 0  # registry refreshes that could not read the database
 
 
+class ReplicasUnavailable(Exception):
+    """The replicas could not be read (from the hub, for a server of several processes)."""
+
+
 @dataclass(frozen=True)
-class _Row:
+class Row:
     """A Ready replica as read from the database, its spec read down to the two names the gateway needs."""
 
     deployment: str
@@ -109,15 +113,19 @@ class _Row:
 
 
 @dataclass(frozen=True)
-class _Snapshot:
-    replicas: list[_Row]
+class Snapshot:
+    replicas: list[Row]
     served_names: set[str]
 
 
 class Registry:
     def __init__(self, database: Database, *, refresh_s: float, metrics: MetricsRecorder, suspect_s: float = 5.0,
-                 clock: Callable[[], float] = time.monotonic, prefix_routing: bool = True) -> None:
+                 clock: Callable[[], float] = time.monotonic, prefix_routing: bool = True,
+                 read: Callable[[], Awaitable[Snapshot]] | None = None) -> None:
         self.database = database
+        # Where the replicas come from: this process's own query, or (several server processes) the one query the
+        # supervisor makes for all of them (api/hub).
+        self._read_replicas = read or (lambda: asyncio.to_thread(self.read))
         # Requests with a long prompt go where its beginning was served lately (gateway/affinity.py).
         self.prefixes: PrefixTable | None = PrefixTable() if prefix_routing else None
         self.refresh_s = refresh_s
@@ -140,8 +148,8 @@ class Registry:
     async def refresh(self) -> None:
         """Re-read Ready replicas. When the database cannot be read, the last known replicas stay in use."""
         try:
-            snapshot = await asyncio.to_thread(self._read)
-        except SQLAlchemyError as exc:
+            snapshot = await self._read_replicas()
+        except (SQLAlchemyError, ReplicasUnavailable) as exc:
             self.counters.refresh_failures += 1
             if self.refresh_error is None:
                 log.warning("cannot read replicas from the database; routing to the last known ones: %s",
@@ -160,7 +168,8 @@ class Registry:
             await asyncio.sleep(self.refresh_s)
             await self.refresh()
 
-    def _read(self) -> _Snapshot:
+    def read(self) -> Snapshot:
+        """The Ready replicas, the served names and the workers down, from the database. Blocking."""
         with self.database.session() as session:
             rows = session.execute(
                 select(Replica.deployment_name, Replica.ordinal, Replica.worker_name, Replica.endpoint,
@@ -179,12 +188,12 @@ class Registry:
             if cached is None or cached[0] != spec:
                 cached = (spec, *_model_names(deployment, spec))
             known[(deployment, ordinal)] = cached
-            replicas.append(_Row(deployment, ordinal, worker, str(endpoint), cached[1], cached[2], created_at,
+            replicas.append(Row(deployment, ordinal, worker, str(endpoint), cached[1], cached[2], created_at,
                                  engine_key, revision, worker in down))
         self._names = known
-        return _Snapshot(replicas=replicas, served_names=names)
+        return Snapshot(replicas=replicas, served_names=names)
 
-    def _apply(self, snapshot: _Snapshot) -> None:
+    def _apply(self, snapshot: Snapshot) -> None:
         targets: dict[str, list[Target]] = {}
         created: dict[str, int] = {}
         loads: dict[ReplicaKey, ReplicaLoad] = {}

@@ -15,7 +15,9 @@ from typing import Any
 
 from lmstack.api import schemas
 from lmstack.api.errors import ApiError
-from lmstack.api.hub.server import LINE_LIMIT, encode, stamp
+from lmstack.api.gateway.registry import ReplicasUnavailable, Snapshot
+from lmstack.api.hub.wire import LINE_LIMIT, encode, key_in, replicas_in, stamp
+from lmstack.api.services.keys import CredentialsUnavailable, Rechecked
 from lmstack.api.services.limits import LoginTicket, RateLimitedKey
 from lmstack.api.services.ratelimit import QUEUE_FACTOR, Answer, LimitedKey, PasswordChecks, Throttled, TokensOver
 from lmstack.api.services.status import View
@@ -202,6 +204,34 @@ class SharedMetrics:
 
     async def traffic_snapshot(self, view: View) -> schemas.Traffic:
         return schemas.Traffic.model_validate(await self._hub.call("traffic", _models(view)))
+
+
+class SharedReads:
+    """The key cache's re-checks and the registry's reads, made by the hub once for every process."""
+
+    def __init__(self, hub: HubClient) -> None:
+        self._hub = hub
+
+    async def rechecks(self, key_ids: list[int], user_names: list[str], used_lately: set[int]) -> Rechecked:
+        """For KeyCache(rechecks=...)."""
+        try:
+            answer = await self._hub.call("recheck", key_ids, user_names, sorted(used_lately))
+        except HubError as exc:
+            raise CredentialsUnavailable(exc.message) from None
+        if answer is None:
+            raise CredentialsUnavailable("the database does not answer")
+        started, infos, roles = answer
+        return {info.id: info for info in map(key_in, infos)}, roles, started
+
+    async def replicas(self) -> Snapshot:
+        """For Registry(read=...)."""
+        try:
+            found = await self._hub.call("replicas")
+        except HubError as exc:
+            raise ReplicasUnavailable(exc.message) from None
+        if found is None:
+            raise ReplicasUnavailable("the supervisor cannot read the replicas from the database")
+        return replicas_in(found)
 
 
 class SharedPoke:

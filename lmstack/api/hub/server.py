@@ -19,30 +19,22 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
+from lmstack.api.gateway.registry import Registry
+from lmstack.api.hub.wire import LINE_LIMIT, encode, key_out, replicas_out, unstamp
+from lmstack.api.services.keys import WARM_FOR_S, CredentialsUnavailable, KeyCache, KeyInfo
 from lmstack.api.services.metrics import Metrics
 from lmstack.api.services.ratelimit import KeyRateLimiter, LoginAttempt, LoginLimiter, Throttled, TokenLimiter
 from lmstack.api.services.status import View
 from lmstack.config import Settings
-from lmstack.state import Database
+from lmstack.state import Database, Role
 
 log = logging.getLogger(__name__)
 
 # A login admitted and never settled (its process died mid-check) is forgotten after this long; it stays
 # counted as a failure, which errs on the side of the limit.
 ATTEMPT_FORGOTTEN_S = 300.0
-LINE_LIMIT = 64 * 1024 * 1024  # the longest line either side reads (a /metrics answer for a large fleet)
-
-
-def encode(message: list[Any]) -> bytes:
-    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
-
-
-def stamp(at: datetime | None) -> str | None:
-    return at.isoformat() if at is not None else None
-
-
-def unstamp(at: str | None) -> datetime | None:
-    return datetime.fromisoformat(at) if at is not None else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +58,20 @@ class _Answer:
     at: float
 
 
+@dataclass(frozen=True, slots=True)
+class _Rechecked:
+    """The last re-check of the keys and users in use."""
+
+    started: float
+    infos: dict[int, KeyInfo]
+    roles: dict[str, Role]
+    keys: frozenset[int]
+    users: frozenset[str]
+
+    def covers(self, key_ids: list[int], user_names: list[str]) -> bool:
+        return self.keys.issuperset(key_ids) and self.users.issuperset(user_names)
+
+
 class Hub:
     """The shared limits, metrics and controller poke, served on a Unix socket by `start(path)`."""
 
@@ -77,12 +83,27 @@ class Hub:
         self.logins = LoginLimiter(attempts=settings.login_attempts, clock=clock)
         self.metrics = Metrics()
         self._poke = poke
+        # The reads each process would make on its own, made here once for all of them (see `_recheck` and
+        # `_replicas`): a KeyCache and a Registry for their queries alone.
+        self._keys = KeyCache(database, ttl_s=settings.key_cache_s, clock=clock)
+        self._registry = Registry(database, refresh_s=settings.registry_refresh_s, metrics=self.metrics,
+                                  prefix_routing=False)
+        self._warm_keys: dict[int, float] = {}  # key id -> when a process last asked about it
+        self._warm_users: dict[str, float] = {}
+        self._due: set[int] = set()  # keys used since the last re-check (their last_used_at may be due)
+        self._rechecked: _Rechecked | None = None
+        self._replicas_read: tuple[float, dict[str, Any]] | None = None
+        self._reading_keys = asyncio.Lock()
+        self._reading_replicas = asyncio.Lock()
+        self.key_reads = 0  # queries made: figures for tests
+        self.replica_reads = 0
         self._clock = clock
         self._attempts: dict[int, tuple[LoginAttempt, float]] = {}
         self._last_attempt = 0
         self._calls: dict[str, Callable[..., Any]] = {
             "hello": self._hello, "rate": self.rates.check, "tokens_over": self._tokens_over,
             "login": self._login, "metrics": self._exposition, "traffic": self._traffic,
+            "recheck": self._recheck, "replicas": self._replicas,
         }
         self._records: dict[str, Callable[..., None]] = {
             "used": self._used, "written": self._written, "login_done": self._login_done,
@@ -209,6 +230,52 @@ class Hub:
     def _traffic(self, models: list[str] | None) -> dict[str, Any]:
         view = View(models=frozenset(models) if models is not None else None)
         return self.metrics.traffic.snapshot(view).model_dump(mode="json")
+
+    async def _recheck(self, key_ids: list[int], user_names: list[str], used_lately: list[int]) -> list[Any] | None:
+        """KeyCache.refresh's re-check for one process: [the monotonic time the read began (one clock for every
+        process on the machine), the usable keys among `key_ids`, {user: role} of the enabled ones among
+        `user_names`]; None while the database does not answer. One query re-checks every key any process
+        uses; an answer read less than ttl_s / 4 ago is given again, so the queries stay under 4 / ttl_s a
+        second however many processes ask."""
+        now = self._clock()
+        self._warm_keys.update(dict.fromkeys(key_ids, now))
+        self._warm_users.update(dict.fromkeys(user_names, now))
+        self._due.update(used_lately)
+        async with self._reading_keys:
+            last = self._rechecked
+            if (last is None or last.started < self._clock() - self._keys.ttl_s / 4
+                    or not last.covers(key_ids, user_names)):
+                horizon = self._clock() - WARM_FOR_S
+                self._warm_keys = {k: at for k, at in self._warm_keys.items() if at > horizon}
+                self._warm_users = {u: at for u, at in self._warm_users.items() if at > horizon}
+                keys, users, due = list(self._warm_keys), list(self._warm_users), self._due
+                self._due = set()
+                started = self._clock()
+                self.key_reads += 1
+                try:
+                    infos, roles = await asyncio.to_thread(self._keys.recheck, keys, users, due)
+                except CredentialsUnavailable:
+                    self._due |= due
+                    return None
+                last = self._rechecked = _Rechecked(started, infos, roles, frozenset(keys), frozenset(users))
+        return [last.started, [key_out(last.infos[k]) for k in key_ids if k in last.infos],
+                {u: last.roles[u] for u in user_names if u in last.roles}]
+
+    async def _replicas(self) -> dict[str, Any] | None:
+        """Registry.refresh's read for one process; None when the database cannot be read. An answer read less
+        than refresh_s / 2 ago is given again: at most 2 reads per refresh_s however many processes ask."""
+        async with self._reading_replicas:
+            last = self._replicas_read
+            if last is None or last[0] < self._clock() - self._registry.refresh_s / 2:
+                started = self._clock()
+                self.replica_reads += 1
+                try:
+                    snapshot = await asyncio.to_thread(self._registry.read)
+                except SQLAlchemyError as exc:
+                    log.warning("hub: cannot read replicas: %s", " ".join(str(exc).split())[:300])
+                    return None
+                last = self._replicas_read = (started, replicas_out(snapshot))
+        return last[1]
 
     def _poked(self, reason: str) -> None:
         if self._poke is not None:

@@ -64,6 +64,12 @@ _MAX_TOKEN_LENGTH = 128  # keys are 48 characters; anything much longer is not w
 _NO_DIGEST = "0" * 64
 
 
+# A re-check's answer: the keys still usable and the users still enabled among those asked for, and the
+# monotonic time the read began (entries are trusted until then + ttl_s).
+Rechecked = tuple[dict[int, "KeyInfo"], dict[str, Role], float]
+Rechecks = Callable[[list[int], list[str], set[int]], Awaitable[Rechecked]]
+
+
 @dataclass(frozen=True)
 class KeyInfo:
     """A verified key, as the gateway sees it."""
@@ -261,8 +267,11 @@ class KeyCache:
     """Verified keys (and users' current roles), each trusted for `ttl_s`. See the module docstring."""
 
     def __init__(self, database: Database, *, ttl_s: float, clock: Clock = time.monotonic,
-                 outage_grace_s: float = 600.0) -> None:
+                 outage_grace_s: float = 600.0, rechecks: Rechecks | None = None) -> None:
         self.database = database
+        # Where the background re-checks come from: this process's own query, or (several server processes)
+        # the one query the supervisor makes for all of them (api/hub).
+        self._source: Rechecks = rechecks or self._recheck_here
         self.ttl_s = ttl_s
         self.outage_grace_s = outage_grace_s
         self.outage_since: float | None = None  # monotonic: when the database stopped answering (None: it does)
@@ -402,9 +411,9 @@ class KeyCache:
                 users[cache_key[1]] = cache_key
         if not keys and not users:
             return
-        self._last_refresh = started = self._clock()
+        self._last_refresh = self._clock()
         try:
-            infos, roles = await run_in_threadpool(self._recheck, list(keys), list(users), used_lately)
+            infos, roles, started = await self._source(list(keys), list(users), used_lately)
         except CredentialsUnavailable:
             self._database_down(self._clock())
             raise
@@ -415,6 +424,12 @@ class KeyCache:
         for name, cache_key in users.items():
             self._renew(cache_key, roles.get(name), until)
 
+    async def _recheck_here(self, key_ids: list[int], user_names: list[str],
+                            used_lately: set[int]) -> Rechecked:
+        started = self._clock()
+        infos, roles = await run_in_threadpool(self.recheck, key_ids, user_names, used_lately)
+        return infos, roles, started
+
     def _renew(self, cache_key: tuple[str, str], value: object, until: float) -> None:
         entry = self._entries.get(cache_key)
         if entry is None:
@@ -422,7 +437,7 @@ class KeyCache:
         if entry.until < until:  # unless a lookup started after this re-check stored something newer
             entry.value, entry.until = value, until
 
-    def _recheck(self, key_ids: list[int], user_names: list[str],
+    def recheck(self, key_ids: list[int], user_names: list[str],
                  used_lately: set[int]) -> tuple[dict[int, KeyInfo], dict[str, Role]]:
         self.rechecks += 1
         infos: dict[int, KeyInfo] = {}

@@ -9,8 +9,9 @@ allowlist) only the series of those models and their deployments are shown.
 
 Beside the Prometheus series, `Metrics.traffic` keeps the last 15 minutes per model in 10-second buckets
 (requests, errors, tokens, time to first token) for the dashboard's charts (GET /api/traffic): usage in the
-database is rolled up per hour, too coarse for "what is happening now". It lives in memory, per server
-process: it starts empty when the process starts, and each process counts only the requests it answered.
+database is rolled up per hour, too coarse for "what is happening now". It lives in memory: in the server
+process, or in the supervisor of several (api/hub), which all of them report to; it starts empty when the
+server starts.
 """
 
 from __future__ import annotations
@@ -243,7 +244,7 @@ _NUMBER, _REQUESTS, _ERRORS, _PROMPT, _COMPLETION, _TTFT_SUM, _TTFT_COUNT = rang
 
 class Traffic:
     """Requests, errors, tokens and time to first token per model over the last `window_s` seconds, in buckets
-    of `bucket_s` seconds. Per server process (nothing is shared between processes or kept across restarts).
+    of `bucket_s` seconds. In memory (nothing is kept across restarts).
 
     Each model has a ring of window_s / bucket_s buckets, made on its first request; a bucket is reused (zeroed)
     when its time comes round again, so memory stays bounded: at most `max_models` rings of 90 small lists.

@@ -1,12 +1,12 @@
-"""Rate limits, in memory and per server process: failed logins, password checks at once, and requests per
-API key.
+"""Rate limits, in memory: failed logins, password checks at once, and requests per API key.
 
 The limiters keep a sliding window as the times of the last N events per subject, so a subject costs at
 most N timestamps and a check is O(1): the (N+1)-th event is refused while the oldest of the last N is
 younger than the window, and the wait returned is exactly when that one leaves the window.
 
-Counts are per process: with several `lmstack serve` processes behind a load balancer a client can
-get up to (processes x limit). Nothing here touches the database, so a limit costs no round-trip.
+Counts are per instance: one process uses them in place (services/limits.LocalLimits); a server of several
+processes keeps one of each in its supervisor (api/hub), so a limit holds across them. Separate servers
+behind a load balancer each count their own. Nothing here touches the database.
 
 - `LoginLimiter(*, attempts, concurrency, window_s=60)`: logins. `admit(user, address)` counts the
   attempt as a failure BEFORE its password is checked (so concurrent guesses cannot all slip past the
@@ -15,11 +15,10 @@ get up to (processes x limit). Nothing here touches the database, so a limit cos
   password was checked. Three windows (see the class): per (user, address), per address, and per user
   across addresses, which slows guessing from many addresses without locking the user out of their own.
   `checks` (a `PasswordChecks`) bounds the argon2 checks running at once (64 MiB each).
-- `KeyRateLimiter(*, window_s=60)`: requests per minute per API key, `check(key_id, limit)`.
-  The gateway calls it through the key cache: `state.keys.check_rate(info) -> float | None` —
+- `KeyRateLimiter(*, window_s=60)`: requests per minute per API key, `check(key_id, limit)` -> float | None:
   None: allowed, and the request is counted; a number: refused (not counted), retry after that many
   seconds (send `Retry-After: ceil(seconds)` with a 429). A key whose `rpm_limit` is None is never
-  limited. "At most `rpm_limit` requests in any 60 seconds", per process.
+  limited. "At most `rpm_limit` requests in any 60 seconds". The gateway asks through services/limits.
 - `TokenLimiter`: tokens (prompt + completion) per API key, a minute and a day; see the class. The usage
   recorder feeds it every answer's tokens (`used`) and every batch it writes (`written`); the gateway asks
   `tokens_over(key)` before a request, which is refused (429) once the key has used its tokens.
@@ -219,7 +218,7 @@ class PasswordChecks:
 
 
 class KeyRateLimiter:
-    """At most `limit` requests per API key in any `window_s` seconds (per process). See the module doc."""
+    """At most `limit` requests per API key in any `window_s` seconds. See the module doc."""
 
     def __init__(self, *, window_s: float = 60.0, clock: Clock = time.monotonic) -> None:
         self.window_s = window_s
@@ -299,17 +298,17 @@ class TokenLimiter:
     only when an answer finishes, so requests in flight are not counted: a key may go over by what the
     requests admitted before it reached its limit use.
 
-    - A minute: the tokens of the answers that finished in this process in the last `window_s` (so, like
-      requests per minute, per process), kept in buckets of `bucket_s` that leave the window as their last
-      answer does (so a bucket's tokens count up to `bucket_s` longer, never shorter).
+    - A minute: the tokens of the answers that finished in the last `window_s` (told to this limiter: by one
+      process, or by every process of a server through its hub), kept in buckets of `bucket_s` that leave
+      the window as their last answer does (so a bucket's tokens count up to `bucket_s` longer, never shorter).
     - A day: the UTC day, because the usage table is rolled up per hour: a day is whole hour rows, exact on
       every server, and frees at the same announced moment everywhere (a rolling 24 h would be rows that
       leave an hour at a time). It is what the usage table says (`key.tokens_today`, read by the key cache
       with each look-up and background re-check of the key, twice a second for keys in use: no query per
-      request) plus this process's tokens the table did not have when that was read: those not written yet
-      (`used`, waiting in the usage buffer, or dropped from it) and those written after the read began
+      request) plus the tokens told to this limiter that the table did not have when that was read: those
+      not written yet (`used`, waiting in the usage buffer, or dropped from it) and those written after the read began
       (`written` keeps the database's clock after each write; compared with `key.tokens_read_at`, same
-      clock). So the count holds across servers and restarts, and this process's own answers count at once.
+      clock). So the count holds across servers and restarts, and this server's own answers count at once.
 
     Keys are tracked from their first check with a limit; the usage recorder calls `used` and `written` for
     every answer. Everything runs on the event loop: no lock.
