@@ -30,13 +30,15 @@ from uvicorn.server import ServerState
 from lmstack.config import Settings
 
 
-def guarded_protocol(settings: Settings) -> type[asyncio.Protocol]:
-    """A protocol class for one server: its connections per address are counted together."""
+def guarded_protocol(settings: Settings, *, processes: int = 1) -> type[asyncio.Protocol]:
+    """A protocol class for one server process: its connections per address are counted together. One of
+    `processes` sharing the port (api/hub) takes its share of the bound: the kernel spreads an address's
+    connections over them evenly, so together they hold about the bound, never more."""
 
     class Guarded(_GuardedProtocol):
         header_timeout_s = settings.header_timeout_s
         idle_timeout_s = settings.idle_timeout_s
-        max_per_address = settings.max_connections_per_ip
+        max_per_address = max(1, settings.max_connections_per_ip // processes)
         open_per_address: ClassVar[Counter[str]] = Counter()
 
     return Guarded

@@ -76,10 +76,11 @@ def raise_open_files_limit() -> int:
     return soft
 
 
-def server_config(app: Any, settings: Settings, **options: Any) -> uvicorn.Config:
+def server_config(app: Any, settings: Settings, *, processes: int = 1, **options: Any) -> uvicorn.Config:
     """uvicorn's configuration with the server's own limits: the header and idle timeouts and connections per
-    address (api/connections.py). `options`: more uvicorn.Config arguments (host, port, ...)."""
-    return uvicorn.Config(app, http=guarded_protocol(settings),
+    address (api/connections.py), for one of `processes` server processes. `options`: more uvicorn.Config
+    arguments (host, port, ...)."""
+    return uvicorn.Config(app, http=guarded_protocol(settings, processes=processes),
                           timeout_keep_alive=max(1, math.ceil(settings.idle_timeout_s)), **options)
 
 

@@ -88,7 +88,9 @@ def test_connections_over_the_bound_per_address_are_closed_at_once(serve: ServeP
     try:
         time.sleep(0.5)
         closed = [_closed_by_server(conn, 0) for conn in held]
-        assert closed == [False] * 300 + [True] * 100  # the first 300 kept (until the header timeout)
+        # 300 kept (until the header timeout), the rest closed. `lmstack serve` runs a process per core here,
+        # each allowed its share of the 300: which connections are kept depends on which process took them.
+        assert closed.count(False) == 300, closed.count(False)
         _answers_quickly(serve.url)
     finally:
         for conn in held:

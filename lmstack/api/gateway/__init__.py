@@ -10,7 +10,8 @@
    a login token (its user's role from the same cache). Nothing here waits on the database.
 3. What is asked: `inputs.read_body` (size limit), then `routes.gateway.proxy_request`: the JSON body and its
    `model`, the key's model allowlist (403), the model known (404), the key's token limits and requests a
-   minute (429 with Retry-After, `services.ratelimit`). The request becomes a `proxy.Call`.
+   minute (429 with Retry-After, `services.limits`: kept in this process, or, when the server runs several, in
+   the supervisor's hub, one round trip over a Unix socket: api/hub). The request becomes a `proxy.Call`.
 4. Where to: `proxy.forward` takes the prompt's keys (`affinity.prompt_keys`, long prompts only) and asks
    `registry.Registry.pick` for a Ready replica: the one that served the prompt's beginning lately, within a
    bounded share of the load, else power of two choices on requests in flight; suspect replicas and those on

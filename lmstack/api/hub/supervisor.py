@@ -32,13 +32,15 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 STARTUP_FAILED = 3  # a server process's exit status when it never served (the app failed to start)
 STOP_GRACE_S = 30.0  # how long the processes get to finish what they serve once told to stop
 BACKLOG = 2048
+QUICK_END_S = 10.0  # a process that ends sooner than this after its start is restarted after a growing delay ...
+MAX_RESTART_DELAY_S = 30.0  # ... of at most this (the database down when it starts, say)
 
 
 def run_workers(settings: Settings, database: Database, controller: Controller | None, *, host: str, port: int,
                 workers: int, access_log: bool) -> bool:
     """Serve with `workers` processes until SIGINT/SIGTERM. False when it could not start."""
     try:
-        held = _hold(host, port)
+        sockets = _listen(host, port, workers)
     except OSError as exc:
         log.error("cannot listen on %s port %d: %s", host, port, exc.strerror or exc)
         return False
@@ -57,18 +59,28 @@ def run_workers(settings: Settings, database: Database, controller: Controller |
         if controller is not None:
             controller.start()
 
-        def start_one() -> BaseProcess:
+        def start_one(index: int) -> BaseProcess:
             process = spawn.Process(target=serve_one, name="lmstack-serve", daemon=False,
-                                    args=(their_settings, host, port, directory / "hub.sock", access_log))
+                                    args=(their_settings, sockets[index], directory / "hub.sock", access_log,
+                                          workers))
             process.start()
             return process
 
-        processes = [start_one() for _ in range(workers)]
+        processes = [start_one(index) for index in range(workers)]
         shown = f"[{host}]" if ":" in host else host
         log.info("lmstack API starting on http://%s:%d with %d server processes (gateway /v1, status /api, "
                  "/metrics, /healthz)", shown, port, workers)
+        born = [time.monotonic()] * workers
+        quick_ends = [0] * workers  # in a row, per slot: a process that keeps dying is restarted ever later
+        replace_at: list[float | None] = [None] * workers
         while not stop.wait(0.5):
+            now = time.monotonic()
             for index, process in enumerate(processes):
+                due = replace_at[index]
+                if due is not None:
+                    if now >= due:
+                        processes[index], born[index], replace_at[index] = start_one(index), now, None
+                    continue
                 if process.is_alive():
                     continue
                 if process.exitcode == STARTUP_FAILED:
@@ -76,15 +88,18 @@ def run_workers(settings: Settings, database: Database, controller: Controller |
                     failed = True
                     stop.set()
                     break
-                log.warning("server process %s ended (exit status %s); starting another", process.pid,
-                            process.exitcode)
-                processes[index] = start_one()
+                quick_ends[index] = quick_ends[index] + 1 if now - born[index] < QUICK_END_S else 0
+                delay = min(MAX_RESTART_DELAY_S, 2.0 ** quick_ends[index]) if quick_ends[index] else 0.0
+                log.warning("server process %s ended (exit status %s); starting another%s", process.pid,
+                            process.exitcode, f" in {delay:.0f} s" if delay else "")
+                replace_at[index] = now + delay
     finally:
         _stop(processes)
         if controller is not None:
             controller.stop()
         hub.stop()
-        held.close()
+        for listener in sockets:
+            listener.close()
         shutil.rmtree(directory, ignore_errors=True)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -95,25 +110,21 @@ def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
-def _hold(host: str, port: int) -> socket.socket:
-    """The port, bound (not listening) with SO_REUSEPORT: a port another program listens on fails here, with
-    one clear message, and none can take it while the processes start."""
-    held = socket.socket(_family(host), socket.SOCK_STREAM)
+def _listen(host: str, port: int, count: int) -> list[socket.socket]:
+    """`count` listening sockets on the port, one per server process, with SO_REUSEPORT: the kernel spreads new
+    connections over them by address hash (one socket accepted by every process would let whichever wakes
+    first take a whole burst). Made here, not in the processes, so that the port is held from the start and
+    a connection that arrives while a process (re)starts waits in its socket's queue."""
+    sockets: list[socket.socket] = []
     try:
-        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        held.bind((host, port))
+        for _ in range(count):
+            sockets.append(socket.create_server((host, port), family=_family(host), backlog=BACKLOG,
+                                                reuse_port=True))
     except OSError:
-        held.close()
+        for listener in sockets:
+            listener.close()
         raise
-    return held
-
-
-def _listen(host: str, port: int) -> socket.socket:
-    """This process's own listening socket on the shared port. With SO_REUSEPORT the kernel spreads new
-    connections over the processes' sockets by address hash; one socket accepted by all of them would let
-    whichever process wakes first take a whole burst."""
-    return socket.create_server((host, port), family=_family(host), backlog=BACKLOG, reuse_port=True)
+    return sockets
 
 
 def _stop(processes: list[BaseProcess]) -> None:
@@ -143,21 +154,20 @@ def _end_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def serve_one(settings: Settings, host: str, port: int, hub: Path, access_log: bool) -> None:
+def serve_one(settings: Settings, listener: socket.socket, hub: Path, access_log: bool, processes: int) -> None:
     """One server process (spawned: a fresh interpreter)."""
     os.setpgrp()  # Ctrl-C in a terminal reaches the supervisor alone; it stops the processes once, in order
     _end_with_parent()
     configure_logging()
     raise_open_files_limit()
-    listener = _listen(host, port)
     database = open_database(settings, migrate=False)
     try:
         app = create_app(settings, database=database, hub=hub)
-        server = uvicorn.Server(server_config(app, settings, log_config=None, access_log=access_log,
+        server = uvicorn.Server(server_config(app, settings, processes=processes, log_config=None,
+                                              access_log=access_log,
                                               ws_ping_interval=20.0, ws_ping_timeout=20.0))
         tune_gc()
         server.run(sockets=[listener])
     finally:
         database.close()
-        listener.close()
     sys.exit(0 if server.started else STARTUP_FAILED)
