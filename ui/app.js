@@ -376,7 +376,7 @@ function deploymentTable(deployments) {
 
 // -- traffic: the gateway's last 15 minutes per model (GET /api/traffic), drawn with uPlot (ui/vendor) -------
 //
-// The series lives in the memory of the server process that answered (it starts empty at a restart). The
+// The series lives in the server's memory (all its processes count into one; it starts empty at a restart). The
 // charts are made once and get new data at each update; they are made again only when the models or the
 // colour scheme change. The bucket still filling is left out of the charts (it would read as a dip) and
 // counted in the totals.
@@ -403,7 +403,7 @@ function traffic(d, ready) {
   // Every deployment's model, with traffic or not, and any other model that had some (one since removed).
   const names = [...new Set([...d.deployments.map((dep) => dep.servedName), ...byName.keys()])].sort();
   charts.note.textContent = `Last ${Math.round(t.windowSeconds / 60)} minutes in ${t.bucketSeconds}-second steps, ` +
-    "as this server process counted them (it starts again from zero when the server restarts).";
+    "as this server counted them (it starts again from zero when the server restarts).";
   if (!names.length) {
     dropPlots();
     charts.grid.replaceChildren(h("p", { class: "muted", text: "No models deployed, and no requests." }));
