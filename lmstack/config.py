@@ -27,6 +27,19 @@ def _default_home() -> Path:
     return Path.home() / ".local" / "share" / "lmstack"
 
 
+def usable_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The cores this process may use: those it may run on, fewer when its cgroup's CPU quota allows fewer (a
+    container started with `--cpus 2` on a 64-core machine may run on all 64, for 2 cores' worth of time)."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(int(quota) / int(period) + 0.5)))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota to read: the affinity stands
+    return cores
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LMSTACK_", extra="ignore")
 
@@ -39,7 +52,7 @@ class Settings(BaseSettings):
     # -- the API server (`lmstack serve`) ------------------------------------------------------------
     host: str = Field(default="127.0.0.1", description="address `lmstack serve` listens on")
     port: int = Field(default=8080, ge=1, le=65535)
-    workers: int = Field(default_factory=lambda: len(os.sched_getaffinity(0)), ge=1,
+    workers: int = Field(default_factory=usable_cores, ge=1,
                          description="server processes of `lmstack serve` [default: the cores it may use]")
     jwt_secret: SecretStr | None = Field(
         default=None, description="HS256 secret for login tokens; unset: generated once and kept in home")

@@ -13,6 +13,7 @@ import asyncio
 import http.client
 import json
 import math
+import os
 import signal
 import time
 import urllib.error
@@ -33,7 +34,7 @@ from test_token_limits import limited_key
 from lmstack.api.hub.client import HubClient, SharedPoke, SharedReads
 from lmstack.api.hub.server import Hub
 from lmstack.api.services.keys import revoke_key
-from lmstack.config import Settings
+from lmstack.config import Settings, usable_cores
 from lmstack.state import Database
 
 __all__ = ["standins"]  # a fixture: imported for the tests below
@@ -199,3 +200,14 @@ def test_the_hub_reads_keys_and_replicas_once_for_every_process(
     assert hub.key_reads <= most_key_reads + 1 < 8 * asks, hub.key_reads  # + the read after the revocation
     assert usable == [first]  # the revoked key is gone from the next read
     assert pokes == ["webhook"]
+
+
+def test_the_default_number_of_processes_is_the_cores_the_server_may_use(tmp_path: Path) -> None:
+    cpu_max = tmp_path / "cpu.max"
+    mine = len(os.sched_getaffinity(0))
+    assert usable_cores(tmp_path / "missing") == mine  # no cgroup quota: the cores it may run on
+    for quota, cores in (("max 100000", mine), ("50000 100000", 1), ("100000 100000", 1), ("150000 100000", min(mine, 2)),
+                         (f"{(mine + 4) * 100000} 100000", mine), ("garbage", mine)):
+        cpu_max.write_text(quota + "\n")
+        assert usable_cores(cpu_max) == cores, quota
+    assert Settings(database_url="postgresql://x@h/d").workers == usable_cores()
