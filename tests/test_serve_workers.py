@@ -206,8 +206,8 @@ def test_the_default_number_of_processes_is_the_cores_the_server_may_use(tmp_pat
     cpu_max = tmp_path / "cpu.max"
     mine = len(os.sched_getaffinity(0))
     assert usable_cores(tmp_path / "missing") == mine  # no cgroup quota: the cores it may run on
-    for quota, cores in (("max 100000", mine), ("50000 100000", 1), ("100000 100000", 1), ("150000 100000", min(mine, 2)),
-                         (f"{(mine + 4) * 100000} 100000", mine), ("garbage", mine)):
+    for quota, cores in (("max 100000", mine), ("50000 100000", 1), ("100000 100000", 1),
+                         ("150000 100000", min(mine, 2)), (f"{(mine + 4) * 100000} 100000", mine), ("garbage", mine)):
         cpu_max.write_text(quota + "\n")
         assert usable_cores(cpu_max) == cores, quota
     assert Settings(database_url="postgresql://x@h/d").workers == usable_cores()
