@@ -6,6 +6,10 @@ and the official `openai` SDK, to two stand-in engines (tests/testbed/standin.py
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -47,6 +51,37 @@ def test_the_prefix_table_keeps_the_longest_match_and_forgets_the_least_recently
     for n in range(1000, 1200):
         table.remember((n,), "c")
     assert len(table) <= 100 and table.lookup((1,)) is None and table.lookup((1199,)) == "c"
+
+
+def test_prompt_keys_are_the_same_in_every_process() -> None:
+    """The N processes of one server must agree on a prompt's keys: no per-process hash seed in them."""
+    code = ("import json, sys; from lmstack.api.gateway.affinity import prompt_keys; "
+            "print(json.dumps(prompt_keys('m', '/v1/chat/completions', json.loads(sys.argv[1]))))")
+    body = {"messages": _messages(SYSTEM[0], "What is 2+2?")}
+    seen = {subprocess.run([sys.executable, "-c", code, json.dumps(body)], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
+    assert len(seen) == 1 and json.loads(seen.pop()) == list(prompt_keys("m", "/v1/chat/completions", body))
+
+
+def test_two_server_processes_send_a_new_system_prompt_to_the_same_replica(
+        db: Database, standins: Callable[..., Standin], start_gateway: Callable[..., Gateway]) -> None:
+    """Two gateways with tables of their own (two processes of one server): each new system prompt lands on the
+    same replica through either, so an engine's cache is not split between them."""
+    engines = [standins("m"), standins("m")]
+    serve_model(db, engines)
+    key, _ = add_key(db)
+    clients = [start_gateway().sdk(key), start_gateway().sdk(key)]
+    landed: list[list[int]] = []
+    for n in range(12):
+        system = f"You are tenant {n}'s assistant. " + "Follow the tenant's style guide closely. " * 40
+        where = []
+        for client in clients:
+            before = [engine.requests() for engine in engines]
+            assert chat(client, messages=_messages(system, "Hello?")).choices[0].message.content
+            where.append([engine.requests() - b for engine, b in zip(engines, before, strict=True)].index(1))
+        landed.append(where)
+    assert all(a == b for a, b in landed), landed
+    assert {a for a, _ in landed} == {0, 1}, landed  # and the prompts are spread over both
 
 
 def _two_replicas(db: Database, standins: Callable[..., Standin], start_gateway: Callable[..., Gateway],

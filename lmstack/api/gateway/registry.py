@@ -33,7 +33,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
-from lmstack.api.gateway.affinity import PrefixTable
+from lmstack.api.gateway.affinity import PrefixTable, rendezvous
 from lmstack.api.services.metrics import MetricsRecorder
 from lmstack.backends import backend_for, normalize_applied
 from lmstack.state import Database, Deployment, Replica, Worker
@@ -251,12 +251,14 @@ class Registry:
 
     def _affine(self, candidates: list[Target], prefix: Sequence[int]) -> Target | None:
         """The candidate that served the prompt's beginning lately, if it is within its bounded load: at most
-        ceil(BOUND × (requests in flight + 1) / candidates) in flight with this one."""
+        ceil(BOUND × (requests in flight + 1) / candidates) in flight with this one. For a beginning none served
+        lately: the one it hashes to (affinity.rendezvous), if no other has fewer requests in flight."""
         if not prefix or self.prefixes is None:
             return None
         served = self.prefixes.lookup(prefix)
         if served is None:
-            return None
+            own = max(candidates, key=lambda t: rendezvous(prefix[0], t.name))
+            return own if own.load.outstanding <= min(t.load.outstanding for t in candidates) else None
         for target in candidates:
             if target.key == served:
                 in_flight = sum(t.load.outstanding for t in candidates) + 1
