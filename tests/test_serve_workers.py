@@ -120,7 +120,9 @@ def test_two_processes_keep_one_set_of_limits_metrics_and_login_windows(
             statuses = Counter(pool.map(lambda connection: _chat_on(connection, rpm_key), connections))
         assert statuses == {200: 10, 429: 6}, statuses
 
-        # /metrics and /api/traffic say the same whichever process answers.
+        # /metrics and /api/traffic say the same whichever process answers (once the last records arrived).
+        wait_for("every request counted", lambda: _requests_metric(_get(f"{server.url}/metrics", reader).decode())
+                 == {"200": 10.0, "429": 6.0}, timeout=5)
         for _ in range(6):
             assert _requests_metric(_get(f"{server.url}/metrics", reader).decode()) == {"200": 10.0, "429": 6.0}
             traffic = json.loads(_get(f"{server.url}/api/traffic", reader))
@@ -128,6 +130,13 @@ def test_two_processes_keep_one_set_of_limits_metrics_and_login_windows(
 
         # Tokens a minute: each answer's tokens count for the next request, whichever process takes it.
         per_request = _chat(server, reader)[1]["usage"]["total_tokens"]
+
+        def tokens_counted() -> int:
+            series = json.loads(_get(f"{server.url}/api/traffic", reader))["models"][0]
+            return int(sum(series["promptTokens"]) + sum(series["completionTokens"]))
+
+        # The answering process sends its record a moment after the answer's last byte.
+        wait_for("the tokens of 10 + 1 answers", lambda: tokens_counted() == 11 * per_request, timeout=5)
         tpm_key, _ = limited_key(db, name="tokens", tpm=2 * per_request + 1)
         answers = []
         for _ in range(6):

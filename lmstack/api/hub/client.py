@@ -181,11 +181,9 @@ class SharedMetrics:
     def __init__(self, hub: HubClient) -> None:
         self._hub = hub
 
-    def observe_request(self, model: str, status: int | str, seconds: float, ttft_s: float | None = None) -> None:
-        self._hub.send("observe", model, status, seconds, ttft_s)
-
-    def add_tokens(self, model: str, prompt: int, completion: int) -> None:
-        self._hub.send("tokens", model, prompt, completion)
+    def answered(self, model: str, status: int | str, seconds: float, ttft_s: float | None, prompt: int,
+                 completion: int) -> None:
+        self._hub.send("answered", model, status, seconds, ttft_s, prompt, completion)
 
     def upstream_failed(self, model: str, reason: str) -> None:
         self._hub.send("upstream_failed", model, reason)

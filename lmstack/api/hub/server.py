@@ -72,6 +72,11 @@ class _Rechecked:
         return self.keys.issuperset(key_ids) and self.users.issuperset(user_names)
 
 
+def _view(models: list[str] | None) -> View:
+    """What a caller sees, from the models its key allows (None: every model)."""
+    return View(models=frozenset(models) if models is not None else None)
+
+
 class Hub:
     """The shared limits, metrics and controller poke, served on a Unix socket by `start(path)`."""
 
@@ -107,7 +112,7 @@ class Hub:
         }
         self._records: dict[str, Callable[..., None]] = {
             "used": self._used, "written": self._written, "login_done": self._login_done,
-            "observe": self.metrics.observe_request, "tokens": self.metrics.add_tokens,
+            "answered": self.metrics.answered,
             "upstream_failed": self.metrics.upstream_failed, "usage_dropped": self.metrics.usage_dropped,
             "log_stream": self.metrics.log_stream_opened, "poke": self._poked,
         }
@@ -223,13 +228,11 @@ class Hub:
             found[0].succeeded() if succeeded else found[0].cancel()
 
     async def _exposition(self, models: list[str] | None) -> str:
-        view = View(models=frozenset(models) if models is not None else None)
-        body = await asyncio.to_thread(self.metrics.exposition, database=self.database, view=view)
+        body = await asyncio.to_thread(self.metrics.exposition, database=self.database, view=_view(models))
         return body.decode()
 
     def _traffic(self, models: list[str] | None) -> dict[str, Any]:
-        view = View(models=frozenset(models) if models is not None else None)
-        return self.metrics.traffic.snapshot(view).model_dump(mode="json")
+        return self.metrics.traffic.snapshot(_view(models)).model_dump(mode="json")
 
     async def _recheck(self, key_ids: list[int], user_names: list[str], used_lately: list[int]) -> list[Any] | None:
         """KeyCache.refresh's re-check for one process: [the monotonic time the read began (one clock for every

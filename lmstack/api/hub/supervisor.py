@@ -1,5 +1,5 @@
-"""The supervisor of `lmstack serve --workers N` (N > 1): one listening socket, the hub, the controller, and
-N server processes that it keeps running (see the package doc)."""
+"""The supervisor of `lmstack serve --workers N` (N > 1): a listening socket per process, the hub, the
+controller, and N server processes that it keeps running (see the package doc)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 scrape time.
 
 Each `Metrics()` has its own registry (two apps in one process, as in tests, do not share counters). The
-gateway calls `observe_request`, `add_tokens`, `upstream_failed` and (through the usage recorder)
+gateway calls `answered` (through the usage recorder, once per request), `upstream_failed` and
 `usage_dropped`; every method is cheap and thread-safe. `exposition()` renders the text format; it
 queries the database, so it is called off the event loop. With a `View` limited to some models (an API key's
 allowlist) only the series of those models and their deployments are shown.
@@ -52,8 +52,8 @@ class MetricsRecorder(Protocol):
     `api.hub.client.SharedMetrics`, which sends each record to the one `Metrics` the supervisor of several
     processes keeps (api/hub)."""
 
-    def observe_request(self, model: str, status: int | str, seconds: float, ttft_s: float | None = None) -> None: ...
-    def add_tokens(self, model: str, prompt: int, completion: int) -> None: ...
+    def answered(self, model: str, status: int | str, seconds: float, ttft_s: float | None, prompt: int,
+                 completion: int) -> None: ...
     def upstream_failed(self, model: str, reason: str) -> None: ...
     def usage_dropped(self, n: int = 1) -> None: ...
     def log_stream_opened(self) -> None: ...
@@ -94,6 +94,13 @@ class Metrics:
         self.traffic = Traffic()
 
     # -- for the gateway ---------------------------------------------------------------------------------------
+
+    def answered(self, model: str, status: int | str, seconds: float, ttft_s: float | None, prompt: int,
+                 completion: int) -> None:
+        """One answered request and its tokens (the usage recorder calls this once per request)."""
+        self.observe_request(model, status, seconds, ttft_s)
+        if prompt or completion:
+            self.add_tokens(model, prompt, completion)
 
     def observe_request(self, model: str, status: int | str, seconds: float, ttft_s: float | None = None) -> None:
         """One answered request: its status, how long it took and, for generations, the time to first token."""

@@ -142,10 +142,10 @@ class UsageRecorder:
 
     def append(self, record: UsageRecord) -> None:
         # Every gateway request passes here once, so this is also where the Prometheus series are fed.
-        self.metrics.observe_request(record.model, record.status, record.latency_ms / 1000,
-                                     record.ttft_ms / 1000 if record.ttft_ms else None)
+        self.metrics.answered(record.model, record.status, record.latency_ms / 1000,
+                              record.ttft_ms / 1000 if record.ttft_ms else None, record.prompt_tokens,
+                              record.completion_tokens)
         if record.prompt_tokens or record.completion_tokens:
-            self.metrics.add_tokens(record.model, record.prompt_tokens, record.completion_tokens)
             self.limits.used(record)
         if len(self._buffer) >= self.max_buffer:
             self._buffer.popleft()
